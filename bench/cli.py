@@ -1,0 +1,17 @@
+"""`python -m bench COMMAND ...`: seeded benchmarks that write JSON + PNG under bench/results/."""
+
+from __future__ import annotations
+
+from kernels.commands import dispatch
+
+COMMANDS = {
+    "accuracy": ("bench.accuracy", "degraded-mode accuracy: Coded-InvNet vs ParM vs ApproxIFER"),
+    "latency": ("bench.latency", "end-to-end tail latency of the real server under stragglers"),
+    "overhead": ("bench.overhead", "compute time of Enc, f, g and decode time against k"),
+    "throughput": ("bench.throughput", "server requests/s against raw ONNX Runtime throughput"),
+    "kernel": ("bench.kernel", "online-decoder kernel latency and bandwidth (CUDA or numpy)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("python -m bench", __doc__ or "", COMMANDS, argv)
