@@ -1,0 +1,318 @@
+"""KServe v2 HTTP load generator, run as its own process: `python -m bench.loadgen ...`.
+
+It runs apart from the benchmark driver and from the server so that client-side work
+(JSON encoding, the event loop, timing) never shares an interpreter with either: the
+latency bench starts one of these per measurement and reads back its JSON record.
+
+Two arrival patterns:
+- `closed`: `concurrency` clients, each sends its next query as soon as the previous one
+  is answered (the paper's setup: with concurrency = k, one coding group is in flight).
+- `poisson`: open loop, exponential inter-arrival times at `rate_per_s`, scheduled in
+  advance from `seed`. Latency is measured from the *scheduled* send time, so a client
+  that falls behind (or hits `max_in_flight`) adds to the latency instead of hiding it
+  (no coordinated omission).
+
+Requests carry one UINT8 image `[1, C, H, W]` as a JSON tensor named `input_name`; the
+images are seeded random bytes (timing does not depend on the content). A response's
+`parameters[reconstructed_param]` says whether its answer was decoded from coded results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PATTERNS = ("closed", "poisson")
+
+
+class LoadgenError(ValueError):
+    """Invalid load-generator configuration or unusable record."""
+
+
+@dataclass
+class LoadConfig:
+    url: str = "http://127.0.0.1:8000"
+    model_name: str = "mnist-iresnet"
+    input_name: str = "INPUT"
+    input_shape: tuple[int, ...] = (1, 28, 28)  # C, H, W of one query
+    pattern: str = "closed"
+    num_requests: int = 1000
+    concurrency: int = 1  # closed loop only
+    rate_per_s: float = 0.0  # poisson only
+    max_in_flight: int = 512  # poisson only: bound on concurrent connections
+    warmup_requests: int = 0  # sent closed-loop first, not recorded
+    timeout_s: float = 30.0
+    seed: int = 0
+    num_images: int = 64
+    reconstructed_param: str = "reconstructed"
+
+    def __post_init__(self) -> None:
+        self.input_shape = tuple(int(d) for d in self.input_shape)
+        if not self.url.startswith(("http://127.0.0.1", "http://localhost")):
+            raise LoadgenError(
+                f"url must point at this machine (http://127.0.0.1:PORT), got {self.url!r}"
+            )
+        if self.pattern not in PATTERNS:
+            raise LoadgenError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise LoadgenError(f"input_shape must be 3 positive ints (C,H,W), got {self.input_shape}")
+        for name in ("num_requests", "concurrency", "max_in_flight", "num_images"):
+            if getattr(self, name) < 1:
+                raise LoadgenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_requests < 0:
+            raise LoadgenError(f"warmup_requests must be >= 0, got {self.warmup_requests}")
+        if self.timeout_s <= 0:
+            raise LoadgenError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.pattern == "poisson" and not self.rate_per_s > 0:
+            raise LoadgenError(
+                f"pattern 'poisson' needs rate_per_s > 0, got {self.rate_per_s}; pass --rate-per-s"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoadConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LoadgenError(f"unknown LoadConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class LoadRecord:
+    """What one load-generator run measured; `latency_ms[i]` belongs to request i."""
+
+    config: dict[str, Any]
+    wall_s: float
+    latency_ms: list[float] = field(default_factory=list)
+    status: list[int] = field(default_factory=list)  # HTTP status, 0 = no response
+    reconstructed: list[bool] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoadRecord:
+        known = {f.name for f in fields(cls)}
+        if set(d) != known:
+            raise LoadgenError(f"load record keys {sorted(d)} != expected {sorted(known)}")
+        return cls(**d)
+
+
+def poisson_arrivals_s(rate_per_s: float, num: int, seed: int) -> np.ndarray:
+    """Send offsets (s) of `num` Poisson arrivals: cumulative exponential gaps, first at 0."""
+    if not rate_per_s > 0 or num < 1:
+        raise LoadgenError(f"need rate_per_s > 0 and num >= 1, got {rate_per_s}, {num}")
+    gaps_s = np.random.default_rng(seed).exponential(1.0 / rate_per_s, size=num)  # (num,)
+    gaps_s[0] = 0.0
+    return np.cumsum(gaps_s)
+
+
+def make_images(shape: tuple[int, ...], num: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(num, *shape), dtype=np.uint8)
+
+
+def infer_body(image: np.ndarray, input_name: str) -> bytes:
+    """KServe v2 JSON request for one UINT8 query `[C, H, W]` sent as `[1, C, H, W]`."""
+    payload = {
+        "inputs": [
+            {
+                "name": input_name,
+                "shape": [1, *image.shape],
+                "datatype": "UINT8",
+                "data": image.reshape(-1).tolist(),
+            }
+        ]
+    }
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def parse_reconstructed(body: bytes, param: str) -> bool:
+    """Whether a KServe v2 JSON response says it was reconstructed (missing param = False)."""
+    params = json.loads(body).get("parameters") or {}
+    return bool(params.get(param, False))
+
+
+def summarize(latency_ms: list[float] | np.ndarray, num_ok: int, wall_s: float) -> dict[str, float]:
+    """p50/p99/p99.9/mean/max latency (ms, linear-interpolated percentiles) and requests/s."""
+    lat = np.asarray(latency_ms, dtype=np.float64)
+    if lat.size == 0:
+        raise LoadgenError("no successful requests to summarize: check the server log")
+    p50, p99, p999 = np.percentile(lat, [50.0, 99.0, 99.9])
+    return {
+        "count": int(lat.size),
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "p99.9_ms": float(p999),
+        "mean_ms": float(lat.mean()),
+        "max_ms": float(lat.max()),
+        "throughput_rps": float(num_ok / wall_s) if wall_s > 0 else 0.0,
+    }
+
+
+def summarize_record(record: LoadRecord) -> dict[str, float]:
+    ok = [lat for lat, st in zip(record.latency_ms, record.status, strict=True) if st == 200]
+    stats = summarize(ok, len(ok), record.wall_s)
+    stats["failed"] = len(record.status) - len(ok)
+    stats["reconstructed_fraction"] = float(np.mean(record.reconstructed)) if ok else 0.0
+    return stats
+
+
+async def run_load(config: LoadConfig) -> LoadRecord:
+    """Drive the server with `config`'s pattern; one aiohttp session, bounded loops."""
+    import aiohttp  # the tests and the driver import this module without needing aiohttp
+
+    images = make_images(config.input_shape, config.num_images, config.seed)
+    bodies = [infer_body(img, config.input_name) for img in images]  # encoded once
+    url = f"{config.url.rstrip('/')}/v2/models/{config.model_name}/infer"
+    n = config.num_requests
+    latency_ms = [0.0] * n
+    status = [0] * n
+    reconstructed = [False] * n
+    errors: Counter[str] = Counter()
+    timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+    limit = config.concurrency if config.pattern == "closed" else config.max_in_flight
+    connector = aiohttp.TCPConnector(limit=max(limit, 1), force_close=False)
+
+    async def one(session: aiohttp.ClientSession, i: int, t0: float) -> None:
+        """Send request i; latency counts from t0 (its scheduled or actual send time)."""
+        body = bodies[i % len(bodies)]
+        try:
+            async with session.post(
+                url, data=body, headers={"Content-Type": "application/json"}
+            ) as resp:
+                raw = await resp.read()
+                st = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            st, raw = 0, b""
+            if i >= 0:
+                errors[type(exc).__name__] += 1
+        if i < 0:  # warm-up request: not recorded
+            return
+        latency_ms[i] = (time.perf_counter() - t0) * 1e3
+        status[i] = st
+        if st == 200:
+            try:
+                reconstructed[i] = parse_reconstructed(raw, config.reconstructed_param)
+            except (ValueError, AttributeError):
+                errors["bad_response_json"] += 1
+        elif st:
+            errors[f"http_{st}"] += 1
+            if errors[f"http_{st}"] == 1:  # log each kind once, not 5,000 times
+                logger.warning("HTTP %d: %s", st, raw[:200].decode(errors="replace"))
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # Warm-up: closed loop at the configured concurrency, results discarded.
+        for start in range(0, config.warmup_requests, config.concurrency):
+            stop = min(start + config.concurrency, config.warmup_requests)
+            await asyncio.gather(*(one(session, -1, time.perf_counter()) for _ in range(start, stop)))
+
+        t_start = time.perf_counter()
+        if config.pattern == "closed":
+            next_index = iter(range(n))  # shared by the clients: each index sent once
+
+            async def client() -> None:
+                for i in next_index:
+                    await one(session, i, time.perf_counter())
+
+            await asyncio.gather(*(client() for _ in range(config.concurrency)))
+        else:
+            offsets_s = poisson_arrivals_s(config.rate_per_s, n, config.seed)
+            slots = asyncio.Semaphore(config.max_in_flight)
+
+            async def scheduled(i: int, t_sched: float) -> None:
+                async with slots:
+                    await one(session, i, t_sched)
+
+            tasks = []
+            for i, off in enumerate(offsets_s):
+                t_sched = t_start + float(off)
+                delay_s = t_sched - time.perf_counter()
+                if delay_s > 0:
+                    await asyncio.sleep(delay_s)
+                tasks.append(asyncio.create_task(scheduled(i, t_sched)))
+            await asyncio.gather(*tasks)
+        wall_s = time.perf_counter() - t_start
+
+    cfg = asdict(config)
+    cfg["input_shape"] = list(config.input_shape)
+    return LoadRecord(
+        config=cfg,
+        wall_s=wall_s,
+        latency_ms=latency_ms,
+        status=status,
+        reconstructed=reconstructed,
+        errors={k: v for k, v in errors.items() if v},
+    )
+
+
+def _run(config: LoadConfig) -> LoadRecord:
+    try:
+        import uvloop  # lower client overhead where available
+
+        return uvloop.run(run_load(config))
+    except ImportError:
+        return asyncio.run(run_load(config))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = LoadConfig()
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=d.url, help="server base URL (127.0.0.1 only)")
+    p.add_argument("--model-name", default=d.model_name)
+    p.add_argument("--input-name", default=d.input_name)
+    p.add_argument("--input-shape", default=",".join(map(str, d.input_shape)),
+                   help="C,H,W of one query (default %(default)s)")
+    p.add_argument("--pattern", choices=PATTERNS, default=d.pattern)
+    p.add_argument("--num-requests", type=int, default=d.num_requests)
+    p.add_argument("--concurrency", type=int, default=d.concurrency)
+    p.add_argument("--rate-per-s", type=float, default=d.rate_per_s)
+    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
+    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
+    p.add_argument("--timeout-s", type=float, default=d.timeout_s)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num-images", type=int, default=d.num_images)
+    p.add_argument("--reconstructed-param", default=d.reconstructed_param)
+    p.add_argument("--out", type=Path, required=True, help="where to write the JSON record")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> LoadConfig:
+    values = {k: v for k, v in vars(args).items() if k != "out"}
+    try:
+        values["input_shape"] = tuple(int(s) for s in str(values["input_shape"]).split(","))
+    except ValueError as exc:
+        raise LoadgenError(f"--input-shape must be C,H,W integers, got {args.input_shape!r}") from exc
+    return LoadConfig.from_dict(values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s loadgen %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except LoadgenError as exc:
+        logger.error("%s", exc)
+        return 2
+    record = _run(config)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record.to_dict()))
+    ok = sum(1 for s in record.status if s == 200)
+    logger.info("%d/%d ok in %.2f s, errors %s", ok, len(record.status), record.wall_s, record.errors)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""Load generator: pure helpers, config validation, and one real HTTP run against a stub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from bench.loadgen import (
+    LoadConfig,
+    LoadgenError,
+    LoadRecord,
+    build_parser,
+    config_from_args,
+    infer_body,
+    make_images,
+    parse_reconstructed,
+    poisson_arrivals_s,
+    run_load,
+    summarize,
+    summarize_record,
+)
+
+
+def test_poisson_arrivals_are_seeded_increasing_and_at_the_rate() -> None:
+    a = poisson_arrivals_s(200.0, 20_000, seed=3)
+    np.testing.assert_array_equal(a, poisson_arrivals_s(200.0, 20_000, seed=3))
+    assert a[0] == 0.0 and np.all(np.diff(a) >= 0)
+    # Mean gap of 20,000 exponential(1/200 s) draws: std of the mean is 5e-3/sqrt(2e4) ~ 3.5e-5 s.
+    np.testing.assert_allclose(np.diff(a).mean(), 1 / 200.0, rtol=0.03)
+    with pytest.raises(LoadgenError, match="rate_per_s > 0"):
+        poisson_arrivals_s(0.0, 10, seed=0)
+
+
+def test_summarize_matches_numpy_percentiles() -> None:
+    lat = np.random.default_rng(0).exponential(10.0, size=5000)
+    s = summarize(lat, num_ok=5000, wall_s=2.0)
+    np.testing.assert_allclose(s["p50_ms"], np.median(lat), rtol=1e-12)
+    np.testing.assert_allclose(s["p99.9_ms"], np.sort(lat)[-6:-4].mean(), rtol=0.05)
+    np.testing.assert_allclose(s["mean_ms"], lat.mean(), rtol=1e-12)
+    assert s["throughput_rps"] == 2500.0
+    with pytest.raises(LoadgenError, match="no successful requests"):
+        summarize([], 0, 1.0)
+
+
+def test_summarize_record_excludes_failures() -> None:
+    rec = LoadRecord(
+        config={},
+        wall_s=1.0,
+        latency_ms=[1.0, 2.0, 1000.0, 3.0],
+        status=[200, 200, 503, 200],
+        reconstructed=[False, True, False, False],
+        errors={"http_503": 1},
+    )
+    s = summarize_record(rec)
+    assert s["count"] == 3 and s["failed"] == 1
+    np.testing.assert_allclose(s["max_ms"], 3.0)
+    np.testing.assert_allclose(s["reconstructed_fraction"], 0.25)
+
+
+def test_infer_body_is_kserve_v2_json() -> None:
+    img = make_images((1, 4, 4), 1, seed=0)[0]
+    body = json.loads(infer_body(img, "INPUT"))
+    (tensor,) = body["inputs"]
+    assert tensor["shape"] == [1, 1, 4, 4] and tensor["datatype"] == "UINT8"
+    np.testing.assert_array_equal(np.array(tensor["data"], dtype=np.uint8).reshape(1, 4, 4), img)
+    assert parse_reconstructed(b'{"parameters": {"reconstructed": true}}', "reconstructed")
+    assert not parse_reconstructed(b'{"outputs": []}', "reconstructed")
+
+
+def test_config_validation_errors() -> None:
+    with pytest.raises(LoadgenError, match="127.0.0.1"):
+        LoadConfig(url="http://example.com:8000")
+    with pytest.raises(LoadgenError, match="needs rate_per_s > 0"):
+        LoadConfig(pattern="poisson")
+    with pytest.raises(LoadgenError, match="pattern must be one of"):
+        LoadConfig(pattern="burst")
+    with pytest.raises(LoadgenError, match="unknown LoadConfig keys"):
+        LoadConfig.from_dict({"rate": 3})
+    args = build_parser().parse_args(["--input-shape", "3,32,32", "--out", "x.json"])
+    assert config_from_args(args).input_shape == (3, 32, 32)
+    bad = build_parser().parse_args(["--input-shape", "3x32", "--out", "x.json"])
+    with pytest.raises(LoadgenError, match="C,H,W"):
+        config_from_args(bad)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _StubServer:
+    """KServe-like stub in a thread: every 3rd request reconstructed, request 7 gets a 503."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.seen: list[int] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    async def _infer(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        data = body["inputs"][0]["data"]
+        idx = len(self.seen)
+        self.seen.append(len(data))
+        await asyncio.sleep(0.002)
+        if idx == 7:
+            return web.json_response({"error": "queue full"}, status=503)
+        return web.json_response({"outputs": [], "parameters": {"reconstructed": idx % 3 == 0}})
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/v2/models/{name}/infer", self._infer)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        self._loop.run_until_complete(site.start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    def __enter__(self) -> _StubServer:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("stub server did not start within 10 s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        fut.result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.mark.parametrize("pattern", ["closed", "poisson"])
+def test_run_load_against_stub_server(pattern: str) -> None:
+    with _StubServer() as stub:
+        cfg = LoadConfig(
+            url=f"http://127.0.0.1:{stub.port}",
+            input_shape=(1, 8, 8),
+            pattern=pattern,
+            num_requests=40,
+            concurrency=4,
+            rate_per_s=400.0,
+            warmup_requests=0,
+            timeout_s=10.0,
+        )
+        t0 = time.perf_counter()
+        record = asyncio.run(run_load(cfg))
+        elapsed_s = time.perf_counter() - t0
+    assert len(stub.seen) == 40 and set(stub.seen) == {64}  # each request sent once, 1x8x8
+    assert record.status.count(503) == 1 and record.status.count(200) == 39
+    assert record.errors == {"http_503": 1}
+    assert sum(record.reconstructed) == 14  # server arrivals 0,3,...,39 (7, the 503, is not one)
+    assert all(lat >= 2.0 for lat in record.latency_ms)  # the stub sleeps 2 ms
+    assert record.wall_s <= elapsed_s
+    rt = LoadRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert rt.status == record.status
