@@ -154,6 +154,9 @@ def test_errors() -> None:
         decoder.add(1.0, np.zeros(SHAPE))  # type: ignore[arg-type]
     with pytest.raises(CodingError, match=r"worker 2: expected shape \(2, 3, 3\), got \(2, 9\)"):
         decoder.add(2, np.zeros((2, 9)))
+    with pytest.raises(CodingError, match=r"worker 3: expected real numbers, got dtype complex128"):
+        decoder.add(3, np.zeros(SHAPE, dtype=np.complex128))
+    assert decoder.received == ()  # rejected results leave no trace
     decoder.add(0, np.zeros(SHAPE))
     decoder.add(5, np.zeros(SHAPE))
     with pytest.raises(CodingError, match=r"needs k=4 distinct results, got 2 \(workers \[0, 5\]\)"):
