@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.coding import CodingError, _check_int, _output_dtype
+from kernels.coding import CodingError, _check_int, _output_dtype, _real_array
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class BerrutCode:
 
     def encode(self, queries: np.ndarray) -> np.ndarray:
         """(k, ...) queries -> (n, ...) coded worker inputs u(beta_i)."""
-        queries = np.asarray(queries)
+        queries = _real_array("encode", queries)
         if queries.ndim < 1 or queries.shape[0] != self.k:
             raise CodingError(
                 f"encode: expected queries of shape (k={self.k}, ...), got {queries.shape}"
@@ -155,7 +155,7 @@ class BerrutCode:
         See the module docstring for when this is exact and how accuracy scales.
         """
         checked = self._check_indices(indices)
-        outputs = np.asarray(outputs)
+        outputs = _real_array("decode", outputs)
         if outputs.ndim < 1 or outputs.shape[0] != len(checked):
             raise CodingError(
                 f"decode: expected outputs of shape (len(indices)={len(checked)}, ...), "

@@ -52,6 +52,14 @@ def _output_dtype(dtype: np.dtype) -> np.dtype:
     return dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
 
 
+def _real_array(where: str, values: Any) -> np.ndarray:
+    """np.asarray(values), refusing dtypes that cannot be cast to float64 without loss."""
+    array = np.asarray(values)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise CodingError(f"{where}: expected real numbers, got dtype {array.dtype}")
+    return array
+
+
 def _minor_index_sets(rows: int, cols: int) -> int:
     """Number of square minors of a rows x cols matrix (sizes 1..min(rows, cols))."""
     return sum(math.comb(rows, s) * math.comb(cols, s) for s in range(1, min(rows, cols) + 1))
@@ -236,7 +244,7 @@ class CodingScheme:
 
         Computed in float64; a floating input dtype is kept, integer input gives float64.
         """
-        values = np.asarray(values)
+        values = _real_array("encode", values)
         if values.ndim < 1 or values.shape[0] != self.k:
             raise CodingError(
                 f"encode: expected values of shape (k={self.k}, ...), got {values.shape}"
@@ -273,9 +281,10 @@ class CodingScheme:
         one is used and parities are taken in the given order until k results are in hand.
         Returns (k, ...) in the input's floating dtype (float64 for integer input); the
         solve runs in float64. Cost O(k d + e^2 d + e^3) for e missing systematic results.
+        Non-finite results are not checked: a NaN in a used result propagates.
         """
         indices = self.check_indices(indices)
-        results = np.asarray(results)
+        results = _real_array("decode", results)
         if results.ndim < 1 or results.shape[0] != len(indices):
             raise CodingError(
                 f"decode: expected results of shape (len(indices)={len(indices)}, ...), "
@@ -368,14 +377,10 @@ class OnlineDecoder:
             raise CodingError(f"worker index must be an integer in 0..{n - 1}, got {index!r}")
         if not 0 <= index < n:
             raise CodingError(f"worker index must be in 0..{n - 1} for n={n}, got {index}")
-        value = np.asarray(value)
+        value = _real_array(f"result of worker {index}", value)
         if value.shape != self.shape:
             raise CodingError(
                 f"result of worker {index}: expected shape {self.shape}, got {value.shape}"
-            )
-        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
-            raise CodingError(
-                f"result of worker {index}: expected real numbers, got dtype {value.dtype}"
             )
         if self.ready:
             self.late += 1

@@ -241,3 +241,11 @@ def test_appendix_a1_rotation_recovers_every_missing_input(k: int) -> None:
         if i != a or decoder.ready:
             decoder.add(i, worker_out[i])
     np.testing.assert_allclose(_f_inverse(decoder.finalize()[a]), x[a], rtol=0, atol=1e-12)
+
+
+def test_complex_or_object_input_is_rejected() -> None:
+    scheme = CodingScheme.average(2)
+    with pytest.raises(CodingError, match=r"encode: expected real numbers, got dtype complex128"):
+        scheme.encode(np.zeros((2, 3), dtype=np.complex128))
+    with pytest.raises(CodingError, match=r"decode: expected real numbers, got dtype object"):
+        scheme.decode([0, 1], np.array([[None], [None]]))
