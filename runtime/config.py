@@ -1,0 +1,120 @@
+"""`ServerConfig`: every server option, validated once; CLI flags map one-to-one onto fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.errors import ConfigError
+
+MODES = ("coded", "uncoded", "replication", "parm", "approxifer")
+ENGINES = ("onnxruntime", "torch", "tensorrt")
+DEVICES = ("cpu", "cuda")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection for tests and benchmarks only (flags in docs/ARCHITECTURE.md)."""
+
+    delay_ms: float = 0.0  # added to a worker call's response time with probability delay_prob
+    delay_prob: float = 0.0
+    straggler_per_group: bool = False  # instead: exactly one of the first k workers per group
+    fail_prob: float = 0.0  # a worker call raises
+    kill_worker: int | None = None  # this worker dies once after kill_after_calls calls
+    kill_after_calls: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.delay_ms >= 0 and math.isfinite(self.delay_ms),
+               f"--fault-delay-ms must be >= 0, got {self.delay_ms}")
+        for name in ("delay_prob", "fail_prob"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0,
+                   f"--fault-{name.replace('_', '-')} must be in [0, 1], got {value}")
+        _check((self.kill_worker is None) == (self.kill_after_calls is None),
+               "--fault-kill-worker and --fault-kill-after-calls go together; got only one")
+        if self.kill_worker is not None:
+            _check(self.kill_worker >= 0, f"--fault-kill-worker must be >= 0, got {self.kill_worker}")
+            _check(self.kill_after_calls is not None and self.kill_after_calls >= 0,
+                   f"--fault-kill-after-calls must be >= 0, got {self.kill_after_calls}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.delay_prob and self.delay_ms) or self.straggler_per_group or bool(
+            self.fail_prob) or self.kill_worker is not None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bundle: str
+    host: str = "127.0.0.1"
+    http_port: int = 8000  # 0 picks a free port (tests)
+    metrics_port: int = 8002  # 0 picks a free port; -1 disables the metrics endpoint
+    workers: int = 0  # compute threads shared by all workers; 0 = min(n, cpu count)
+    mode: str = "coded"
+    engine: str = "onnxruntime"
+    device: str = "cpu"
+    encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
+    max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
+    max_queue_size: int = 512  # queued queries before 503 + Retry-After
+    max_inflight_groups: int = 8  # coding groups dispatched to workers at once
+    max_batch_size: int = 64  # queries in one request
+    max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
+    worker_deadline_ms: float = 2000.0  # a worker call overdue by this is an erasure
+    request_timeout_ms: float = 30000.0  # default when a request has no timeout parameter
+    drain_timeout_s: float = 10.0  # graceful shutdown waits this long for in-flight work
+    verify_checksums: bool = True
+    log_level: str = "INFO"
+    faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
+        _check(self.engine in ENGINES, f"--engine must be one of {ENGINES}, got {self.engine!r}")
+        _check(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        _check(not (self.engine == "onnxruntime" and self.device == "cuda"),
+               "--engine onnxruntime runs on the CPU here; use --engine torch or tensorrt with "
+               "--device cuda")
+        _check(not (self.engine in ("torch", "tensorrt") and self.device == "cpu"),
+               f"--engine {self.engine} is the GPU path; pass --device cuda")
+        _check(0 <= self.http_port <= 65535, f"--http-port must be 0..65535, got {self.http_port}")
+        _check(-1 <= self.metrics_port <= 65535,
+               f"--metrics-port must be -1 (off) or 0..65535, got {self.metrics_port}")
+        _check(self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}")
+        for name in ("max_queue_size", "max_inflight_groups", "max_batch_size", "max_body_bytes"):
+            value = getattr(self, name)
+            _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name in ("max_queue_delay_ms", "worker_deadline_ms", "request_timeout_ms",
+                     "drain_timeout_s"):
+            value = getattr(self, name)
+            _check(value >= 0 and math.isfinite(value),
+                   f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        _check(self.worker_deadline_ms > 0, "--worker-deadline-ms must be > 0")
+        _check(self.request_timeout_ms > 0, "--request-timeout-ms must be > 0")
+        _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+               f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ServerConfig:
+        """Build from a flat mapping; `fault_*` keys fill `faults`. Unknown keys are errors."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"faults"}
+        fault_fields = {f.name for f in dataclasses.fields(FaultConfig)}
+        plain, faults, unknown = {}, {}, []
+        for key, value in data.items():
+            if key in fields:
+                plain[key] = value
+            elif key.startswith("fault_") and key[len("fault_"):] in fault_fields:
+                faults[key[len("fault_"):]] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            raise ConfigError(f"unknown server option(s) {sorted(unknown)}; known: {sorted(fields)} "
+                              f"and fault_{{{','.join(sorted(fault_fields))}}}")
+        return cls(**plain, faults=FaultConfig(**faults))

@@ -1,0 +1,183 @@
+"""Model runners: one compiled model behind `run(x) -> y`, per inference engine.
+
+- onnxruntime (default): CPU sessions, one intra-op thread each and no spin-waiting, so
+  n workers share a 2-core machine politely; the runtime's thread pool provides parallelism.
+- torch: `torch.export` programs from manifest["torch"] on CUDA, one stream per worker.
+- tensorrt: serialized plans `engines/<sm>_trt<version>/f.plan`, name-based I/O tensors.
+
+torch, tensorrt and pycuda are imported lazily inside their runners, so a CPU-only serving
+install never needs them (tests/runtime/test_imports.py enforces this).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from runtime.errors import EngineUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner(Protocol):
+    """A loaded model with one input and one output tensor (names per docs/ARCHITECTURE.md)."""
+
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class OrtRunner:
+    def __init__(self, path: Path, input_name: str = "x", output_name: str | None = None) -> None:
+        import onnxruntime as ort  # imported here so `--help` and manifest tooling stay fast
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning threads burn a core while idle; the box is shared with training.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        self.path = path
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if input_name not in inputs:
+            raise EngineUnavailable(
+                f"{path}: expected an input tensor named {input_name!r}, the file has {inputs}; "
+                "re-export the bundle (tensor names are fixed in docs/ARCHITECTURE.md)"
+            )
+        if output_name is not None and output_name not in outputs:
+            raise EngineUnavailable(
+                f"{path}: expected an output tensor named {output_name!r}, the file has {outputs}"
+            )
+        self.input_name = input_name
+        self.output_name = output_name or outputs[0]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+class ChainRunner:
+    """Runs models one after the other (encoder -> f on a backup worker, f -> heads)."""
+
+    def __init__(self, first: ModelRunner, *rest: ModelRunner, concat_rest: bool = False) -> None:
+        self.first, self.rest, self.concat_rest = first, rest, concat_rest
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        y = self.first.run(x)
+        if self.concat_rest:  # f -> every head, logits side by side: [B, sum(classes)]
+            return np.concatenate([r.run(y) for r in self.rest], axis=1)
+        for runner in self.rest:
+            y = runner.run(y)
+        return y
+
+
+class TorchRunner:
+    """A `torch.export` program on one CUDA stream (GPU machines without TensorRT)."""
+
+    def __init__(self, path: Path, device: str, stream_index: int) -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise EngineUnavailable(
+                "--engine torch needs PyTorch (pip install torch); this install has none"
+            ) from exc
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineUnavailable("--engine torch --device cuda: no CUDA device is visible")
+        self._torch = torch
+        self.device = torch.device(device)
+        self.module = torch.export.load(str(path)).module().to(self.device)
+        # One stream per worker, so workers overlap on one GPU like separate machines would.
+        self.stream = torch.cuda.Stream(device=self.device) if device == "cuda" else None
+        logger.debug("torch runner %s on %s (worker stream %d)", path, device, stream_index)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            if self.stream is None:
+                return self.module(torch.from_numpy(x)).numpy()
+            with torch.cuda.stream(self.stream):
+                xd = torch.from_numpy(x).pin_memory().to(self.device, non_blocking=True)
+                y = self.module(xd).to("cpu", non_blocking=True)
+            self.stream.synchronize()
+            return y.numpy()
+
+
+class TensorRTRunner:
+    """A deserialized TensorRT plan with its own execution context and CUDA stream.
+
+    Written against the documented TensorRT >= 10 name-based API (num_io_tensors,
+    get_tensor_name, set_input_shape, set_tensor_address, execute_async_v3); not run on
+    this project's CPU machines.
+    """
+
+    def __init__(self, plan: Path, input_name: str = "x", output_name: str = "z") -> None:
+        try:
+            import pycuda.autoinit  # noqa: F401 - creates the CUDA context
+            import pycuda.driver as cuda
+            import tensorrt as trt
+        except ImportError as exc:
+            raise EngineUnavailable(
+                "--engine tensorrt needs the `gpu` extra (tensorrt, pycuda) and an NVIDIA GPU: "
+                f"{exc}"
+            ) from exc
+        self._cuda, self._trt = cuda, trt
+        trt_logger = trt.Logger(trt.Logger.WARNING)
+        engine = trt.Runtime(trt_logger).deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise EngineUnavailable(f"{plan}: TensorRT could not deserialize the plan (wrong "
+                                    "TensorRT version or GPU?); rebuild it with `python -m export`")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        if input_name not in names or output_name not in names:
+            raise EngineUnavailable(f"{plan}: expected I/O tensors {input_name!r} and "
+                                    f"{output_name!r}, the plan has {names}")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.stream = cuda.Stream()
+        self.input_name, self.output_name = input_name, output_name
+        self._buffers: dict[str, tuple[object, int]] = {}
+
+    def _buffer(self, name: str, nbytes: int) -> object:
+        held = self._buffers.get(name)
+        if held is None or held[1] < nbytes:
+            held = (self._cuda.mem_alloc(nbytes), nbytes)
+            self._buffers[name] = held
+            self.context.set_tensor_address(name, int(held[0]))
+        return held[0]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        cuda = self._cuda
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self.context.set_input_shape(self.input_name, x.shape)
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        y = np.empty(out_shape, dtype=np.float32)
+        x_dev = self._buffer(self.input_name, x.nbytes)
+        y_dev = self._buffer(self.output_name, y.nbytes)
+        cuda.memcpy_htod_async(x_dev, x, self.stream)
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise EngineUnavailable("TensorRT execute_async_v3 failed")
+        cuda.memcpy_dtoh_async(y, y_dev, self.stream)
+        self.stream.synchronize()
+        return y
+
+
+def find_tensorrt_plan(bundle_dir: Path, files: dict[str, str]) -> Path:
+    """The bundle's `engines/<sm>_trt<version>/f.plan` for this GPU and TensorRT version."""
+    try:
+        import pycuda.autoinit  # noqa: F401
+        import pycuda.driver as cuda
+        import tensorrt as trt
+    except ImportError as exc:
+        raise EngineUnavailable(f"--engine tensorrt needs tensorrt and pycuda: {exc}") from exc
+    major, minor = cuda.Device(0).compute_capability()
+    wanted = f"engines/sm{major}{minor}_trt{trt.__version__}/f.plan"
+    plans = sorted(p for p in files if p.startswith("engines/") and p.endswith("/f.plan"))
+    if wanted not in plans:
+        raise EngineUnavailable(
+            f"bundle has no TensorRT plan for this GPU and TensorRT ({wanted}); it has {plans}. "
+            "Build one with `python -m export` on this machine, or use --engine torch"
+        )
+    return bundle_dir / wanted

@@ -1,0 +1,95 @@
+"""Prometheus metrics: Triton's names and labels, plus the coded-serving ones.
+
+Triton exposes its counters without a `_total` suffix (nv_inference_request_success, ...).
+prometheus-client appends `_total` to every Counter, so the Triton-named ones are
+monotone Gauges here: same names, labels and values, a `gauge` TYPE line. Durations are
+cumulative microseconds, as in Triton; divide by the matching count for a mean.
+The runtime's own metrics are ordinary Counters/Histograms named `coded_*`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+MODEL_LABELS = ("model", "version")
+LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, model: str, version: str = "1") -> None:
+        self.registry = CollectorRegistry()
+        self.labels = {"model": model, "version": version}
+        r = self.registry
+
+        def triton(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, (*MODEL_LABELS, *extra), registry=r)
+
+        self._success = triton("nv_inference_request_success", "Successful inference requests")
+        self._failure = triton("nv_inference_request_failure", "Failed inference requests",
+                               ("reason",))
+        self._count = triton("nv_inference_count", "Queries (batch elements) inferred")
+        self._exec_count = triton("nv_inference_exec_count", "Coding groups executed")
+        self._request_us = triton("nv_inference_request_duration_us",
+                                  "Cumulative end-to-end request handling time (us)")
+        self._queue_us = triton("nv_inference_queue_duration_us",
+                                "Cumulative time queries waited for their coding group (us)")
+        self._compute_us = triton("nv_inference_compute_infer_duration_us",
+                                  "Cumulative group execution time: encode, workers, decode, "
+                                  "heads (us)")
+        self._pending = triton("nv_inference_pending_request_count",
+                               "Queries waiting in the batcher queue")
+        self.request_latency = Histogram(
+            "coded_request_latency_seconds", "End-to-end latency of successful requests",
+            MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.reconstructed = Counter(
+            "coded_reconstructed_responses", "Query answers decoded from coded results "
+            "(their own worker's result was not used)", MODEL_LABELS, registry=r)
+        self.erasures = Counter(
+            "coded_erasures", "Worker results missing when a group was answered "
+            "(straggling, failed or dead workers)", ("worker",), registry=r)
+        self.late_dropped = Counter(
+            "coded_late_results_dropped", "Worker results that arrived after their group "
+            "was answered", ("worker",), registry=r)
+        self.worker_failures = Counter(
+            "coded_worker_failures", "Worker calls that failed", ("worker", "reason"), registry=r)
+        self.worker_restarts = Counter(
+            "coded_worker_restarts", "Workers restarted by the supervisor", ("worker", "reason"),
+            registry=r)
+        self.worker_ready = Gauge("coded_worker_ready", "1 when the worker is warmed up",
+                                  ("worker",), registry=r)
+        self.decode_seconds = Histogram(
+            "coded_decode_duration_seconds", "Finalize time of the online decoder per group",
+            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), registry=r)
+        self.encode_seconds = Histogram(
+            "coded_encode_duration_seconds", "Frontend encoder time per group",
+            buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), registry=r)
+        self.partial_groups = Counter(
+            "coded_partial_groups", "Groups dispatched with fewer than k queries at the "
+            "max queue delay (padded)", MODEL_LABELS, registry=r)
+        self.padded_queries = Counter(
+            "coded_padded_queries", "Padding slots added to partial groups", MODEL_LABELS,
+            registry=r)
+
+    # Triton-style helpers (always labelled with this model) --------------------------------
+    def request_success(self, duration_s: float) -> None:
+        self._success.labels(**self.labels).inc()
+        self._request_us.labels(**self.labels).inc(duration_s * 1e6)
+        self.request_latency.labels(**self.labels).observe(duration_s)
+
+    def request_failure(self, reason: str, duration_s: float) -> None:
+        self._failure.labels(**self.labels, reason=reason).inc()
+        self._request_us.labels(**self.labels).inc(duration_s * 1e6)
+
+    def group_executed(self, queries: int, queue_s: float, compute_s: float) -> None:
+        self._exec_count.labels(**self.labels).inc()
+        self._count.labels(**self.labels).inc(queries)
+        self._queue_us.labels(**self.labels).inc(queue_s * 1e6)
+        self._compute_us.labels(**self.labels).inc(compute_s * 1e6)
+
+    def set_pending(self, queries: int) -> None:
+        self._pending.labels(**self.labels).set(queries)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

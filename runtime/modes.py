@@ -1,0 +1,389 @@
+"""Serving modes: how one group of up to k queries becomes answers.
+
+Every mode sets each query's future exactly once (`_answer` / `_fail` ignore futures that
+are already done, e.g. because the request timed out). Worker calls go through
+`WorkerPool.call`; a call that raises is an erasure.
+
+Partial groups (fewer than k queries at the batcher's deadline): coded, ParM and
+ApproxIFER pad the group to k with repeats of its last query, so every worker and the
+encoders see in-distribution inputs (zeros would be far from the training data for the
+learned encoders); padded slots' answers are never computed by the heads or returned.
+Uncoded and replication send only the real queries.
+
+Model names a worker can be asked to run (see `worker_models`):
+  "f"         x [1, C, H, W]    -> z [1, *embedding_shape]
+  "enc_f/<r>" x [1, k, C, H, W] -> z of encoder r's output (paper Remark 3)
+  "parm"      x [1, k, C, H, W] -> logits_sum [1, classes of the primary head]
+  "f_heads"   x [1, C, H, W]    -> every head's logits side by side [1, sum(classes)]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Executor
+
+import numpy as np
+
+from kernels.berrut import BerrutCode
+from kernels.coding import CodingScheme, OnlineDecoder
+from runtime.batcher import Query, QueryAnswer
+from runtime.engines import ModelRunner
+from runtime.errors import ConfigError, ServiceUnavailable
+from runtime.manifest import Manifest
+from runtime.metrics import Metrics
+from runtime.worker import WorkerPool
+
+logger = logging.getLogger(__name__)
+
+
+class Frontend:
+    """Models the frontend runs itself on the shared thread pool: encoders and heads."""
+
+    def __init__(
+        self,
+        heads: Mapping[str, ModelRunner],
+        encoders: Mapping[int, ModelRunner],
+        executor: Executor,
+    ) -> None:
+        self.heads = dict(heads)  # task -> runner, primary head first
+        self.encoders = dict(encoders)  # parity row -> runner
+        self._executor = executor
+
+    async def encode(self, xs: np.ndarray) -> list[np.ndarray]:
+        """xs [k, C, H, W] -> one parity input [1, C, H, W] per encoder row."""
+        group = xs[None]  # [1, k, C, H, W]
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: [self.encoders[r].run(group) for r in sorted(self.encoders)])
+
+    async def classify(self, zs: np.ndarray) -> dict[str, np.ndarray]:
+        """zs [m, *embedding_shape] -> task -> logits [m, classes]."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: {task: head.run(zs) for task, head in self.heads.items()})
+
+
+def _answer(query: Query, answer: QueryAnswer) -> bool:
+    if query.future.done():
+        return False
+    query.future.set_result(answer)
+    return True
+
+
+def _fail(queries: Iterable[Query], error: BaseException) -> None:
+    for query in queries:
+        if not query.future.done():
+            query.future.set_exception(error)
+
+
+def _pad(xs: np.ndarray, k: int) -> np.ndarray:
+    """[m, C, H, W] -> [k, C, H, W], repeating the last query (the partial-group rule)."""
+    if len(xs) == k:
+        return xs
+    return np.concatenate([xs, np.repeat(xs[-1:], k - len(xs), axis=0)])
+
+
+class Mode:
+    name = "base"
+
+    def __init__(self, manifest: Manifest, pool: WorkerPool, frontend: Frontend,
+                 metrics: Metrics, *, encoders_on_workers: bool = False) -> None:
+        self.manifest = manifest
+        self.pool = pool
+        self.frontend = frontend
+        self.metrics = metrics
+        self.k = manifest.coding.k
+        self.encoders_on_workers = encoders_on_workers
+        self.tasks = [h.task for h in manifest.heads]
+
+    # What the server needs to know before the pool exists -----------------------------------
+    @classmethod
+    def pool_size(cls, manifest: Manifest) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
+        return ["f"]
+
+    @classmethod
+    def frontend_encoders(cls, manifest: Manifest, encoders_on_workers: bool) -> bool:
+        return False
+
+    @property
+    def group_size(self) -> int:
+        return self.k
+
+    async def execute(self, group: list[Query]) -> None:
+        raise NotImplementedError
+
+    # Shared helpers -------------------------------------------------------------------------
+    def _count_partial(self, m: int) -> None:
+        if m < self.k:
+            self.metrics.partial_groups.labels(**self.metrics.labels).inc()
+            self.metrics.padded_queries.labels(**self.metrics.labels).inc(self.k - m)
+
+    def _drop_late(self, tasks: Mapping[asyncio.Task[np.ndarray], int],
+                   pending: Iterable[asyncio.Task[np.ndarray]]) -> None:
+        """Results still in flight when a group is answered are dropped and counted."""
+        for task in pending:
+            worker = tasks[task]
+
+            def late(t: asyncio.Task[np.ndarray], worker: int = worker) -> None:
+                if not t.cancelled() and t.exception() is None:
+                    self.metrics.late_dropped.labels(worker=str(worker)).inc()
+
+            task.add_done_callback(late)
+
+    def _erasures(self, workers: Iterable[int]) -> None:
+        for worker in workers:
+            self.metrics.erasures.labels(worker=str(worker)).inc()
+
+    def _launch(self, calls: list[tuple[int, str, np.ndarray]], straggler: int | None
+                ) -> dict[asyncio.Task[np.ndarray], int]:
+        return {
+            asyncio.create_task(self.pool.call(i, model, batch, straggler=straggler)): i
+            for i, model, batch in calls
+        }
+
+
+class CodedMode(Mode):
+    """Coded-InvNet: k systematic workers + n-k backup workers fed by learned encoders."""
+
+    name = "coded"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.scheme = CodingScheme.from_dict(self.manifest.coding.to_dict())
+        self.n = self.scheme.n
+
+    @classmethod
+    def pool_size(cls, manifest: Manifest) -> int:
+        if len(manifest.encoders) != manifest.coding.n - manifest.coding.k:
+            raise ConfigError(
+                f"--mode coded needs {manifest.coding.n - manifest.coding.k} encoder(s) in the "
+                f"bundle, it has {len(manifest.encoders)}; use --mode uncoded or re-export")
+        return manifest.coding.n
+
+    @classmethod
+    def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
+        if encoders_on_workers and index >= manifest.coding.k:
+            return [f"enc_f/{index - manifest.coding.k}"]
+        return ["f"]
+
+    @classmethod
+    def frontend_encoders(cls, manifest: Manifest, encoders_on_workers: bool) -> bool:
+        return not encoders_on_workers
+
+    async def execute(self, group: list[Query]) -> None:
+        k, n, m = self.k, self.n, len(group)
+        self._count_partial(m)
+        xs = _pad(np.stack([q.x for q in group]), k)  # [k, C, H, W]
+        calls = [(i, "f", xs[i:i + 1]) for i in range(k)]
+        if self.encoders_on_workers:
+            calls += [(k + r, f"enc_f/{r}", xs[None]) for r in range(n - k)]
+        else:
+            t0 = time.perf_counter()
+            parities = await self.frontend.encode(xs)  # n-k x [1, C, H, W]
+            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+            calls += [(k + r, "f", parities[r]) for r in range(n - k)]
+        tasks = self._launch(calls, self.pool.plan_stragglers(k))
+
+        decoder = OnlineDecoder(self.scheme, tuple(self.manifest.embedding_shape))
+        pending: set[asyncio.Task[np.ndarray]] = set(tasks)
+        ready = False
+        while pending and not ready:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:  # fold each result into the decoder as it lands
+                if task.exception() is None and decoder.add(tasks[task], task.result()[0]):
+                    ready = True
+        if not ready:
+            _fail(group, ServiceUnavailable(
+                f"only {len(decoder.received)} of {n} workers answered (workers "
+                f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
+                "workers are being restarted"))
+            return
+        self._drop_late(tasks, pending)
+        self._erasures(i for i in range(n) if i not in decoder.received)
+        t0 = time.perf_counter()
+        zs = decoder.finalize()  # [k, *embedding_shape]
+        self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+        missing = set(decoder.missing)
+        logits = await self.frontend.classify(zs[:m])  # padded slots are never classified
+        for j, query in enumerate(group):
+            reconstructed = j in missing
+            if _answer(query, QueryAnswer({t: v[j] for t, v in logits.items()}, reconstructed)):
+                if reconstructed:
+                    self.metrics.reconstructed.labels(**self.metrics.labels).inc()
+
+
+class UncodedMode(Mode):
+    """k workers, no redundancy: each query waits for its own worker."""
+
+    name = "uncoded"
+    replicas = 1
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._offset = 0  # rotate slots so partial groups do not all land on worker 0
+
+    @classmethod
+    def pool_size(cls, manifest: Manifest) -> int:
+        return manifest.coding.k * cls.replicas
+
+    async def execute(self, group: list[Query]) -> None:
+        straggler = self.pool.plan_stragglers(self.k)
+        offset, self._offset = self._offset, (self._offset + len(group)) % self.k
+        await asyncio.gather(*(
+            self._one(query, (offset + j) % self.k, straggler) for j, query in enumerate(group)))
+
+    async def _one(self, query: Query, slot: int, straggler: int | None) -> None:
+        replicas = [slot + r * self.k for r in range(self.replicas)]
+        tasks = self._launch([(w, "f", query.x[None]) for w in replicas], straggler)
+        pending: set[asyncio.Task[np.ndarray]] = set(tasks)
+        z: np.ndarray | None = None
+        while pending and z is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            z = next((t.result() for t in done if t.exception() is None), None)
+        if z is None:
+            _fail([query], ServiceUnavailable(
+                f"worker(s) {replicas} failed and --mode {self.name} has no other copy of "
+                "this query; retry shortly"))
+            return
+        self._drop_late(tasks, pending)
+        self._erasures(tasks[t] for t in pending)
+        logits = await self.frontend.classify(z)
+        _answer(query, QueryAnswer({t: v[0] for t, v in logits.items()}, reconstructed=False))
+
+
+class ReplicationMode(UncodedMode):
+    """2k workers: each query runs on two, the first answer wins."""
+
+    name = "replication"
+    replicas = 2
+
+
+class ParMMode(Mode):
+    """ParM: k primaries run f (+ heads at the frontend); one parity worker runs parm.onnx.
+
+    A missing query's PRIMARY head logits = parity - sum of the other k-1 primary logits;
+    its other heads cannot be decoded and are reported as unavailable (NaN logits)."""
+
+    name = "parm"
+
+    @classmethod
+    def pool_size(cls, manifest: Manifest) -> int:
+        if manifest.parm is None:
+            raise ConfigError("--mode parm needs a parity model; this bundle has none "
+                              "(manifest \"parm\": null)")
+        return manifest.coding.k + 1
+
+    @classmethod
+    def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
+        return ["parm"] if index == manifest.coding.k else ["f"]
+
+    async def execute(self, group: list[Query]) -> None:
+        k, m = self.k, len(group)
+        self._count_partial(m)
+        xs = _pad(np.stack([q.x for q in group]), k)  # [k, C, H, W]
+        calls = [(i, "f", xs[i:i + 1]) for i in range(k)] + [(k, "parm", xs[None])]
+        tasks = self._launch(calls, self.pool.plan_stragglers(k))
+        pending: set[asyncio.Task[np.ndarray]] = set(tasks)
+        results: dict[int, np.ndarray] = {}
+
+        def decodable() -> bool:
+            primaries = sum(1 for i in results if i < k)
+            return primaries == k or (primaries == k - 1 and k in results)
+
+        while pending and not decodable():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is None:
+                    results[tasks[task]] = task.result()
+        if not decodable():
+            _fail(group, ServiceUnavailable(
+                f"ParM needs k={k} of the {k + 1} results, got workers {sorted(results)}; "
+                "retry shortly"))
+            return
+        self._drop_late(tasks, pending)
+        received = sorted(i for i in results if i < k)
+        self._erasures(i for i in range(k + 1) if i not in results)
+        zs = np.concatenate([results[i] for i in received])  # [r, *embedding_shape]
+        logits = await self.frontend.classify(zs)
+        row = {i: j for j, i in enumerate(received)}
+        primary = self.tasks[0]
+        missing = next((i for i in range(k) if i not in row), None)
+        for j, query in enumerate(group):
+            if j != missing:
+                _answer(query, QueryAnswer({t: v[row[j]] for t, v in logits.items()}, False))
+                continue
+            t0 = time.perf_counter()
+            decoded = results[k][0] - logits[primary].sum(axis=0)  # [classes]
+            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+            answer = {t: np.full(v.shape[1], np.nan, np.float32) for t, v in logits.items()}
+            answer[primary] = decoded.astype(np.float32)
+            if _answer(query, QueryAnswer(answer, True, tuple(self.tasks[1:]))):
+                self.metrics.reconstructed.labels(**self.metrics.labels).inc()
+
+
+class ApproxIFERMode(Mode):
+    """ApproxIFER: Berrut-coded inputs on n workers running f and every head; the k
+    queries' logits are interpolated from the first k results (all answers are decoded)."""
+
+    name = "approxifer"
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.n = self.manifest.coding.n
+        self.code = BerrutCode(n=self.n, k=self.k)
+        self.splits = np.cumsum([len(h.classes) for h in self.manifest.heads])[:-1]
+
+    @classmethod
+    def pool_size(cls, manifest: Manifest) -> int:
+        return max(manifest.coding.n, 2)
+
+    @classmethod
+    def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
+        return ["f_heads"]
+
+    async def execute(self, group: list[Query]) -> None:
+        k, n, m = self.k, self.n, len(group)
+        self._count_partial(m)
+        xs = _pad(np.stack([q.x for q in group]), k)  # [k, C, H, W]
+        t0 = time.perf_counter()
+        coded = self.code.encode(xs).astype(np.float32)  # [n, C, H, W]
+        self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+        tasks = self._launch([(i, "f_heads", coded[i:i + 1]) for i in range(n)],
+                             self.pool.plan_stragglers(k))
+        pending: set[asyncio.Task[np.ndarray]] = set(tasks)
+        results: dict[int, np.ndarray] = {}
+        needed = min(k, n)
+        while pending and len(results) < needed:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is None:
+                    results[tasks[task]] = task.result()[0]
+        if len(results) < needed:
+            _fail(group, ServiceUnavailable(
+                f"ApproxIFER waits for {needed} of {n} results, got workers {sorted(results)}; "
+                "retry shortly"))
+            return
+        self._drop_late(tasks, pending)
+        self._erasures(i for i in range(n) if i not in results)
+        indices = sorted(results)
+        t0 = time.perf_counter()
+        decoded = self.code.decode(indices, np.stack([results[i] for i in indices]))  # [k, L]
+        self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+        per_head = np.split(decoded.astype(np.float32), self.splits, axis=1)
+        for j, query in enumerate(group):
+            if _answer(query, QueryAnswer({t: v[j] for t, v in zip(self.tasks, per_head, strict=True)}, True)):
+                self.metrics.reconstructed.labels(**self.metrics.labels).inc()
+
+
+MODES: dict[str, type[Mode]] = {
+    "coded": CodedMode,
+    "uncoded": UncodedMode,
+    "replication": ReplicationMode,
+    "parm": ParMMode,
+    "approxifer": ApproxIFERMode,
+}

@@ -1,0 +1,260 @@
+"""KServe v2 inference protocol: request parsing/validation and response encoding.
+
+Supports JSON tensors and the binary tensor extension: a body of
+`<JSON header><binary tensors>` with `Inference-Header-Content-Length: <JSON bytes>`;
+an input carries `"parameters": {"binary_data_size": N}` instead of `"data"`; an output
+requested with `"parameters": {"binary_data": true}` (or every output, with the request
+parameter `"binary_data_output": true`) is returned raw, after the JSON header.
+
+Every parse error is a BadRequest whose message says what was expected and what arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import BadRequest
+from runtime.manifest import InputSpec
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# KServe v2 datatype -> numpy dtype (BYTES is variable-length: not a valid image type).
+DATATYPES: dict[str, np.dtype | None] = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BYTES": None,
+}
+NUMPY_TO_DATATYPE = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64",
+                     np.dtype(np.bool_): "BOOL"}
+KNOWN_PARAMETERS = {"timeout_ms", "timeout", "binary_data_output"}
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    request_id: str | None
+    raw: np.ndarray  # [B, C, H, W] uint8 or float32 in [0, 1]
+    outputs: dict[str, bool] | None  # requested name -> binary; None: all outputs
+    binary_default: bool  # binary_data_output request parameter
+    timeout_s: float | None
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(f"{where} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _timeout_s(params: dict[str, Any]) -> float | None:
+    """`timeout_ms` (this server) or `timeout` (Triton/tritonclient, microseconds)."""
+    for key, scale in (("timeout_ms", 1e-3), ("timeout", 1e-6)):
+        if key in params:
+            value = params[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise BadRequest(f"parameter {key!r} must be a positive number, got {value!r}")
+            return float(value) * scale
+    return None
+
+
+def _decode_json(header: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    return _obj(body, "request body")
+
+
+def _tensor_from_json(data: Any, dtype: str, count: int, where: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise BadRequest(f"{where}.data must be a (possibly nested) JSON list of numbers, "
+                         f"got {type(data).__name__}")
+    try:
+        values = np.asarray(data)
+    except ValueError as exc:  # ragged nesting
+        raise BadRequest(f"{where}.data is a ragged nested list: {exc}") from exc
+    if values.dtype.kind not in "iuf" or values.dtype == np.bool_:
+        raise BadRequest(f"{where}.data must hold only numbers for datatype {dtype}, got "
+                         f"elements of numpy kind {values.dtype.kind!r} (strings, booleans, "
+                         "objects or nulls?)")
+    values = values.reshape(-1)
+    if values.size != count:
+        raise BadRequest(f"{where}: shape needs {count} elements, data has {values.size}")
+    if dtype == "UINT8":
+        if values.dtype.kind == "f" and not np.all(values == np.round(values)):
+            raise BadRequest(f"{where}: UINT8 data must be integers 0..255")
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise BadRequest(f"{where}: UINT8 data must be in 0..255, got "
+                             f"[{values.min()}, {values.max()}]")
+        return values.astype(np.uint8)
+    return values.astype(np.float32)
+
+
+def parse_infer_request(
+    body: bytes,
+    header_length: str | None,
+    spec: InputSpec,
+    output_names: list[str],
+    max_batch_size: int,
+) -> InferRequest:
+    """Validate a KServe v2 infer request against the model's single image input."""
+    binary = b""
+    if header_length is not None:
+        try:
+            json_bytes = int(header_length)
+        except ValueError:
+            raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if not 0 < json_bytes <= len(body):
+            raise BadRequest(f"{HEADER_LENGTH} is {json_bytes} but the body has {len(body)} "
+                             "bytes; it must be the size of the JSON part")
+        body, binary = body[:json_bytes], body[json_bytes:]
+    request = _decode_json(body)
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest(f"request 'id' must be a string, got {type(request_id).__name__}")
+    params = _obj(request.get("parameters", {}), "request 'parameters'")
+    unknown_keys = set(request) - {"id", "inputs", "outputs", "parameters"}
+    if unknown_keys:
+        raise BadRequest(f"unknown request field(s) {sorted(unknown_keys)}; a KServe v2 request "
+                         "has id, inputs, outputs, parameters")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest(f"request needs a non-empty 'inputs' list with the tensor {spec.name!r}")
+    names = [_obj(t, "each input").get("name") for t in inputs]
+    if spec.name not in names:
+        raise BadRequest(f"missing input {spec.name!r}; the request has {names}")
+    if len(inputs) != 1:
+        raise BadRequest(f"this model takes exactly one input, {spec.name!r}; got {names}")
+    tensor = inputs[0]
+    where = f"input {spec.name!r}"
+    unknown_keys = set(tensor) - {"name", "shape", "datatype", "data", "parameters"}
+    if unknown_keys:
+        raise BadRequest(f"{where}: unknown field(s) {sorted(unknown_keys)}")
+    datatype = tensor.get("datatype")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise BadRequest(f"{where}: unknown datatype {datatype!r}; KServe v2 datatypes are "
+                         f"{sorted(DATATYPES)}")
+    if datatype not in spec.accepted_dtypes:
+        raise BadRequest(f"{where}: datatype {datatype} is not accepted; send one of "
+                         f"{list(spec.accepted_dtypes)} (UINT8 0..255 or FP32 in [0, 1])")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not shape:
+        raise BadRequest(f"{where}: 'shape' must be a non-empty list of integers")
+    shape = [_int(s, f"{where}.shape[{i}]") for i, s in enumerate(shape)]
+    per_query = list(spec.shape)
+    if shape == per_query:
+        shape = [1, *shape]
+    if len(shape) != len(per_query) + 1 or shape[1:] != per_query:
+        raise BadRequest(f"{where}: expected shape [B, {', '.join(map(str, per_query))}] or "
+                         f"{per_query}, got {tensor['shape']}")
+    batch = shape[0]
+    if not 1 <= batch <= max_batch_size:
+        raise BadRequest(f"{where}: batch size must be 1..{max_batch_size}, got {batch}")
+    count = math.prod(shape)
+    tparams = _obj(tensor.get("parameters", {}), f"{where}.parameters")
+    dtype = DATATYPES[datatype]
+    if "binary_data_size" in tparams:
+        size = _int(tparams["binary_data_size"], f"{where}.parameters.binary_data_size")
+        if "data" in tensor:
+            raise BadRequest(f"{where}: give either 'data' or binary_data_size, not both")
+        if size != len(binary):
+            raise BadRequest(f"{where}: binary_data_size is {size} but {len(binary)} bytes of "
+                             f"binary data follow the {HEADER_LENGTH} JSON header")
+        if size != count * dtype.itemsize:
+            raise BadRequest(f"{where}: shape {shape} of {datatype} needs "
+                             f"{count * dtype.itemsize} bytes, binary_data_size is {size}")
+        raw = np.frombuffer(binary, dtype=dtype.newbyteorder("<")).astype(dtype)
+    else:
+        if binary:
+            raise BadRequest(f"{len(binary)} bytes of binary data follow the JSON header but no "
+                             "input declares parameters.binary_data_size")
+        if "data" not in tensor:
+            raise BadRequest(f"{where}: needs 'data' (JSON) or parameters.binary_data_size "
+                             "(binary extension)")
+        raw = _tensor_from_json(tensor["data"], datatype, count, where)
+    raw = raw.reshape(shape)
+    if datatype == "FP32":
+        if not np.isfinite(raw).all():
+            raise BadRequest(f"{where}: FP32 pixels must be finite numbers in [0, 1], got NaN/inf")
+        if raw.size and (raw.min() < 0.0 or raw.max() > 1.0):
+            raise BadRequest(f"{where}: FP32 pixels must be in [0, 1] (raw / 255); got range "
+                             f"[{raw.min():.4g}, {raw.max():.4g}]. Send UINT8 for 0..255 pixels")
+    outputs = None
+    if "outputs" in request:
+        requested = request["outputs"]
+        if not isinstance(requested, list):
+            raise BadRequest("'outputs' must be a list of {name, parameters}")
+        outputs = {}
+        for i, out in enumerate(requested):
+            out = _obj(out, f"outputs[{i}]")
+            name = out.get("name")
+            if name not in output_names:
+                raise BadRequest(f"outputs[{i}]: unknown output {name!r}; this model has "
+                                 f"{output_names}")
+            oparams = _obj(out.get("parameters", {}), f"outputs[{i}].parameters")
+            if "classification" in oparams:
+                raise BadRequest(f"outputs[{i}]: the classification extension is not supported; "
+                                 f"request '{name}' and read the *_class outputs instead")
+            outputs[name] = bool(oparams.get("binary_data", False))
+    return InferRequest(
+        request_id=request_id,
+        raw=raw,
+        outputs=outputs,
+        binary_default=bool(params.get("binary_data_output", False)),
+        timeout_s=_timeout_s(params),
+    )
+
+
+def preprocess(raw: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """raw [B, C, H, W] uint8 (0..255) or float32 (0..1) -> normalised float32."""
+    x01 = raw.astype(np.float32) / 255.0 if raw.dtype == np.uint8 else raw.astype(np.float32)
+    mean = np.asarray(spec.preprocessing.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.preprocessing.std, np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray((x01 - mean) / std, dtype=np.float32)
+
+
+def encode_response(
+    model_name: str,
+    request_id: str | None,
+    tensors: dict[str, np.ndarray],
+    requested: dict[str, bool] | None,
+    binary_default: bool,
+    parameters: dict[str, Any],
+) -> tuple[bytes, dict[str, str]]:
+    """(body, headers) for the outputs; binary outputs follow the JSON header."""
+    names = list(tensors) if requested is None else list(requested)
+    outputs, blobs = [], []
+    for name in names:
+        array = tensors[name]
+        entry: dict[str, Any] = {"name": name, "datatype": NUMPY_TO_DATATYPE[array.dtype],
+                                 "shape": list(array.shape)}
+        binary = binary_default if requested is None else requested[name]
+        if binary:
+            blob = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = [None if isinstance(v, float) and math.isnan(v) else v
+                             for v in array.reshape(-1).tolist()]
+        outputs.append(entry)
+    response: dict[str, Any] = {"model_name": model_name, "model_version": "1",
+                                "parameters": parameters, "outputs": outputs}
+    if request_id is not None:
+        response["id"] = request_id
+    header = json.dumps(response, allow_nan=False).encode()
+    if not blobs:
+        return header, {"Content-Type": "application/json"}
+    return header + b"".join(blobs), {"Content-Type": "application/octet-stream",
+                                      HEADER_LENGTH: str(len(header))}

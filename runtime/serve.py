@@ -1,0 +1,117 @@
+"""`python -m runtime serve BUNDLE [options]`: serve a bundle over KServe v2 HTTP.
+
+Every flag maps one-to-one onto a `ServerConfig` field (fault flags onto `FaultConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+
+from runtime.config import DEVICES, ENGINES, MODES, FaultConfig, ServerConfig
+from runtime.errors import ServingError
+from runtime.loops import loop_factory
+from runtime.manifest import ManifestError
+from runtime.server import Server
+
+logger = logging.getLogger(__name__)
+
+HELP = {
+    "host": "address to listen on",
+    "http_port": "KServe v2 HTTP port (0 = any free port)",
+    "metrics_port": "Prometheus /metrics port (0 = any free port, -1 = off)",
+    "workers": "compute threads shared by all workers (0 = min(workers, CPU count))",
+    "mode": "serving scheme",
+    "engine": "inference engine for f on the workers",
+    "device": "cpu (onnxruntime) or cuda (torch, tensorrt)",
+    "encoders_on_workers": "run each encoder on its backup worker instead of the frontend "
+                           "(paper Remark 3)",
+    "max_queue_delay_ms": "longest a query waits for its coding group of k to fill; a partial "
+                          "group is then padded with repeats of its last query",
+    "max_queue_size": "queued queries before requests get 503 + Retry-After",
+    "max_inflight_groups": "coding groups executing at once",
+    "max_batch_size": "largest batch B in one request",
+    "max_body_bytes": "request bodies above this get 413",
+    "worker_deadline_ms": "a worker call overdue by this is an erasure; the worker is restarted",
+    "request_timeout_ms": "default request timeout (a request's timeout_ms parameter overrides)",
+    "drain_timeout_s": "on SIGTERM/SIGINT, wait this long for in-flight requests",
+    "verify_checksums": "check every bundle file's sha256 against the manifest at start-up",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+FAULT_HELP = {
+    "delay_ms": "TEST ONLY: delay a worker's answer by this many ms ...",
+    "delay_prob": "TEST ONLY: ... with this probability per call",
+    "straggler_per_group": "TEST ONLY: instead, delay exactly one random worker of the first k "
+                           "in each coding group by --fault-delay-ms",
+    "fail_prob": "TEST ONLY: a worker call raises with this probability",
+    "kill_worker": "TEST ONLY: this worker dies after --fault-kill-after-calls calls (once) and "
+                   "is restarted by the supervisor",
+    "kill_after_calls": "TEST ONLY: see --fault-kill-worker",
+    "seed": "TEST ONLY: seed of the fault-injection random numbers",
+}
+CHOICES = {"mode": MODES, "engine": ENGINES, "device": DEVICES}
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, helps: dict[str, str],
+                skip: set[str]) -> None:
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + (prefix + field.name).replace("_", "-")
+        default = field.default
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, dest=prefix + field.name,
+                                action=argparse.BooleanOptionalAction, default=default,
+                                help=helps[field.name])
+            continue
+        kind = {"int": int, "float": float, "str": str, "int | None": int}[str(field.type)]
+        parser.add_argument(flag, dest=prefix + field.name, type=kind, default=default,
+                            choices=CHOICES.get(field.name), help=helps[field.name]
+                            + (f" (default: {default})" if default is not None else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime serve", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", help="bundle directory (manifest.json + ONNX files)")
+    _add_fields(parser, ServerConfig, "", HELP, {"bundle", "faults"})
+    _add_fields(parser, FaultConfig, "fault_", FAULT_HELP, set())
+    return parser
+
+
+def config_from_args(argv: list[str] | None) -> ServerConfig:
+    args = build_parser().parse_args(argv)
+    return ServerConfig.from_dict(vars(args))
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Server(config).run_until(stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = config_from_args(argv)
+    except ServingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    factory, loop_name = loop_factory()
+    logger.info("event loop: %s", loop_name)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(serve(config))
+    except (ManifestError, ServingError, OSError, ValueError) as exc:
+        logger.error("cannot serve %s: %s", config.bundle, exc)
+        return 1
+    return 0

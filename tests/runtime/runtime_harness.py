@@ -1,0 +1,234 @@
+"""Runtime test harness: a tiny exact bundle built with onnx.helper, and real servers.
+
+The bundle: input [1, 4, 4] (d = 16), f(x) = reshape(flatten(x) @ A) with A invertible, so
+f is linear and the encoder Enc_r(x_1..x_k) = sum_j C[r, j] x_j is EXACT
+(f(sum_j c_j x_j) = sum_j c_j f(x_j)); coded decoding is then exact up to float32 rounding
+and every label is checkable with numpy. Heads are linear; parm is exact too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime.config import ServerConfig
+from runtime.manifest import sha256_file
+from runtime.server import Server
+
+CHW = (1, 4, 4)
+EMB = (4, 2, 2)
+D = 16
+MEAN, STD = 0.5, 0.25
+TASKS = {"digit": 3, "parity": 2}
+
+
+@dataclass
+class TinyModel:
+    bundle: Path
+    A: np.ndarray  # [16, 16]
+    W: dict[str, np.ndarray]  # task -> [16, classes]
+    b: dict[str, np.ndarray]
+    k: int
+    n: int
+
+    def logits(self, raw_uint8: np.ndarray) -> dict[str, np.ndarray]:
+        """Reference logits for raw images [B, 1, 4, 4] uint8 (float64)."""
+        x = (raw_uint8.astype(np.float64) / 255.0 - MEAN) / STD
+        z = x.reshape(len(x), D) @ self.A  # [B, 16]
+        return {t: z @ self.W[t] + self.b[t] for t in TASKS}
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.opset_import[0].version = 17
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _f_graph(A: np.ndarray, in_name: str, out_name: str, prefix: str) -> tuple[list, list]:
+    nodes = [
+        helper.make_node("Reshape", [in_name, f"{prefix}flat_shape"], [f"{prefix}flat"]),
+        helper.make_node("MatMul", [f"{prefix}flat", f"{prefix}A"], [f"{prefix}zflat"]),
+        helper.make_node("Reshape", [f"{prefix}zflat", f"{prefix}emb_shape"], [out_name]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([-1, D], np.int64), f"{prefix}flat_shape"),
+        numpy_helper.from_array(A.astype(np.float32), f"{prefix}A"),
+        numpy_helper.from_array(np.array([-1, *EMB], np.int64), f"{prefix}emb_shape"),
+    ]
+    return nodes, inits
+
+
+def _tensor(name: str, shape: list) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def build_tiny_bundle(root: Path, k: int = 2, n: int = 3, seed: int = 0) -> TinyModel:
+    rng = np.random.default_rng(seed)
+    A = (np.eye(D) + 0.3 * rng.standard_normal((D, D))).astype(np.float32)  # invertible (a.s.)
+    W = {t: rng.standard_normal((D, c)).astype(np.float32) for t, c in TASKS.items()}
+    b = {t: rng.standard_normal(c).astype(np.float32) for t, c in TASKS.items()}
+    coefficients = np.full((n - k, k), 1.0 / k) if n - k == 1 else \
+        np.array([[1.0 / k] * k] + [[(j + 1.0) ** r for j in range(k)] for r in range(1, n - k)])
+
+    nodes, inits = _f_graph(A, "x", "z", "")
+    _save(helper.make_model(helper.make_graph(
+        nodes, "f", [_tensor("x", ["batch", *CHW])], [_tensor("z", ["batch", *EMB])], inits)),
+        root / "f.onnx")
+    heads = []
+    for task, classes in TASKS.items():
+        graph = helper.make_graph(
+            [helper.make_node("Reshape", ["z", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["logits"])],
+            task, [_tensor("z", ["batch", *EMB])], [_tensor("logits", ["batch", classes])],
+            [numpy_helper.from_array(np.array([-1, D], np.int64), "shape"),
+             numpy_helper.from_array(W[task], "W"), numpy_helper.from_array(b[task], "b")])
+        _save(helper.make_model(graph), root / f"heads/{task}.onnx")
+        heads.append({"task": task, "file": f"heads/{task}.onnx",
+                      "classes": [f"{task}{c}" for c in range(classes)]})
+    encoders = []
+    for r in range(n - k):
+        coeff = np.asarray(coefficients[r], np.float32).reshape(1, k, 1, 1, 1)
+        graph = helper.make_graph(
+            [helper.make_node("Mul", ["x", "c"], ["weighted"]),
+             helper.make_node("ReduceSum", ["weighted", "axes"], ["x_parity"], keepdims=0)],
+            f"enc_{r}", [_tensor("x", ["batch", k, *CHW])], [_tensor("x_parity", ["batch", *CHW])],
+            [numpy_helper.from_array(coeff, "c"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")])
+        _save(helper.make_model(graph), root / f"encoders/enc_{r}.onnx")
+        encoders.append({"row": r, "file": f"encoders/enc_{r}.onnx"})
+    # parm: sum_j logits_primary(x_j) = f(sum_j x_j) W + k b (exact for linear f and head)
+    primary = next(iter(TASKS))
+    f_nodes, f_inits = _f_graph(A, "xsum", "zsum", "f_")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["xsum"], keepdims=0), *f_nodes,
+         helper.make_node("Reshape", ["zsum", "shape"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+         helper.make_node("Add", ["mm", "kb"], ["logits_sum"])],
+        "parm", [_tensor("x", ["batch", k, *CHW])], [_tensor("logits_sum", ["batch", TASKS[primary]])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axes"), *f_inits,
+         numpy_helper.from_array(np.array([-1, D], np.int64), "shape"),
+         numpy_helper.from_array(W[primary], "W"),
+         numpy_helper.from_array((k * b[primary]).astype(np.float32), "kb")])
+    _save(helper.make_model(graph), root / "parm.onnx")
+
+    files = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*.onnx"))]
+    manifest = {
+        "schema_version": 1,
+        "model_name": "tiny",
+        "input": {"name": "INPUT", "shape": list(CHW), "accepted_dtypes": ["UINT8", "FP32"],
+                  "preprocessing": {"mean": [MEAN], "std": [STD]}},
+        "embedding_shape": list(EMB),
+        "f": "f.onnx",
+        "heads": heads,
+        "coding": {"n": n, "k": k, "coefficients": np.asarray(coefficients).tolist()},
+        "encoders": encoders,
+        "parm": "parm.onnx",
+        "files": {rel: sha256_file(root / rel) for rel in files},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return TinyModel(bundle=root, A=A.astype(np.float64), W={t: w.astype(np.float64) for t, w in W.items()},
+                     b={t: v.astype(np.float64) for t, v in b.items()}, k=k, n=n)
+
+
+class ServerThread:
+    """A real Server on 127.0.0.1 (ephemeral ports) in a background thread with its own loop."""
+
+    def __init__(self, config: ServerConfig, ready_timeout_s: float = 60.0) -> None:
+        self.config = config
+        self.server: Server | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="test-server", daemon=True)
+        self._ready_timeout_s = ready_timeout_s
+
+    def _main(self) -> None:
+        async def run() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self.server = Server(self.config)
+            try:
+                await self.server.startup()
+                self._ready.set()
+                await self._stop.wait()
+            finally:
+                await self.server.shutdown()
+
+        try:
+            asyncio.run(run())
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(self._ready_timeout_s):
+            raise TimeoutError("test server did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            raise TimeoutError("test server did not shut down within 30 s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None and self.server.http_port is not None
+        return f"127.0.0.1:{self.server.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.server is not None and self.server.metrics_port is not None
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+
+def server_config(bundle: Path, **overrides: object) -> ServerConfig:
+    options: dict[str, object] = {"bundle": str(bundle), "http_port": 0, "metrics_port": 0,
+                                  "log_level": "WARNING"}
+    options.update(overrides)
+    return ServerConfig.from_dict(options)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{key}="{val}"' in label_text for key, val in labels.items()):
+            total += float(value)
+    return total
+
+
+def random_images(batch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(batch, *CHW), dtype=np.uint8)

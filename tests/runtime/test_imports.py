@@ -1,0 +1,72 @@
+"""runtime/ never imports torch, trainer or export at module level (only lazily, inside
+the torch engine), so a torch-free serving install works. Parsed with `ast`, not imported."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
+FORBIDDEN = ("torch", "trainer", "export", "tensorrt", "pycuda")
+# Lazy imports allowed only inside these functions (engine loaders picked by --engine).
+LAZY_ALLOWED = {"TorchRunner.__init__", "TensorRTRunner.__init__", "find_tensorrt_plan"}
+
+
+def _imports(tree: ast.AST) -> list[tuple[str, str, int]]:
+    """(top-level module, enclosing function path or '<module>', line) for every import."""
+    found: list[tuple[str, str, int]] = []
+
+    def visit(node: ast.AST, scope: list[str]) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                visit(child, [*scope, child.name])
+                continue
+            if isinstance(child, ast.Import):
+                names = [alias.name for alias in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                names = [child.module]
+            else:
+                names = []
+            for name in names:
+                found.append((name.split(".")[0], ".".join(scope) or "<module>", child.lineno))
+            visit(child, scope)
+
+    visit(tree, [])
+    return found
+
+
+def _violations(source: str) -> list[str]:
+    bad = []
+    for module, scope, line in _imports(ast.parse(source)):
+        if module in FORBIDDEN and scope not in LAZY_ALLOWED:
+            bad.append(f"line {line}: import of {module!r} in {scope}")
+    return bad
+
+
+@pytest.mark.parametrize("path", sorted(RUNTIME.glob("*.py")), ids=lambda p: p.name)
+def test_runtime_module_has_no_forbidden_import(path: Path) -> None:
+    assert _violations(path.read_text()) == [], f"{path}: forbidden import"
+
+
+def test_checker_catches_forbidden_imports() -> None:
+    """The checker itself must be able to fail (module level, nested, and from-imports)."""
+    assert _violations("import torch\n")
+    assert _violations("from trainer.models import f\n")
+    assert _violations("def g():\n    import export.bundle\n")
+    assert _violations("try:\n    import torch\nexcept ImportError:\n    pass\n")
+    assert not _violations("class TorchRunner:\n    def __init__(self):\n        import torch\n")
+
+
+def test_serving_imports_no_torch_at_runtime() -> None:
+    """Importing the whole server in a fresh interpreter loads no torch/trainer/export."""
+    code = ("import sys, runtime.serve, runtime.server, runtime.modes, runtime.engines; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            f"{FORBIDDEN!r}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=RUNTIME.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
