@@ -1,0 +1,130 @@
+"""Throwaway linear bundles for developing and smoke-testing the serving benchmarks.
+
+`python -m bench.devbundle --out runs/bench-dev/k4 --k 4` writes a complete bundle
+(f.onnx, heads/digit.onnx, encoders/enc_0.onnx, parm.onnx, manifest.json) built with
+`onnx.helper`, no training and no torch: f is a random orthogonal map of the flattened image,
+so the encoder `sum_j c_j x_j` is *exact* (f is linear) and coded answers equal uncoded ones.
+Its compute cost is one (D x D) matmul per query, not an i-ResNet's: use it to exercise the
+harness, never for figures that claim to be about the real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+def _save(model: object, path: Path) -> None:
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def _graph(nodes: list, name: str, inputs: list, outputs: list, inits: dict[str, np.ndarray]):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, name, inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=onnx.IR_VERSION)
+
+
+def build_linear_bundle(out_dir: str | Path, k: int, shape: tuple[int, int, int] = (1, 28, 28),
+                        num_classes: int = 10, seed: int = 0) -> Path:
+    """Write a linear (n=k+1, c=1/k) bundle to `out_dir`; returns the directory."""
+    from onnx import TensorProto, helper
+
+    from runtime.manifest import Manifest, sha256_file
+
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    d = math.prod(shape)
+    w_f, _ = np.linalg.qr(rng.standard_normal((d, d)))  # orthogonal: f is a bijection
+    w_f = w_f.astype(np.float32)  # (D, D)
+    w_h = (rng.standard_normal((d, num_classes)) / math.sqrt(d)).astype(np.float32)  # (D, classes)
+    b_h = rng.standard_normal(num_classes).astype(np.float32)
+    coeffs = np.full(k, 1.0 / k, dtype=np.float32)
+    x_img = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *shape])
+    x_grp = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k, *shape])
+    flat = np.array([-1, d], dtype=np.int64)
+    emb = np.array([-1, *shape], dtype=np.int64)
+
+    f = _graph(
+        [helper.make_node("Reshape", ["x", "flat"], ["xf"]),
+         helper.make_node("MatMul", ["xf", "w"], ["zf"]),
+         helper.make_node("Reshape", ["zf", "emb"], ["z"])],
+        "f", [x_img], [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", *shape])],
+        {"flat": flat, "w": w_f, "emb": emb},
+    )
+    head = _graph(
+        [helper.make_node("Reshape", ["z", "flat"], ["zf"]),
+         helper.make_node("Gemm", ["zf", "w", "b"], ["logits"])],
+        "head", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", *shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
+        {"flat": flat, "w": w_h, "b": b_h},
+    )
+    enc = _graph(  # sum_j c_j x_j, exact for linear f
+        [helper.make_node("Mul", ["x", "c"], ["xc"]),
+         helper.make_node("ReduceSum", ["xc", "axis"], ["x_parity"], keepdims=0)],
+        "enc_0", [x_grp], [helper.make_tensor_value_info("x_parity", TensorProto.FLOAT, ["batch", *shape])],
+        {"c": coeffs.reshape(1, k, 1, 1, 1), "axis": np.array([1], dtype=np.int64)},
+    )
+    parm = _graph(  # sum_j head(f(x_j)) = (sum_j x_j) W_f W_h + k b
+        [helper.make_node("ReduceSum", ["x", "axis"], ["xs"], keepdims=0),
+         helper.make_node("Reshape", ["xs", "flat"], ["xsf"]),
+         helper.make_node("Gemm", ["xsf", "w", "b"], ["logits_sum"])],
+        "parm", [x_grp], [helper.make_tensor_value_info("logits_sum", TensorProto.FLOAT, ["batch", num_classes])],
+        {"axis": np.array([1], dtype=np.int64), "flat": flat, "w": (w_f @ w_h).astype(np.float32),
+         "b": (k * b_h).astype(np.float32)},
+    )
+    files = {"f.onnx": f, "heads/digit.onnx": head, "encoders/enc_0.onnx": enc, "parm.onnx": parm}
+    for rel, model in files.items():
+        _save(model, out / rel)
+    manifest = Manifest.from_dict({
+        "schema_version": 1,
+        "model_name": "mnist-iresnet",
+        "input": {"name": "INPUT", "shape": list(shape), "accepted_dtypes": ["UINT8", "FP32"],
+                  "preprocessing": {"mean": [0.1307] * shape[0], "std": [0.3081] * shape[0]}},
+        "embedding_shape": list(shape),
+        "f": "f.onnx",
+        "heads": [{"task": "digit", "file": "heads/digit.onnx",
+                   "classes": [str(i) for i in range(num_classes)]}],
+        "coding": {"n": k + 1, "k": k, "coefficients": [[1.0 / k] * k]},
+        "encoders": [{"row": 0, "file": "encoders/enc_0.onnx"}],
+        "parm": "parm.onnx",
+        "files": {rel: sha256_file(out / rel) for rel in files},
+        "provenance": {"commands": [f"python -m bench.devbundle --out {out} --k {k} --seed {seed}"],
+                       "note": "linear throwaway bundle for benchmark development; not a trained model"},
+    })
+    manifest.dump(out)
+    logger.info("wrote linear dev bundle k=%d to %s", k, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = argparse.ArgumentParser(prog="python -m bench.devbundle", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.k < 1:
+        p.error(f"--k must be >= 1, got {args.k}")
+    build_linear_bundle(args.out, args.k, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""`python -m bench overhead [BUNDLE]`: cost of coding next to the model itself.
+
+1. Compute time of Enc, f, g (and ParM if present) of the bundle at `batch_size` (paper
+   Fig. 7) with ONNX Runtime on CPU, and with the CUDA provider where it is available.
+   Enc at batch B means B parity images from B groups of k queries: input [B, k, C, H, W].
+2. Enc time against k (paper Fig. 8): encoders of the project's architecture
+   (trainer.models.encoder.UNetEncoder, default EncoderConfig unless flags say otherwise)
+   for each k in `ks`, randomly initialised (time does not depend on the weights),
+   exported to ONNX here with torch.onnx (opset 18, dynamic batch) and timed the same way.
+3. Decode time per coding group against k, one erasure, embedding of the bundle's shape:
+   one-shot `CodingScheme.decode` versus `OnlineDecoder` (k `add` calls + `finalize`).
+
+Every number is the median over `repeats` timed runs after `warmup` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.machine import machine_info, machine_label, usable_cpu_count
+
+logger = logging.getLogger(__name__)
+
+
+class OverheadBenchError(ValueError):
+    """Invalid overhead-benchmark configuration."""
+
+
+@dataclass
+class OverheadConfig:
+    bundle: str = "bundles/mnist-default"
+    batch_size: int = 256
+    ks: tuple[int, ...] = (2, 4, 10)
+    repeats: int = 20
+    warmup: int = 3
+    decode_repeats: int = 2000
+    intra_op_threads: int = 0  # 0 = the CPUs this process may use
+    encoder_base_channels: int = 32
+    encoder_depth: int = 2
+    encoder_shared_levels: int = 2
+    skip_encoder_export: bool = False
+    seed: int = 0
+    out_dir: str = "bench/results"
+    tag: str = ""
+
+    def __post_init__(self) -> None:
+        self.ks = tuple(int(k) for k in self.ks)
+        if not (Path(self.bundle) / "manifest.json").is_file():
+            raise OverheadBenchError(f"{self.bundle}: not a bundle (no manifest.json)")
+        for name in ("batch_size", "repeats", "decode_repeats"):
+            if getattr(self, name) < 1:
+                raise OverheadBenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.ks or min(self.ks) < 1:
+            raise OverheadBenchError(f"--ks must be a non-empty list of k >= 1, got {list(self.ks)}")
+        if self.warmup < 0 or self.intra_op_threads < 0:
+            raise OverheadBenchError("--warmup and --intra-op-threads must be >= 0")
+
+
+def providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CPUExecutionProvider", "CUDAExecutionProvider") if p in available]
+
+
+def make_session(path: str | Path, provider: str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
+
+
+def time_session(session, feeds: dict[str, np.ndarray], repeats: int, warmup: int) -> dict[str, float]:
+    """Median/min/p90 wall time (ms) of session.run over `repeats` runs after `warmup`."""
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times_ms = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times_ms.append((time.perf_counter() - t0) * 1e3)
+    arr = np.array(times_ms)
+    return {"median_ms": float(np.median(arr)), "min_ms": float(arr.min()),
+            "p90_ms": float(np.percentile(arr, 90)), "repeats": repeats}
+
+
+def bundle_components(config: OverheadConfig, provider: str, threads: int) -> dict[str, dict[str, Any]]:
+    from runtime.manifest import Manifest
+
+    m = Manifest.load(config.bundle)
+    rng = np.random.default_rng(config.seed)
+    B, k = config.batch_size, m.coding.k
+    x = rng.standard_normal((B, *m.input.shape)).astype(np.float32)  # (B, C, H, W)
+    xg = rng.standard_normal((B, k, *m.input.shape)).astype(np.float32)  # (B, k, C, H, W)
+    z = rng.standard_normal((B, *m.embedding_shape)).astype(np.float32)  # (B, *emb)
+    root = Path(config.bundle)
+    jobs: list[tuple[str, str, dict[str, np.ndarray]]] = [("f", m.f, {"x": x})]
+    jobs += [(f"enc_{e.row}", e.file, {"x": xg}) for e in m.encoders]
+    jobs += [(f"g_{h.task}", h.file, {"z": z}) for h in m.heads]
+    if m.parm is not None:
+        jobs.append(("parm", m.parm, {"x": xg}))
+    out = {}
+    for name, rel, feeds in jobs:
+        stats = time_session(make_session(root / rel, provider, threads), feeds, config.repeats, config.warmup)
+        out[name] = {**stats, "file": rel}
+        logger.info("%-10s %-22s median %8.2f ms per batch of %d", provider[:-17], name, stats["median_ms"], B)
+    return out
+
+
+def export_encoder(k: int, config: OverheadConfig, shape: tuple[int, ...], path: Path) -> dict[str, Any]:
+    import torch
+
+    from trainer.models.encoder import EncoderConfig, UNetEncoder
+
+    torch.manual_seed(config.seed)
+    enc_config = EncoderConfig(in_channels=shape[0], image_size=list(shape[1:]), k=k,
+                               coefficients=[[1.0 / k] * k], base_channels=config.encoder_base_channels,
+                               depth=config.encoder_depth, shared_levels=config.encoder_shared_levels)
+    model = UNetEncoder(enc_config, 0).eval()
+    x = torch.randn(2, k, *shape)
+    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["x_parity"],
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=18,
+                      dynamo=True, external_data=False)
+    params = sum(p.numel() for p in model.parameters())
+    return {"encoder_config": enc_config.to_dict(), "parameters": int(params)}
+
+
+def encoder_vs_k(config: OverheadConfig, shape: tuple[int, ...], provider: str, threads: int) -> list[dict]:
+    rng = np.random.default_rng(config.seed)
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bench-enc-") as tmp:
+        for k in config.ks:
+            path = Path(tmp) / f"enc_k{k}.onnx"
+            info = export_encoder(k, config, shape, path)
+            xg = rng.standard_normal((config.batch_size, k, *shape)).astype(np.float32)
+            stats = time_session(make_session(path, provider, threads), {"x": xg}, config.repeats, config.warmup)
+            out.append({"k": k, **stats, "source": "UNetEncoder, random init, exported here", **info})
+            logger.info("Enc k=%-3d median %8.2f ms per batch of %d", k, stats["median_ms"], config.batch_size)
+    return out
+
+
+def _median_us(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, BLAS init
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e6)
+
+
+def decode_vs_k(config: OverheadConfig, embedding_shape: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Per coding group (n = k+1, c = 1/k), systematic worker 0 missing."""
+    from kernels.coding import CodingScheme, OnlineDecoder
+
+    rng = np.random.default_rng(config.seed)
+    out = []
+    for k in config.ks:
+        scheme = CodingScheme.average(k)
+        f = rng.standard_normal((k, *embedding_shape)).astype(np.float32)  # (k, *emb)
+        parity = scheme.encode(f).astype(np.float32)  # (1, *emb)
+        indices = [*range(1, k), k]  # every systematic but 0, then the parity
+        results = np.concatenate([f[1:], parity])  # (k, *emb)
+        decoded = scheme.decode(indices, results)
+        err = float(np.abs(decoded - f).max())
+        decoder = OnlineDecoder(scheme, embedding_shape)
+
+        def online(decoder=decoder, indices=indices, results=results) -> np.ndarray:
+            decoder.reset()
+            for i, value in zip(indices, results, strict=True):
+                decoder.add(i, value)
+            return decoder.finalize()
+
+        online_err = float(np.abs(online() - f).max())
+        row = {"k": k, "embedding_elements": math.prod(embedding_shape),
+               "one_shot_us": _median_us(lambda s=scheme, i=indices, r=results: s.decode(i, r),
+                                         config.decode_repeats),
+               "online_us": _median_us(online, config.decode_repeats),
+               "max_abs_err_one_shot": err, "max_abs_err_online": online_err}
+        out.append(row)
+        logger.info("decode k=%-3d one-shot %8.1f us  online %8.1f us per group", k, row["one_shot_us"],
+                    row["online_us"])
+    return out
+
+
+def run(config: OverheadConfig) -> dict[str, Any]:
+    from runtime.manifest import Manifest
+
+    info = machine_info()
+    threads = config.intra_op_threads or usable_cpu_count()
+    logger.info("overhead bench: %s; ORT intra-op threads %d", json.dumps(asdict(config)), threads)
+    logger.info("machine: %s", machine_label(info))
+    m = Manifest.load(config.bundle)
+    record: dict[str, Any] = {"benchmark": "overhead", "config": asdict(config), "machine": info,
+                              "ort_intra_op_threads": threads, "bundle_k_label": f"bundle k={m.coding.k}",
+                              "bundle_provenance": m.provenance, "by_provider": {}}
+    for provider in providers():
+        comp = bundle_components(config, provider, threads)
+        f_ms = comp["f"]["median_ms"]
+        ratios = {name: round(c["median_ms"] / f_ms, 4) for name, c in comp.items() if name != "f"}
+        record["by_provider"][provider] = {"components": comp, "ratio_to_f": ratios}
+    cpu = record["by_provider"]["CPUExecutionProvider"]
+    record["components"] = cpu["components"]
+    record["ratio_to_f"] = cpu["ratio_to_f"]
+    if config.skip_encoder_export:
+        record["encoder_vs_k"] = []
+    else:
+        record["encoder_vs_k"] = encoder_vs_k(config, m.input.shape, "CPUExecutionProvider", threads)
+        f_ms = cpu["components"]["f"]["median_ms"]
+        for e in record["encoder_vs_k"]:
+            e["ratio_to_bundle_f"] = round(e["median_ms"] / f_ms, 4)
+    record["decode_vs_k"] = decode_vs_k(config, m.embedding_shape)
+    enc_ratios = [v for k_, v in record["ratio_to_f"].items() if k_.startswith("enc_")]
+    record["targets"] = {
+        "enc_over_f": enc_ratios,
+        "enc_over_f_within_3pct": bool(enc_ratios) and max(enc_ratios) <= 0.03,
+        "enc_vs_k_max_over_min": (round(max(e["median_ms"] for e in record["encoder_vs_k"])
+                                        / min(e["median_ms"] for e in record["encoder_vs_k"]), 3)
+                                  if record["encoder_vs_k"] else None),
+    }
+    suffix = f"-{config.tag}" if config.tag else ""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"overhead{suffix}.json"
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    from bench.plots import overhead_figure
+
+    png = overhead_figure(record, out_dir / f"overhead{suffix}.png",
+                          f"Coding overhead, ONNX Runtime CPU, {threads} threads, batch "
+                          f"{config.batch_size} — {machine_label(info)}")
+    logger.info("targets: %s", json.dumps(record["targets"]))
+    logger.info("wrote %s and %s", json_path, png)
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = OverheadConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", nargs="?", default=d["bundle"].default)
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
+    p.add_argument("--ks", default="2,4,10", help="k values for Enc and decode vs k")
+    p.add_argument("--repeats", type=int, default=d["repeats"].default)
+    p.add_argument("--warmup", type=int, default=d["warmup"].default)
+    p.add_argument("--decode-repeats", type=int, default=d["decode_repeats"].default)
+    p.add_argument("--intra-op-threads", type=int, default=0)
+    p.add_argument("--encoder-base-channels", type=int, default=d["encoder_base_channels"].default)
+    p.add_argument("--encoder-depth", type=int, default=d["encoder_depth"].default)
+    p.add_argument("--encoder-shared-levels", type=int, default=d["encoder_shared_levels"].default)
+    p.add_argument("--skip-encoder-export", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=d["out_dir"].default)
+    p.add_argument("--tag", default="")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # INFO for our own loggers only: torch.onnx / onnxscript are chatty at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("bench").setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    try:
+        values["ks"] = tuple(int(k) for k in args.ks.split(",") if k)
+        config = OverheadConfig(**values)
+    except (OverheadBenchError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    run(config)
+    return 0

@@ -1,0 +1,136 @@
+"""PNG figures for the serving benchmarks (matplotlib, Agg backend, imported lazily)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# Fixed colours per mode so every figure reads the same.
+MODE_COLORS = {
+    "reference": "black",
+    "uncoded": "tab:red",
+    "replication": "tab:orange",
+    "parm": "tab:purple",
+    "approxifer": "tab:brown",
+    "coded": "tab:blue",
+}
+
+
+def latency_figure(bundles: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """One row per bundle: CDF of the paper scenario, percentile bars, p99.9 vs Poisson rate."""
+    plt = _plt()
+    rows = max(len(bundles), 1)
+    fig, axes = plt.subplots(rows, 3, figsize=(16, 4.2 * rows), squeeze=False)
+    for row, bundle in zip(axes, bundles, strict=False):
+        ax_cdf, ax_bar, ax_rate = row
+        modes = [m for m in bundle["modes"] if "paper" in m]
+        for m in modes:
+            q = m["paper"]["quantiles"]
+            ax_cdf.plot(q["latency_ms"], q["fraction"], label=m["mode"],
+                        color=MODE_COLORS.get(m["mode"]))
+        ax_cdf.set_xscale("log")
+        ax_cdf.set_xlabel("latency (ms, log)")
+        ax_cdf.set_ylabel("fraction of queries")
+        ax_cdf.set_title(f"k={bundle['k']}, n={bundle['n']}: CDF, one straggler/group "
+                         f"+{bundle['delay_ms']:.0f} ms")
+        ax_cdf.grid(True, alpha=0.3)
+        ax_cdf.legend(fontsize=8)
+
+        stats_keys = ("p50_ms", "p99_ms", "p99.9_ms", "mean_ms")
+        width = 0.8 / len(stats_keys)
+        for j, key in enumerate(stats_keys):
+            xs = [i + (j - 1.5) * width for i in range(len(modes))]
+            ax_bar.bar(xs, [m["paper"]["stats"][key] for m in modes], width, label=key[:-3])
+        ax_bar.set_xticks(range(len(modes)), [m["mode"] for m in modes], rotation=20, fontsize=8)
+        ax_bar.set_ylabel("latency (ms)")
+        ax_bar.set_title("closed loop, paper setup")
+        ax_bar.legend(fontsize=8)
+        ax_bar.grid(True, axis="y", alpha=0.3)
+
+        for m in bundle["modes"]:
+            pts = m.get("poisson") or []
+            if pts:
+                ax_rate.plot([p["rate_per_s"] for p in pts], [p["stats"]["p99.9_ms"] for p in pts],
+                             "o-", label=m["mode"], color=MODE_COLORS.get(m["mode"]))
+        ax_rate.set_xlabel("offered load (queries/s, Poisson)")
+        ax_rate.set_ylabel("p99.9 latency (ms)")
+        ax_rate.set_yscale("log")
+        ax_rate.set_title("open loop")
+        ax_rate.grid(True, alpha=0.3)
+        if ax_rate.lines:
+            ax_rate.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def overhead_figure(record: dict[str, Any], path: Path, title: str) -> Path:
+    """Fig. 7-like bars (Enc, f, g at batch B), Fig. 8-like Enc vs k, decode time vs k."""
+    plt = _plt()
+    fig, (ax_a, ax_b, ax_c) = plt.subplots(1, 3, figsize=(16, 4.2))
+    comp = record["components"]
+    names = list(comp)
+    ax_a.bar(names, [comp[n]["median_ms"] for n in names], color="tab:blue")
+    ax_a.set_ylabel(f"median ms per batch of {record['config']['batch_size']}")
+    ax_a.set_title(f"compute time ({record['bundle_k_label']})")
+    ax_a.grid(True, axis="y", alpha=0.3)
+
+    enc = record["encoder_vs_k"]
+    if enc:
+        ks = [e["k"] for e in enc]
+        ax_b.plot(ks, [e["median_ms"] for e in enc], "o-", label="Enc (per parity)")
+        ax_b.axhline(comp["f"]["median_ms"], color="gray", ls="--", label="f")
+        ax_b.set_yscale("log")
+        ax_b.set_xlabel("k")
+        ax_b.set_ylabel("median ms per batch (log)")
+        ax_b.set_title(f"Enc time vs k ({enc[0]['source']})")
+        ax_b.legend(fontsize=8)
+        ax_b.grid(True, alpha=0.3)
+
+    dec = record["decode_vs_k"]
+    ks = [d["k"] for d in dec]
+    ax_c.plot(ks, [d["one_shot_us"] for d in dec], "o-", label="one-shot CodingScheme.decode")
+    ax_c.plot(ks, [d["online_us"] for d in dec], "s-", label="OnlineDecoder add+finalize")
+    ax_c.set_xlabel("k")
+    ax_c.set_ylabel("median µs per coding group")
+    ax_c.set_title("decode time per group (one erasure)")
+    ax_c.legend(fontsize=8)
+    ax_c.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def throughput_figure(record: dict[str, Any], path: Path, title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    raw = record["raw"]["images_per_s"]
+    k, n = record["k"], record["n"]
+    labels = ["raw ORT f", "raw × k/n (ideal server)", "server"]
+    values = [raw, raw * k / n, record["server"]["stats"]["throughput_rps"]]
+    ax.bar(labels, values, color=["gray", "lightgray", "tab:blue"])
+    ax.set_ylabel("queries/s")
+    ax.set_title(f"server vs raw ONNX Runtime (ratio {record['ratio_vs_ideal']:.2f} of ideal)")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
