@@ -232,3 +232,47 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 def random_images(batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(batch, *CHW), dtype=np.uint8)
+
+
+class ClientPool:
+    """Concurrent tritonclient callers: one InferenceServerClient per thread."""
+
+    def __init__(self, url: str, threads: int) -> None:
+        import concurrent.futures
+
+        import tritonclient.http as triton
+
+        self._triton = triton
+        self._url = url
+        self._local = threading.local()
+        self.executor = concurrent.futures.ThreadPoolExecutor(threads)
+
+    def _client(self):  # noqa: ANN202 - tritonclient type
+        if not hasattr(self._local, "client"):
+            self._local.client = self._triton.InferenceServerClient(self._url, connection_timeout=60,
+                                                                     network_timeout=60)
+        return self._local.client
+
+    def infer(self, images: np.ndarray, request_id: str, parameters: dict | None = None):  # noqa: ANN201
+        """(status, InferResult or error message); never raises for HTTP errors."""
+        triton = self._triton
+        inp = triton.InferInput("INPUT", list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images)
+        try:
+            return 200, self._client().infer("tiny", [inp], request_id=request_id,
+                                             parameters=parameters)
+        except triton.InferenceServerException as exc:
+            return int(exc.status() or 0), exc.message()
+
+    def map(self, fn, items):  # noqa: ANN001, ANN201
+        return list(self.executor.map(fn, items))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def read_metrics(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()

@@ -1,0 +1,141 @@
+"""Fault injection against a real server: killed, straggling, overdue and failing workers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tritonclient.http as triton
+from runtime_harness import (
+    ClientPool,
+    ServerThread,
+    TinyModel,
+    metric_value,
+    random_images,
+    read_metrics,
+    server_config,
+)
+
+
+def _wait_for(predicate, timeout_s: float = 10.0) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_killed_worker_every_request_answered_once_and_flagged(tiny: TinyModel) -> None:
+    config = server_config(tiny.bundle, fault_kill_worker=0, fault_kill_after_calls=5,
+                           max_queue_delay_ms=5.0)
+    requests = 120
+    images = {f"r{i}": random_images(1 + i % 2, seed=100 + i) for i in range(requests)}
+    with ServerThread(config) as srv:
+        pool = ClientPool(srv.url, threads=8)
+        try:
+            results = pool.map(lambda rid: (rid, pool.infer(images[rid], rid)), list(images))
+        finally:
+            pool.close()
+        metrics = read_metrics(srv.metrics_url)
+    answered = [rid for rid, (status, _) in results]
+    assert sorted(answered) == sorted(images)  # each request answered exactly once
+    flagged = 0
+    for rid, (status, result) in results:
+        assert status == 200, result
+        assert result.get_response()["id"] == rid
+        reference = tiny.logits(images[rid])
+        # reconstructed answers are exact here (linear f): labels must still be right
+        np.testing.assert_array_equal(result.as_numpy("digit_class"),
+                                      reference["digit"].argmax(axis=1))
+        np.testing.assert_allclose(result.as_numpy("digit_logits"), reference["digit"],
+                                   atol=1e-3, rtol=0)
+        flags = result.as_numpy("reconstructed")
+        assert result.get_response()["parameters"]["reconstructed"] == bool(flags.any())
+        flagged += int(flags.sum())
+    assert flagged >= 1  # the killed worker's query at least was decoded
+    assert metric_value(metrics, "coded_worker_restarts_total", worker="0", reason="dead") == 1
+    assert metric_value(metrics, "coded_worker_failures_total", worker="0", reason="dead") >= 1
+    # the server counted exactly the answers the clients saw flagged
+    assert metric_value(metrics, "coded_reconstructed_responses_total") == flagged
+    assert metric_value(metrics, "nv_inference_request_success") == requests
+
+
+def test_straggler_per_group_is_decoded_not_waited_for(tiny: TinyModel) -> None:
+    delay_ms = 1500.0
+    config = server_config(tiny.bundle, fault_straggler_per_group=True, fault_delay_ms=delay_ms,
+                           fault_seed=3, max_queue_delay_ms=50.0)
+    client_latency = []
+    with ServerThread(config) as srv:
+        client = triton.InferenceServerClient(srv.url)
+        for i in range(4):
+            images = random_images(2, seed=200 + i)  # one full group of k = 2
+            inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
+            inp.set_data_from_numpy(images)
+            t0 = time.perf_counter()
+            result = client.infer("tiny", [inp])
+            client_latency.append(time.perf_counter() - t0)
+            assert result.as_numpy("reconstructed").sum() == 1  # the straggler's query
+            np.testing.assert_array_equal(result.as_numpy("digit_class"),
+                                          tiny.logits(images)["digit"].argmax(axis=1))
+        # every straggler's result lands later and is dropped and counted
+        assert _wait_for(lambda: metric_value(read_metrics(srv.metrics_url),
+                                              "coded_late_results_dropped_total") == 4, 5.0)
+    assert max(client_latency) < delay_ms / 1000.0 / 2
+
+
+def test_uncoded_waits_for_the_straggler(tiny: TinyModel) -> None:
+    delay_ms = 400.0
+    config = server_config(tiny.bundle, mode="uncoded", fault_straggler_per_group=True,
+                           fault_delay_ms=delay_ms, metrics_port=-1, max_queue_delay_ms=50.0)
+    with ServerThread(config) as srv:
+        client = triton.InferenceServerClient(srv.url)
+        inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
+        inp.set_data_from_numpy(random_images(2, seed=300))
+        t0 = time.perf_counter()
+        result = client.infer("tiny", [inp])
+        assert time.perf_counter() - t0 >= delay_ms / 1000.0
+    assert not result.as_numpy("reconstructed").any()
+
+
+def test_overdue_worker_is_an_erasure_and_restarted(tiny: TinyModel) -> None:
+    config = server_config(tiny.bundle, fault_straggler_per_group=True, fault_delay_ms=600.0,
+                           worker_deadline_ms=150.0, fault_seed=1, max_queue_delay_ms=50.0)
+    with ServerThread(config) as srv:
+        client = triton.InferenceServerClient(srv.url)
+        for i in range(3):
+            # wait until the previous overdue worker is back, so one erasure per group
+            assert _wait_for(lambda: metric_value(read_metrics(srv.metrics_url),
+                                                  "coded_worker_ready") == 3)
+            images = random_images(2, seed=400 + i)
+            inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
+            inp.set_data_from_numpy(images)
+            result = client.infer("tiny", [inp])
+            np.testing.assert_array_equal(result.as_numpy("digit_class"),
+                                          tiny.logits(images)["digit"].argmax(axis=1))
+        assert _wait_for(lambda: metric_value(read_metrics(srv.metrics_url),
+                                              "coded_worker_failures_total", reason="overdue") == 3)
+        metrics = read_metrics(srv.metrics_url)
+    assert metric_value(metrics, "coded_worker_restarts_total", reason="overdue") >= 2
+
+
+def test_failing_calls_answer_every_request_once(tiny: TinyModel) -> None:
+    config = server_config(tiny.bundle, fault_fail_prob=0.25, fault_seed=7, metrics_port=-1)
+    ids = [f"f{i}" for i in range(60)]
+    images = {rid: random_images(2, seed=500 + i) for i, rid in enumerate(ids)}
+    with ServerThread(config) as srv:
+        pool = ClientPool(srv.url, threads=6)
+        try:
+            results = dict(pool.map(lambda rid: (rid, pool.infer(images[rid], rid)), ids))
+        finally:
+            pool.close()
+    assert sorted(results) == sorted(ids)
+    statuses = [status for status, _ in results.values()]
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) >= len(ids) // 2  # 2+ erasures of 3 per group are rare at p=0.25
+    for rid, (status, result) in results.items():
+        if status == 200:
+            np.testing.assert_array_equal(result.as_numpy("digit_class"),
+                                          tiny.logits(images[rid])["digit"].argmax(axis=1))
+        else:
+            assert "decoding needs any 2" in result

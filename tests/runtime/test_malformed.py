@@ -1,0 +1,151 @@
+"""Malformed requests: each gets a 4xx with a clear {"error": ...}; the server keeps serving."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from runtime_harness import ServerThread, TinyModel, metric_value, random_images, server_config
+
+MAX_BODY = 100_000
+
+
+@pytest.fixture(scope="module")
+def server(tiny: TinyModel) -> Iterator[ServerThread]:
+    with ServerThread(server_config(tiny.bundle, max_body_bytes=MAX_BODY)) as srv:
+        yield srv
+
+
+def _tensor(shape: list[int], datatype: str = "UINT8", data: object = None) -> dict:
+    count = int(np.prod(shape)) if shape else 0
+    return {"name": "INPUT", "shape": shape, "datatype": datatype,
+            "data": [7] * count if data is None else data}
+
+
+def _json(body: object) -> bytes:
+    return json.dumps(body).encode()
+
+
+GOOD = _tensor([2, 1, 4, 4])
+BINARY_HEADER = _json({"inputs": [{"name": "INPUT", "shape": [1, 1, 4, 4], "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": 32}}]})
+
+# (id, path, body, extra headers, expected status, expected message fragment)
+CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
+    ("bad-json", "tiny", b"{not json", {}, 400, "not valid JSON"),
+    ("json-array", "tiny", b"[1, 2]", {}, 400, "must be a JSON object"),
+    ("empty-body", "tiny", b"", {}, 400, "empty request body"),
+    ("no-inputs", "tiny", _json({}), {}, 400, "non-empty 'inputs'"),
+    ("inputs-empty", "tiny", _json({"inputs": []}), {}, 400, "non-empty 'inputs'"),
+    ("inputs-not-list", "tiny", _json({"inputs": "INPUT"}), {}, 400, "non-empty 'inputs'"),
+    ("missing-input", "tiny", _json({"inputs": [{**GOOD, "name": "IMAGE"}]}), {}, 400,
+     "missing input 'INPUT'"),
+    ("two-inputs", "tiny", _json({"inputs": [GOOD, {**GOOD, "name": "X"}]}), {}, 400,
+     "exactly one input"),
+    ("wrong-shape", "tiny", _json({"inputs": [_tensor([2, 1, 5, 5])]}), {}, 400,
+     "expected shape"),
+    ("wrong-rank", "tiny", _json({"inputs": [_tensor([16])]}), {}, 400, "expected shape"),
+    ("negative-dim", "tiny", _json({"inputs": [_tensor([1, 1, 4, 4]) | {"shape": [-1, 1, 4, 4]}]}),
+     {}, 400, "non-negative integer"),
+    ("wrong-dtype", "tiny", _json({"inputs": [_tensor([1, 1, 4, 4], "INT32")]}), {}, 400,
+     "datatype INT32 is not accepted"),
+    ("unknown-datatype", "tiny", _json({"inputs": [_tensor([1, 1, 4, 4], "FLOAT32")]}), {}, 400,
+     "unknown datatype 'FLOAT32'"),
+    ("count-mismatch", "tiny", _json({"inputs": [_tensor([2, 1, 4, 4], data=[1] * 16)]}), {},
+     400, "needs 32 elements, data has 16"),
+    ("string-data", "tiny", _json({"inputs": [_tensor([1, 1, 4, 4], data=["a"] * 16)]}), {}, 400,
+     "only numbers"),
+    ("ragged-data", "tiny", _json({"inputs": [_tensor([1, 1, 4, 4], data=[[1, 2], [3]])]}), {},
+     400, "ragged"),
+    ("uint8-range", "tiny", _json({"inputs": [_tensor([1, 1, 4, 4], data=[300] * 16)]}), {}, 400,
+     "0..255"),
+    ("fp32-range", "tiny", _json({"inputs": [_tensor([1, 1, 4, 4], "FP32", [2.0] * 16)]}), {},
+     400, "in [0, 1]"),
+    ("fp32-nan", "tiny", json.dumps({"inputs": [_tensor([1, 1, 4, 4], "FP32", [float("nan")] * 16)]}
+                                    ).encode(), {}, 400, "NaN"),
+    ("no-data", "tiny", _json({"inputs": [{k: v for k, v in GOOD.items() if k != "data"}]}), {},
+     400, "needs 'data'"),
+    ("binary-size-mismatch", "tiny", BINARY_HEADER + bytes(16),
+     {"Inference-Header-Content-Length": str(len(BINARY_HEADER))}, 400,
+     "binary_data_size is 32 but 16 bytes"),
+    ("binary-not-declared", "tiny", _json({"inputs": [GOOD]}) + bytes(8),
+     {"Inference-Header-Content-Length": str(len(_json({"inputs": [GOOD]})))}, 400,
+     "no input declares"),
+    ("header-length-too-big", "tiny", _json({"inputs": [GOOD]}),
+     {"Inference-Header-Content-Length": "99999"}, 400, "Inference-Header-Content-Length is"),
+    ("header-length-not-int", "tiny", _json({"inputs": [GOOD]}),
+     {"Inference-Header-Content-Length": "abc"}, 400, "must be an integer"),
+    ("unknown-output", "tiny", _json({"inputs": [GOOD], "outputs": [{"name": "probs"}]}), {}, 400,
+     "unknown output 'probs'"),
+    ("batch-too-large", "tiny", _json({"inputs": [_tensor([65, 1, 4, 4])]}), {}, 400,
+     "batch size must be 1..64"),
+    ("bad-timeout", "tiny", _json({"inputs": [GOOD], "parameters": {"timeout_ms": -5}}), {}, 400,
+     "positive number"),
+    ("parameters-not-object", "tiny", _json({"inputs": [GOOD], "parameters": [1]}), {}, 400,
+     "must be a JSON object"),
+    ("unknown-field", "tiny", _json({"inputs": [GOOD], "input": []}), {}, 400,
+     "unknown request field"),
+    ("unknown-model", "mnist", _json({"inputs": [GOOD]}), {}, 404, "unknown model 'mnist'"),
+    ("unknown-version", "tiny/versions/3", _json({"inputs": [GOOD]}), {}, 404, "version '1' only"),
+    ("huge-body", "tiny", b"x" * (MAX_BODY + 1), {}, 413, "limit"),
+]
+
+
+def _post(url: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
+    request = urllib.request.Request(f"http://{url}/v2/models/{path}/infer", data=body,
+                                     method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), dict(err.headers)
+
+
+def _still_serving(server: ServerThread) -> None:
+    client = triton.InferenceServerClient(server.url)
+    assert client.is_server_ready()
+    images = random_images(2, seed=11)
+    inp = triton.InferInput("INPUT", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    assert client.infer("tiny", [inp]).as_numpy("digit_class").shape == (2,)
+
+
+def test_at_least_twenty_cases() -> None:
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_malformed_request_gets_clear_4xx(server: ServerThread, case: tuple) -> None:
+    _, path, body, headers, status, fragment = case
+    got_status, payload, _ = _post(server.url, path, body, headers)
+    assert got_status == status, payload
+    assert set(payload) == {"error"}
+    assert fragment in payload["error"]
+    _still_serving(server)
+
+
+def test_other_routes_and_methods_answer_json_errors(server: ServerThread) -> None:
+    for method, path, status in (("GET", "/v2/models/tiny/infer", 405),
+                                 ("GET", "/v3/anything", 404),
+                                 ("GET", "/v2/models/nope", 404)):
+        request = urllib.request.Request(f"http://{server.url}{path}", method=method)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == status
+        assert "error" in json.loads(err.value.read())
+    _still_serving(server)
+
+
+def test_failures_are_counted_by_reason(server: ServerThread) -> None:
+    before = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    _post(server.url, "tiny", b"{not json", {})
+    after = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    name = "nv_inference_request_failure"
+    assert (metric_value(after, name, reason="BadRequest")
+            - metric_value(before, name, reason="BadRequest")) == 1
