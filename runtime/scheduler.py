@@ -23,7 +23,7 @@ class Scheduler:
         self.batcher = batcher
         self.metrics = metrics
         self._slots = asyncio.Semaphore(max_inflight_groups)
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: dict[asyncio.Task[None], list[Query]] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -45,8 +45,8 @@ class Scheduler:
                 raise
             self.metrics.set_pending(len(self.batcher))
             task = asyncio.create_task(self._run_group(group))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            self._inflight[task] = group
+            task.add_done_callback(lambda t: self._inflight.pop(t, None))
 
     async def _run_group(self, group: list[Query]) -> None:
         now = self.batcher.now()
@@ -73,12 +73,13 @@ class Scheduler:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        error = ServiceUnavailable("server shut down before this query was answered")
+        leftovers = self.batcher.drain()
         if self._inflight:
             _, still = await asyncio.wait(set(self._inflight), timeout=max(timeout_s, 0.001))
             for task in still:
+                leftovers.extend(self._inflight.get(task, []))
                 task.cancel()
-        error = ServiceUnavailable("server shut down before this query was answered")
-        for query in self.batcher.drain():
+        for query in leftovers:
             if not query.future.done():
                 query.future.set_exception(error)
-                query.future.exception()  # retrieved: nobody may be awaiting it any more
