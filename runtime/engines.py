@@ -110,13 +110,16 @@ class TensorRTRunner:
     """A deserialized TensorRT plan with its own execution context and CUDA stream.
 
     Written against the documented TensorRT >= 10 name-based API (num_io_tensors,
-    get_tensor_name, set_input_shape, set_tensor_address, execute_async_v3); not run on
-    this project's CPU machines.
+    get_tensor_name, set_input_shape, set_tensor_address, execute_async_v3); NOT run on
+    this project's CPU machines. `python -m export trt` builds one optimisation profile per
+    concurrent worker context, so worker i selects profile i (mod the profile count).
+    pycuda attaches to the device's primary context (shared with torch and the CUDA
+    decoder); that context is pushed around every call because workers run on threads.
     """
 
-    def __init__(self, plan: Path, input_name: str = "x", output_name: str = "z") -> None:
+    def __init__(self, plan: Path, worker: int, input_name: str = "x", output_name: str = "z") -> None:
         try:
-            import pycuda.autoinit  # noqa: F401 - creates the CUDA context
+            import pycuda.autoprimaryctx as primary
             import pycuda.driver as cuda
             import tensorrt as trt
         except ImportError as exc:
@@ -124,19 +127,21 @@ class TensorRTRunner:
                 "--engine tensorrt needs the `gpu` extra (tensorrt, pycuda) and an NVIDIA GPU: "
                 f"{exc}"
             ) from exc
-        self._cuda, self._trt = cuda, trt
+        self._cuda, self._trt, self._context = cuda, trt, primary.context
         trt_logger = trt.Logger(trt.Logger.WARNING)
         engine = trt.Runtime(trt_logger).deserialize_cuda_engine(plan.read_bytes())
         if engine is None:
             raise EngineUnavailable(f"{plan}: TensorRT could not deserialize the plan (wrong "
-                                    "TensorRT version or GPU?); rebuild it with `python -m export`")
+                                    "TensorRT version or GPU?); rebuild it with `python -m export trt`")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         if input_name not in names or output_name not in names:
             raise EngineUnavailable(f"{plan}: expected I/O tensors {input_name!r} and "
                                     f"{output_name!r}, the plan has {names}")
         self.engine = engine
-        self.context = engine.create_execution_context()
         self.stream = cuda.Stream()
+        self.context = engine.create_execution_context()
+        profile = worker % max(engine.num_optimization_profiles, 1)
+        self.context.set_optimization_profile_async(profile, self.stream.handle)
         self.input_name, self.output_name = input_name, output_name
         self._buffers: dict[str, tuple[object, int]] = {}
 
@@ -150,34 +155,40 @@ class TensorRTRunner:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         cuda = self._cuda
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        self.context.set_input_shape(self.input_name, x.shape)
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        y = np.empty(out_shape, dtype=np.float32)
-        x_dev = self._buffer(self.input_name, x.nbytes)
-        y_dev = self._buffer(self.output_name, y.nbytes)
-        cuda.memcpy_htod_async(x_dev, x, self.stream)
-        if not self.context.execute_async_v3(self.stream.handle):
-            raise EngineUnavailable("TensorRT execute_async_v3 failed")
-        cuda.memcpy_dtoh_async(y, y_dev, self.stream)
-        self.stream.synchronize()
-        return y
+        self._context.push()  # worker threads have no current CUDA context of their own
+        try:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if not self.context.set_input_shape(self.input_name, x.shape):
+                raise EngineUnavailable(f"TensorRT rejected input shape {x.shape}: outside the "
+                                        "plan's optimisation profile; rebuild with a larger max batch")
+            out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+            y = cuda.pagelocked_empty(out_shape, np.float32)
+            x_dev = self._buffer(self.input_name, x.nbytes)
+            y_dev = self._buffer(self.output_name, y.nbytes)
+            cuda.memcpy_htod_async(x_dev, x, self.stream)
+            if not self.context.execute_async_v3(self.stream.handle):
+                raise EngineUnavailable("TensorRT execute_async_v3 failed")
+            cuda.memcpy_dtoh_async(y, y_dev, self.stream)
+            self.stream.synchronize()
+            return np.array(y)
+        finally:
+            self._context.pop()
 
 
 def find_tensorrt_plan(bundle_dir: Path, files: dict[str, str]) -> Path:
     """The bundle's `engines/<sm>_trt<version>/f.plan` for this GPU and TensorRT version."""
     try:
-        import pycuda.autoinit  # noqa: F401
+        import pycuda.autoprimaryctx  # noqa: F401 - the device's primary context
         import pycuda.driver as cuda
         import tensorrt as trt
     except ImportError as exc:
         raise EngineUnavailable(f"--engine tensorrt needs tensorrt and pycuda: {exc}") from exc
     major, minor = cuda.Device(0).compute_capability()
-    wanted = f"engines/sm{major}{minor}_trt{trt.__version__}/f.plan"
+    wanted = f"engines/sm{major}{minor}_trt{trt.__version__}/f.plan"  # export.tensorrt_build
     plans = sorted(p for p in files if p.startswith("engines/") and p.endswith("/f.plan"))
     if wanted not in plans:
         raise EngineUnavailable(
             f"bundle has no TensorRT plan for this GPU and TensorRT ({wanted}); it has {plans}. "
-            "Build one with `python -m export` on this machine, or use --engine torch"
+            "Build one with `python -m export trt BUNDLE` on this machine, or use --engine torch"
         )
     return bundle_dir / wanted

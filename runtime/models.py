@@ -49,7 +49,7 @@ class ModelFactory:
                                         "(a torch.export program); this bundle has none")
             return TorchRunner(self.root / rel, self.config.device, worker)
         if engine == "tensorrt":
-            return TensorRTRunner(find_tensorrt_plan(self.root, self.manifest.files), "x", "z")
+            return TensorRTRunner(find_tensorrt_plan(self.root, self.manifest.files), worker, "x", "z")
         raise EngineUnavailable(f"unknown engine {engine!r}")
 
     def worker_models(self, worker: int, names: list[str]) -> Mapping[str, ModelRunner]:

@@ -232,8 +232,10 @@ class UncodedMode(Mode):
         return manifest.coding.k * cls.replicas
 
     async def execute(self, group: list[Query]) -> None:
-        straggler = self.pool.plan_stragglers(self.k)
         offset, self._offset = self._offset, (self._offset + len(group)) % self.k
+        # the paper's straggler hits one of the workers this group actually uses
+        slot = self.pool.plan_stragglers(len(group))
+        straggler = None if slot is None else (offset + slot) % self.k
         await asyncio.gather(*(
             self._one(query, (offset + j) % self.k, straggler) for j, query in enumerate(group)))
 
