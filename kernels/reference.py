@@ -65,9 +65,9 @@ def one_shot_decode(
         raise CodingError(f"one_shot_decode takes at most {MAX_INPUTS} inputs, got {len(inputs)}")
     arrays = [np.asarray(x) for x in inputs]
     _same_shape("inputs", arrays, parity.shape)
-    acc = parity.astype(np.float32) * np.float32(parity_scale)
+    acc = parity.astype(np.float32, copy=False) * np.float32(parity_scale)
     for x in arrays:
-        acc -= x.astype(np.float32)
+        acc -= x.astype(np.float32, copy=False)
     if out is None:
         return acc.astype(parity.dtype)
     out[...] = acc
@@ -94,7 +94,7 @@ def online_update(
     check_dtype(x.dtype)
     if x.shape != est.shape:
         raise CodingError(f"online_update: x has shape {x.shape}, the estimate {est.shape}")
-    acc = np.float32(alpha) * x.astype(np.float32)
+    acc = np.float32(alpha) * x.astype(np.float32, copy=False)
     if beta != 0.0:
         acc = np.float32(beta) * est + acc
     if copy_out is not None:
@@ -124,7 +124,7 @@ def general_decode(coeffs: np.ndarray, inputs: Sequence[np.ndarray]) -> np.ndarr
     for r in range(coeffs.shape[0]):
         acc = np.zeros(arrays[0].shape, dtype=np.float32)
         for j, x in enumerate(arrays):
-            acc += coeffs[r, j] * x.astype(np.float32)
+            acc += coeffs[r, j] * x.astype(np.float32, copy=False)
         out[r] = acc
     return out
 
