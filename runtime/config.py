@@ -63,6 +63,7 @@ class ServerConfig:
     engine: str = "onnxruntime"
     device: str = "cpu"
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
+    frontend_inline_ms: float = 1.0  # encoders+heads faster than this run on the event loop
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
     max_queue_size: int = 512  # queued queries before 503 + Retry-After
     max_inflight_groups: int = 8  # coding groups dispatched to workers at once
@@ -91,7 +92,7 @@ class ServerConfig:
         for name in ("max_queue_size", "max_inflight_groups", "max_batch_size", "max_body_bytes"):
             value = getattr(self, name)
             _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("max_queue_delay_ms", "worker_deadline_ms", "request_timeout_ms",
+        for name in ("max_queue_delay_ms", "frontend_inline_ms", "worker_deadline_ms", "request_timeout_ms",
                      "drain_timeout_s"):
             value = getattr(self, name)
             _check(value >= 0 and math.isfinite(value),

@@ -30,6 +30,8 @@ HELP = {
     "device": "cpu (onnxruntime) or cuda (torch, tensorrt)",
     "encoders_on_workers": "run each encoder on its backup worker instead of the frontend "
                            "(paper Remark 3)",
+    "frontend_inline_ms": "encoders + heads measured faster than this at warm-up run on the event "
+                          "loop instead of the thread pool (0 = always the pool)",
     "max_queue_delay_ms": "longest a query waits for its coding group of k to fill; a partial "
                           "group is then padded with repeats of its last query",
     "max_queue_size": "queued queries before requests get 503 + Retry-After",

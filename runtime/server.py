@@ -95,6 +95,11 @@ class Server:
                 manifest, config.encoders_on_workers) else {},
         ))
         frontend = Frontend(heads, encoders, self._executor)
+        k, chw = manifest.coding.k, tuple(manifest.input.shape)
+        frontend_s = await loop.run_in_executor(self._executor, lambda: frontend.warm_up(
+            np.zeros((1, k, *chw), np.float32),
+            np.zeros((k, *manifest.embedding_shape), np.float32),
+            config.frontend_inline_ms / 1000.0))
 
         def make_worker(index: int, incarnation: int, kill_after: int | None) -> Worker:
             names = self.mode_cls.worker_models(manifest, index, config.encoders_on_workers)
@@ -121,12 +126,15 @@ class Server:
         await self.scheduler.start()
         logger.info(
             "serving %s (bundle %s) on http://%s:%d, metrics %s; mode=%s n=%d k=%d workers=%d "
-            "threads=%d engine=%s device=%s loop=%s encoders_on_workers=%s faults=%s",
+            "threads=%d engine=%s device=%s loop=%s encoders_on_workers=%s frontend=%.3f ms "
+            "(%s) max_queue_delay_ms=%g faults=%s",
             self.model_name, self.bundle_dir, config.host, self.http_port,
             f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
             config.mode, manifest.coding.n, manifest.coding.k, self.pool_size, self.threads,
             config.engine, config.device, type(asyncio.get_running_loop()).__module__,
-            config.encoders_on_workers, config.faults if config.faults.active else "none")
+            config.encoders_on_workers, frontend_s * 1e3,
+            "event loop" if frontend.inline else "thread pool", config.max_queue_delay_ms,
+            config.faults if config.faults.active else "none")
         await self.pool.start()  # ready turns 200 only after every worker warmed up
         self._warmed_up = True
         logger.info("all %d workers warmed up; ready", self.pool_size)
