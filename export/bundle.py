@@ -1,0 +1,290 @@
+"""`build_bundle`: checkpoints -> a verified, self-describing bundle directory.
+
+Layout (docs/ARCHITECTURE.md): f.onnx, heads/<task>.onnx, encoders/enc_<r>.onnx, parm.onnx,
+torch/f.pt2, verification/reference.npz, manifest.json. Everything is written into a
+temporary sibling directory and renamed into place only after every file exported, passed
+its ORT-vs-PyTorch check and the manifest validated, so BUNDLE_DIR never holds half a bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.config import ExportConfig
+from export.errors import ExportError, ExportVerificationError
+from export.numerics import error_stats, run_ort
+from export.onnx_export import HalfCompute, export_onnx
+from export.sources import ExportSources, load_sources
+from runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file, verify_checksums
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_FILE = "verification/reference.npz"
+INPUT_NAME = "INPUT"  # the served (KServe) input; ONNX files use x / z / logits / ...
+TORCH_F_FILE = "torch/f.pt2"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One exported model file and what it was checked against."""
+
+    file: str
+    input_name: str
+    output_name: str
+    module: torch.nn.Module  # the FP32 PyTorch reference
+    inputs: np.ndarray  # [N, ...] real inputs for the check
+
+
+def reference_key(file: str, what: str) -> str:
+    """npz member name for a bundle file's stored input/output ('/' is not safe in npz keys)."""
+    return f"{file.replace('/', '__')}::{what}"
+
+
+def io_names(manifest: Manifest) -> dict[str, tuple[str, str]]:
+    """ONNX input/output names of every ONNX file in a bundle (the contract's fixed names)."""
+    names = {manifest.f: ("x", "z")}
+    names.update({h.file: ("z", "logits") for h in manifest.heads})
+    names.update({e.file: ("x", "x_parity") for e in manifest.encoders})
+    if manifest.parm is not None:
+        names[manifest.parm] = ("x", "logits_sum")
+    return names
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+@torch.no_grad()
+def _torch_outputs(module: torch.nn.Module, inputs: np.ndarray, chunk: int = 64) -> np.ndarray:
+    module = module.eval()
+    outs = [module(torch.from_numpy(inputs[i : i + chunk])).numpy() for i in range(0, len(inputs), chunk)]
+    return np.concatenate(outs, axis=0).astype(np.float32)
+
+
+def _real_inputs(sources: ExportSources, config: ExportConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(x [N, C, H, W], groups [N, k, C, H, W]): normalised test-split images, seeded choice."""
+    from trainer.data import DatasetError, get_spec, load_split, normalize
+
+    try:
+        spec = get_spec(sources.dataset)
+        images, _ = load_split(sources.dataset, "test", config.data_dir)  # uint8 [M, C, H, W]
+    except DatasetError as exc:
+        raise ExportError(f"cannot load the verification inputs: {exc}") from exc
+    rng = np.random.default_rng(config.seed)
+    n, k = config.verify_samples, sources.coding.k
+    single = rng.choice(len(images), size=n, replace=n > len(images))
+    groups = rng.choice(len(images), size=(n, k), replace=True)
+    x = normalize(images[single], spec)  # [N, C, H, W] float32
+    x_groups = normalize(images[groups.reshape(-1)], spec).reshape(n, k, *x.shape[1:])  # [N, k, C, H, W]
+    return np.ascontiguousarray(x), np.ascontiguousarray(x_groups)
+
+
+def _artifacts(sources: ExportSources, x: np.ndarray, x_groups: np.ndarray) -> list[Artifact]:
+    classifier = sources.classifier.eval()
+    z = _torch_outputs(classifier.f, x)  # [N, *embedding_shape], from the unfolded f
+    arts = [Artifact("f.onnx", "x", "z", classifier.f, x)]
+    arts += [Artifact(f"heads/{task}.onnx", "z", "logits", head, z) for task, head in classifier.heads.items()]
+    if sources.encoders is not None:
+        arts += [
+            Artifact(f"encoders/enc_{r}.onnx", "x", "x_parity", enc, x_groups)
+            for r, enc in enumerate(sources.encoders.encoders)
+        ]
+    if sources.parm is not None:
+        arts.append(Artifact("parm.onnx", "x", "logits_sum", sources.parm, x_groups))
+    return arts
+
+
+def _exportable(module: torch.nn.Module) -> torch.nn.Module:
+    """Fold spectral-norm scaling so the graph holds plain Conv weights (same eval function)."""
+    if hasattr(module, "folded") and callable(module.folded):
+        return module.folded()
+    if hasattr(module, "f") and hasattr(module.f, "folded"):  # ParM: its own i-ResNet body
+        out = copy.deepcopy(module).eval()
+        out.f = module.f.folded()
+        return out
+    return module
+
+
+def _export_and_check(art: Artifact, root: Path, config: ExportConfig) -> tuple[dict[str, Any], np.ndarray]:
+    module = _exportable(art.module).eval()
+    if config.fp16:
+        module = HalfCompute(module).eval()
+    path = export_onnx(
+        module, tuple(art.inputs.shape[1:]), root / art.file,
+        input_name=art.input_name, output_name=art.output_name,
+        opset=config.opset, exporter=config.exporter,
+    )
+    reference = _torch_outputs(art.module, art.inputs)
+    actual = run_ort(path, art.inputs, input_name=art.input_name, output_name=art.output_name)
+    stats = error_stats(actual, reference)
+    atol, rtol = config.tolerance
+    logger.info("%s: ORT vs PyTorch max abs %.3g, max rel %.3g on %d samples",
+                art.file, stats.max_abs_err, stats.max_rel_err, stats.samples)
+    if not stats.passes(atol, rtol):
+        raise ExportVerificationError(
+            f"{art.file}: ONNX Runtime disagrees with PyTorch on {stats.samples} real test inputs: "
+            f"max abs err {stats.max_abs_err:.3e} > atol {atol:g} + rtol {rtol:g} * max|ref| "
+            f"{stats.ref_max_abs:.3g}. The exported graph is not the trained model; try "
+            "--exporter torchscript, or loosen --atol/--rtol only if the error is expected (e.g. fp16)"
+        )
+    return stats.to_dict(atol, rtol), reference
+
+
+def _export_torch_program(sources: ExportSources, root: Path, x: np.ndarray) -> dict[str, Any]:
+    from export.config import FP32_TOLERANCE
+    from export.torch_export import export_program, run_program
+
+    f = sources.classifier.f
+    path = export_program(f.folded(), tuple(x.shape[1:]), root / TORCH_F_FILE)
+    stats = error_stats(run_program(path, x), _torch_outputs(f, x))
+    atol, rtol = FP32_TOLERANCE  # the program is always fp32; the GPU engine may autocast
+    if not stats.passes(atol, rtol):
+        raise ExportVerificationError(
+            f"{TORCH_F_FILE}: the torch.export program disagrees with f: max abs err "
+            f"{stats.max_abs_err:.3e} > atol {atol:g} + rtol {rtol:g} * {stats.ref_max_abs:.3g}"
+        )
+    return stats.to_dict(atol, rtol)
+
+
+def _provenance(sources: ExportSources, config: ExportConfig, command: list[str] | None) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    commands = [c for c in (ck.command_line() for ck in sources.checkpoints) if c]
+    if command:
+        import shlex
+
+        commands.append(shlex.join(command))
+    metrics = {f"{ck.schema.split('/')[-1]}": ck.data.get("metrics", {}) for ck in sources.checkpoints}
+    cls_ckpt = next(ck for ck in sources.checkpoints if ck.schema.endswith("classifier"))
+    atol, rtol = config.tolerance
+    return {
+        "commands": commands,
+        "dataset": sources.dataset,
+        "metrics": metrics,
+        "git_commit": cls_ckpt.data.get("git_commit"),
+        "f_hash": sources.f_hash,
+        "checkpoints": [
+            {"path": str(ck.path), "schema": ck.schema, "sha256": sha256_file(ck.path),
+             "git_commit": ck.data.get("git_commit")}
+            for ck in sources.checkpoints
+        ],
+        "export": {
+            "git_commit": _git_commit(),
+            "opset": config.opset,
+            "exporter": config.exporter,
+            "precision": "fp16" if config.fp16 else "fp32",
+            "criterion": f"max|ort - torch| <= {atol:g} + {rtol:g} * max|torch| per file",
+            "verification_inputs": f"{sources.dataset} test split, {config.verify_samples} samples "
+            f"(groups of k={sources.coding.k} for encoders/ParM), seed {config.seed}",
+            "reference_samples": config.reference_samples,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+    }
+
+
+def _write_bundle(root: Path, sources: ExportSources, config: ExportConfig, command: list[str] | None) -> Manifest:
+    from trainer.data import get_spec
+
+    spec = get_spec(sources.dataset)
+    x, x_groups = _real_inputs(sources, config)
+    verification: dict[str, Any] = {}
+    reference: dict[str, np.ndarray] = {}
+    m = config.reference_samples
+    for art in _artifacts(sources, x, x_groups):
+        verification[art.file], ref_out = _export_and_check(art, root, config)
+        reference[reference_key(art.file, "input")] = art.inputs[:m]
+        reference[reference_key(art.file, "output")] = ref_out[:m]
+    torch_files: dict[str, str] = {}
+    if config.torch_program:
+        verification[TORCH_F_FILE] = _export_torch_program(sources, root, x)
+        torch_files["f"] = TORCH_F_FILE
+    (root / REFERENCE_FILE).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(root / REFERENCE_FILE, **reference)
+
+    classifier = sources.classifier
+    files = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+    )
+    data = {
+        "schema_version": 1,
+        "model_name": config.model_name or f"{sources.dataset}-iresnet",
+        "input": {
+            "name": INPUT_NAME,
+            "shape": list(classifier.config.f.in_shape),
+            "accepted_dtypes": ["UINT8", "FP32"],
+            "preprocessing": {"mean": list(spec.mean), "std": list(spec.std)},
+        },
+        "embedding_shape": list(classifier.config.f.embedding_shape),
+        "f": "f.onnx",
+        "heads": [
+            {"task": h.task, "file": f"heads/{h.task}.onnx", "classes": list(h.class_names)}
+            for h in classifier.config.heads
+        ],
+        "coding": sources.coding.to_dict(),
+        "encoders": [
+            {"row": r, "file": f"encoders/enc_{r}.onnx"}
+            for r in range(len(sources.encoders.encoders) if sources.encoders is not None else 0)
+        ],
+        "parm": "parm.onnx" if sources.parm is not None else None,
+        "torch": torch_files,
+        "files": {rel: sha256_file(root / rel) for rel in files},
+        "verification": verification,
+        "provenance": _provenance(sources, config, command),
+    }
+    try:
+        manifest = Manifest.from_dict(data)
+        manifest.dump(root)
+        verify_checksums(root, Manifest.load(root))  # what the runtime will read, re-read from disk
+    except ManifestError as exc:
+        raise ExportError(f"the exported bundle's manifest is invalid: {exc}") from exc
+    return manifest
+
+
+def build_bundle(config: ExportConfig, command: list[str] | None = None) -> Manifest:
+    """Export `config.checkpoints` into `config.out`; returns the written manifest."""
+    start_s = time.perf_counter()
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise ExportError(f"{str(out)!r} already exists; pass --overwrite to replace it, or choose another --out")
+    if out.exists() and not (out / MANIFEST_NAME).is_file():
+        raise ExportError(f"{str(out)!r} exists and is not a bundle (no {MANIFEST_NAME}); refusing to replace it")
+    sources = load_sources(config.checkpoints, k=config.k)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be shipped and served
+    try:
+        manifest = _write_bundle(tmp, sources, config, command)
+        if out.exists():  # --overwrite: swap, so a failure before this line leaves the old bundle
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote bundle %s (%d files) in %.1f s", out, len(manifest.files), time.perf_counter() - start_s)
+    return manifest

@@ -1,0 +1,215 @@
+"""Checkpoints in, consistent torch modules out: the classifier, its encoders and ParM.
+
+Each checkpoint names its kind in `schema`; export accepts exactly one classifier, at most
+one encoder checkpoint (a `ParityEncoders` set holds every parity row of its coding scheme)
+and at most one ParM. Everything else that must agree is checked here, before any export
+work starts: the f every checkpoint was trained against (`f_hash`), k, and the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export.errors import CheckpointMismatchError, ExportError
+from kernels.coding import CodingError, CodingScheme
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_SCHEMA = "coded-invnet/classifier"
+ENCODER_SCHEMA = "coded-invnet/encoder"
+PARM_SCHEMA = "coded-invnet/parm"
+SCHEMAS = (CLASSIFIER_SCHEMA, ENCODER_SCHEMA, PARM_SCHEMA)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def schema(self) -> str:
+        return self.data["schema"]
+
+    @property
+    def f_hash(self) -> str | None:
+        return self.data.get("f_hash")
+
+    def command_line(self) -> str | None:
+        command = self.data.get("command")
+        if command is None:
+            return None
+        return shlex.join(str(c) for c in command) if isinstance(command, (list, tuple)) else str(command)
+
+
+@dataclass
+class ExportSources:
+    """Everything the bundle is made from, already cross-checked."""
+
+    classifier: torch.nn.Module  # trainer.models.Classifier, eval mode
+    f_hash: str
+    dataset: str
+    coding: CodingScheme
+    encoders: torch.nn.Module | None = None  # trainer.models.encoder.ParityEncoders, eval mode
+    parm: torch.nn.Module | None = None  # trainer.models.parm.ParityModel, eval mode
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Load and validate one checkpoint through trainer.checkpoint; its `schema` says its kind."""
+    from trainer.checkpoint import CheckpointError, load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"checkpoint {str(path)!r} does not exist; pass the .pt files written by `python -m trainer`")
+    try:  # peek at the kind first: one command line takes all three kinds in any order
+        peek = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zips, pickles, foreign files all land here
+        raise ExportError(
+            f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {exc}); the file is "
+            "corrupt, truncated or not a torch.save checkpoint. Re-run the training command that wrote it."
+        ) from exc
+    schema = peek.get("schema") if isinstance(peek, dict) else None
+    if schema not in SCHEMAS:
+        raise ExportError(
+            f"checkpoint {str(path)!r} has schema {schema!r}, expected one of {list(SCHEMAS)} "
+            "(a classifier, encoder or ParM checkpoint from `python -m trainer`)"
+        )
+    try:
+        data = load_checkpoint(path, schema)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
+    if not isinstance(data.get("f_hash"), str):  # every kind records the f it belongs to
+        raise ExportError(f"checkpoint {str(path)!r} ({schema}) lacks the `f_hash` of its f")
+    return Checkpoint(path=path, data=data)
+
+
+def _build(ckpt: Checkpoint) -> torch.nn.Module:
+    """Rebuild the model a checkpoint describes (model classes live in trainer.models)."""
+    from trainer.checkpoint import CheckpointError, load_classifier
+
+    if ckpt.schema == CLASSIFIER_SCHEMA:  # also refuses weights that do not match their f_hash
+        try:
+            return load_classifier(ckpt.path)[0].eval()
+        except CheckpointError as exc:
+            raise CheckpointMismatchError(str(exc)) from exc
+    config = ckpt.data["model_config"]
+    try:
+        if ckpt.schema == ENCODER_SCHEMA:
+            from trainer.models.encoder import build_encoders
+
+            module = build_encoders(config)
+        else:
+            from trainer.models import Classifier, ClassifierConfig
+            from trainer.models.parm import ParityModel, ParMConfig
+
+            parm_config = ParMConfig.from_dict(dict(config))
+            module = ParityModel(parm_config, Classifier(ClassifierConfig.from_dict(dict(parm_config.classifier))))
+        module.load_state_dict(ckpt.data["state_dict"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ExportError(
+            f"checkpoint {str(ckpt.path)!r}: model_config/state_dict do not build a "
+            f"{ckpt.schema.split('/')[-1]} model ({type(exc).__name__}: {exc})"
+        ) from exc
+    return module.eval()
+
+
+def _coding_of(ckpt: Checkpoint) -> CodingScheme:
+    raw = ckpt.data.get("coding")
+    if raw is None:
+        raw = {"n": ckpt.data["model_config"]["k"] + len(ckpt.data["model_config"]["coefficients"]),
+               "k": ckpt.data["model_config"]["k"],
+               "coefficients": ckpt.data["model_config"]["coefficients"]}
+    try:
+        return CodingScheme.from_dict(raw)
+    except (CodingError, KeyError, TypeError) as exc:
+        raise ExportError(f"checkpoint {str(ckpt.path)!r}: invalid coding {raw!r} ({exc})") from exc
+
+
+def load_sources(paths: list[str] | tuple[str, ...], k: int | None = None) -> ExportSources:
+    """Read, classify and cross-check the checkpoints; `k` (optional) pins the group size."""
+    ckpts = [read_checkpoint(p) for p in paths]
+    by_schema: dict[str, list[Checkpoint]] = {s: [] for s in SCHEMAS}
+    for ckpt in ckpts:
+        by_schema[ckpt.schema].append(ckpt)
+    classifiers, encoders, parms = (by_schema[s] for s in SCHEMAS)
+    if len(classifiers) != 1:
+        raise ExportError(
+            f"expected exactly one classifier checkpoint ({CLASSIFIER_SCHEMA}), got {len(classifiers)}: "
+            f"{[str(c.path) for c in classifiers]}"
+        )
+    if len(encoders) > 1:
+        raise ExportError(
+            f"expected at most one encoder checkpoint (it holds every parity row), got {len(encoders)}: "
+            f"{[str(c.path) for c in encoders]}"
+        )
+    if len(parms) > 1:
+        raise ExportError(f"expected at most one ParM checkpoint, got {len(parms)}: {[str(c.path) for c in parms]}")
+    cls_ckpt = classifiers[0]
+    classifier = _build(cls_ckpt)
+    f_hash = str(cls_ckpt.f_hash)  # load_classifier checked it against fingerprint(f)
+    dataset = str(cls_ckpt.data.get("dataset") or classifier.config.dataset)
+    for other in [*encoders, *parms]:
+        if other.f_hash != f_hash:
+            raise CheckpointMismatchError(
+                f"{other.schema.split('/')[-1]} {str(other.path)!r} was trained against f_hash "
+                f"{str(other.f_hash)[:12]}…, but classifier {str(cls_ckpt.path)!r} has f_hash "
+                f"{f_hash[:12]}…; train the encoder/ParM against this classifier (or export the "
+                "classifier it was trained with)"
+            )
+        other_dataset = other.data.get("dataset")
+        if other_dataset is not None and other_dataset != dataset:
+            raise CheckpointMismatchError(
+                f"{str(other.path)!r} was trained on dataset {other_dataset!r}, the classifier on {dataset!r}"
+            )
+    # k: every source that knows it must agree.
+    ks: dict[str, int] = {}
+    if k is not None:
+        ks["--k"] = int(k)
+    coding = None
+    if encoders:
+        coding = _coding_of(encoders[0])
+        ks[str(encoders[0].path)] = coding.k
+    if parms:
+        ks[str(parms[0].path)] = int(parms[0].data["model_config"]["k"])
+    if len(set(ks.values())) > 1:
+        raise CheckpointMismatchError(
+            f"k mismatch: {', '.join(f'{src} has k={v}' for src, v in ks.items())}; every encoder, "
+            "ParM and the coding scheme must use the same group size k"
+        )
+    if encoders:
+        enc_config = encoders[0].data["model_config"]
+        if [float(c) for row in enc_config.get("coefficients", []) for c in row] != [
+            float(c) for row in coding.coefficients.tolist() for c in row
+        ]:
+            raise CheckpointMismatchError(
+                f"encoder {str(encoders[0].path)!r}: its `coding` {coding.to_dict()} disagrees with the "
+                f"coefficients its encoders were built with {enc_config.get('coefficients')}"
+            )
+        in_shape = tuple(classifier.config.f.in_shape)
+        enc_shape = (enc_config.get("in_channels"), *enc_config.get("image_size", []))
+        if enc_shape != in_shape:
+            raise CheckpointMismatchError(
+                f"encoder {str(encoders[0].path)!r} takes images {enc_shape}, the classifier {in_shape}"
+            )
+    if coding is None:
+        if not ks:
+            raise ExportError(
+                "no encoder or ParM checkpoint to take the coding scheme from; pass --k K to "
+                "describe coding groups of K queries (the default average code, n = K + 1)"
+            )
+        coding = CodingScheme.average(next(iter(ks.values())))
+    return ExportSources(
+        classifier=classifier,
+        f_hash=f_hash,
+        dataset=dataset,
+        coding=coding,
+        encoders=_build(encoders[0]) if encoders else None,
+        parm=_build(parms[0]) if parms else None,
+        checkpoints=ckpts,
+    )

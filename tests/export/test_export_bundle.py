@@ -1,0 +1,159 @@
+"""A tiny model exported end to end: files, manifest, ORT vs PyTorch, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.bundle import REFERENCE_FILE, build_bundle, io_names
+from export.config import ExportConfig
+from export.errors import ExportError, ExportVerificationError
+from export.numerics import run_ort
+from export.sources import load_sources
+from runtime.manifest import Manifest, ManifestError, sha256_file, verify_checksums
+
+# ORT vs PyTorch on CPU in fp32: only reduction order differs (measured ~2e-7 here).
+ATOL, RTOL = 1e-5, 1e-5
+
+
+def test_bundle_layout_and_manifest(bundle: Path, checkpoints: dict[str, Path]) -> None:
+    manifest = Manifest.load(bundle)
+    verify_checksums(bundle, manifest)
+    assert manifest.f == "f.onnx"
+    assert [h.file for h in manifest.heads] == ["heads/digit.onnx", "heads/parity.onnx"]
+    assert manifest.heads[0].classes == tuple(str(d) for d in range(10))
+    assert manifest.heads[1].classes == ("even", "odd")
+    assert [(e.row, e.file) for e in manifest.encoders] == [(0, "encoders/enc_0.onnx")]
+    assert manifest.parm == "parm.onnx"
+    assert manifest.torch == {"f": "torch/f.pt2"}
+    assert (manifest.coding.n, manifest.coding.k, manifest.coding.coefficients) == (3, 2, ((0.5, 0.5),))
+    assert manifest.input.shape == (1, 28, 28) and manifest.embedding_shape == (4, 14, 14)
+    assert manifest.input.preprocessing.mean == (0.1307,) and manifest.input.preprocessing.std == (0.3081,)
+    assert manifest.model_name == "mnist-iresnet"
+    on_disk = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    assert on_disk == sorted([*manifest.files, "manifest.json"])
+    assert REFERENCE_FILE in manifest.files
+    assert all(manifest.files[rel] == sha256_file(bundle / rel) for rel in manifest.files)
+    # every exported file was checked at export, on the requested number of real inputs
+    for file in [*io_names(manifest), "torch/f.pt2"]:
+        entry = manifest.verification[file]
+        assert entry["samples"] == 16 and entry["max_abs_err"] <= entry["atol"] + 1e-3
+    prov = manifest.provenance
+    assert prov["dataset"] == "mnist" and prov["f_hash"] == torch.load(
+        checkpoints["classifier"], weights_only=True)["f_hash"]
+    assert prov["metrics"]["classifier"] == {"test_acc": 0.1} and prov["metrics"]["parm"] == {"val_acc_labels": 0.3}
+    assert prov["commands"][-1] == "python -m export '(test)'"
+    assert len(prov["checkpoints"]) == 3
+
+
+def test_onnx_files_have_contract_io_and_dynamic_batch(bundle: Path) -> None:
+    manifest = Manifest.load(bundle)
+    for file, (input_name, output_name) in io_names(manifest).items():
+        model = onnx.load(str(bundle / file))
+        assert [i.name for i in model.graph.input] == [input_name]
+        assert [o.name for o in model.graph.output] == [output_name]
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+        # spectral norm folded: no power-iteration buffers or sigma ops left in the graph
+        assert not any(init.name.endswith((".u", ".v")) for init in model.graph.initializer)
+
+
+def test_ort_matches_pytorch_on_fresh_inputs(bundle: Path, checkpoints: dict[str, Path]) -> None:
+    """Independent of the exporter's own check: other inputs, other batch sizes (1 and 5)."""
+    sources = load_sources([str(p) for p in checkpoints.values()])
+    gen = torch.Generator().manual_seed(123)
+    clf = sources.classifier
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 28, 28, generator=gen)  # [B, 1, 28, 28]
+        groups = torch.randn(batch, 2, 1, 28, 28, generator=gen)  # [B, k, 1, 28, 28]
+        with torch.no_grad():
+            z = clf.f(x)
+            expected = {
+                "f.onnx": (x, z),
+                "heads/digit.onnx": (z, clf.heads["digit"](z)),
+                "heads/parity.onnx": (z, clf.heads["parity"](z)),
+                "encoders/enc_0.onnx": (groups, sources.encoders.encoders[0](groups)),
+                "parm.onnx": (groups, sources.parm(groups)),
+            }
+        names = io_names(Manifest.load(bundle))
+        for file, (inp, out) in expected.items():
+            actual = run_ort(bundle / file, inp.numpy(), input_name=names[file][0], output_name=names[file][1])
+            np.testing.assert_allclose(actual, out.numpy(), atol=ATOL, rtol=RTOL, err_msg=file)
+
+
+def test_failed_verification_leaves_nothing_behind(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    config = ExportConfig(checkpoints=(str(checkpoints["classifier"]),), out=str(out), k=2,
+                          exporter="torchscript", verify_samples=4, reference_samples=2,
+                          atol=0.0, rtol=0.0, torch_program=False)
+    # atol = rtol = 0 demands bit-identical ORT output; a real conv graph never is (measured ~1e-7).
+    with pytest.raises(ExportVerificationError, match=r"f\.onnx: ONNX Runtime disagrees with PyTorch"):
+        build_bundle(config)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_bundle_needs_overwrite(bundle: Path, checkpoints: dict[str, Path]) -> None:
+    config = ExportConfig(checkpoints=(str(checkpoints["classifier"]),), out=str(bundle), k=2)
+    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+        build_bundle(config)
+
+
+def test_overwrite_replaces_a_bundle_atomically(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    base = dict(checkpoints=(str(checkpoints["classifier"]),), out=str(out), exporter="torchscript",
+                verify_samples=4, reference_samples=2, torch_program=False)
+    build_bundle(ExportConfig(**base, k=2))
+    build_bundle(ExportConfig(**base, k=3, overwrite=True))
+    assert Manifest.load(out).coding.k == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no .partial / .old leftovers
+
+
+def test_fp16_bundle_holds_fp16_weights(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "fp16"
+    manifest = build_bundle(ExportConfig(
+        checkpoints=(str(checkpoints["classifier"]),), out=str(out), k=2, fp16=True,
+        exporter="torchscript", verify_samples=8, reference_samples=2, torch_program=False,
+    ))
+    model = onnx.load(str(out / "f.onnx"))
+    kinds = {init.data_type for init in model.graph.initializer if len(init.dims) == 4}  # conv weights
+    assert kinds == {onnx.TensorProto.FLOAT16}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # FP32 I/O
+    entry = manifest.verification["f.onnx"]
+    assert (entry["atol"], entry["rtol"]) == (5e-2, 2e-2)
+    assert 0 < entry["max_abs_err"] <= entry["atol"] + entry["rtol"] * 10  # fp16 is not bit-exact
+    assert json.loads((out / "manifest.json").read_text())["provenance"]["export"]["precision"] == "fp16"
+
+
+def test_manifest_schema_rejects_what_export_must_not_write(bundle: Path) -> None:
+    data = json.loads((bundle / "manifest.json").read_text())
+    Manifest.from_dict(data)  # the exported manifest itself is valid
+    for mutate, message in [
+        (lambda d: d.update(extra_key=1), r"unknown key\(s\) \['extra_key'\]"),
+        (lambda d: d.update(schema_version=2), "schema_version is 2"),
+        (lambda d: d["files"].pop("f.onnx"), r"no sha256 recorded for \['f.onnx'\]"),
+        (lambda d: d.update(embedding_shape=[4, 14, 13]), "as many elements"),
+        (lambda d: d["encoders"].append({"row": 5, "file": "encoders/enc_5.onnx"}), "one encoder per parity row"),
+    ]:
+        broken = json.loads(json.dumps(data))
+        mutate(broken)
+        with pytest.raises(ManifestError, match=message):
+            Manifest.from_dict(broken)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_bundle(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """The default exporter, end to end (about 30-40 s on a 2-core CPU)."""
+    out = tmp_path / "dynamo"
+    manifest = build_bundle(ExportConfig(checkpoints=tuple(str(p) for p in checkpoints.values()), out=str(out),
+                                         verify_samples=16, reference_samples=4))
+    for file, entry in manifest.verification.items():
+        assert entry["max_abs_err"] <= 1e-4, file
+    from export.config import VerifyConfig
+    from export.verify import verify_bundle
+
+    assert all(c.ok for c in verify_bundle(VerifyConfig(bundle=str(out))).checked)
