@@ -1,11 +1,16 @@
-"""Throwaway linear bundles for developing and smoke-testing the serving benchmarks.
+"""Throwaway untrained bundles for developing and timing the serving benchmarks.
 
-`python -m bench.devbundle --out runs/bench-dev/k4 --k 4` writes a complete bundle
-(f.onnx, heads/digit.onnx, encoders/enc_0.onnx, parm.onnx, manifest.json) built with
-`onnx.helper`, no training and no torch: f is a random orthogonal map of the flattened image,
-so the encoder `sum_j c_j x_j` is *exact* (f is linear) and coded answers equal uncoded ones.
-Its compute cost is one (D x D) matmul per query, not an i-ResNet's: use it to exercise the
-harness, never for figures that claim to be about the real model.
+`python -m bench.devbundle --out runs/bench-dev/k4 --k 4 [--arch linear|iresnet]` writes a
+complete bundle (f.onnx, heads/*.onnx, encoders/enc_0.onnx, parm.onnx, manifest.json):
+
+- `linear` (default): `onnx.helper` only, no torch: f is a random orthogonal map of the
+  flattened image, so the encoder `sum_j c_j x_j` is *exact* and coded answers equal
+  uncoded ones. One (D x D) matmul per query: for exercising the harness only.
+- `iresnet`: the project's real architectures, randomly initialised (f and heads of
+  `python -m trainer classifier --preset cpu`, the default `UNetEncoder`, ParM with f's
+  architecture), exported like `python -m export` does. Its answers are meaningless but its
+  compute time is the trained model's, so latency/overhead figures for k values that have
+  no trained bundle can be measured on it (say so next to every such figure).
 """
 
 from __future__ import annotations
@@ -112,6 +117,77 @@ def build_linear_bundle(out_dir: str | Path, k: int, shape: tuple[int, int, int]
     return out
 
 
+def export_module(module, sample_shape: tuple[int, ...], path: Path, input_name: str, output_name: str) -> Path:
+    """Export like `python -m export` (export.onnx_export), or directly with torch.onnx."""
+    try:
+        from export.onnx_export import export_onnx
+    except ImportError:  # export not installed: same exporter settings, without its checks
+        import torch
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            torch.onnx.export(module.eval(), (torch.zeros(2, *sample_shape),), str(path),
+                              input_names=[input_name], output_names=[output_name],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
+                              dynamo=True, external_data=False)
+        return path
+    return export_onnx(module, sample_shape, path, input_name=input_name, output_name=output_name)
+
+
+def build_iresnet_bundle(out_dir: str | Path, k: int, seed: int = 0) -> Path:
+    """Untrained real-architecture (n=k+1, c=1/k) MNIST bundle: timing-faithful, answers meaningless."""
+    import torch
+
+    from runtime.manifest import Manifest, sha256_file
+    from trainer.data import get_spec
+    from trainer.models import Classifier, ClassifierConfig, default_heads
+    from trainer.models.encoder import EncoderConfig, UNetEncoder
+    from trainer.models.parm import ParityModel, ParMConfig
+    from trainer.train_classifier import preset_values
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    spec = get_spec("mnist")
+    f_cfg, train = preset_values("mnist", "cpu")
+    cfg = ClassifierConfig(f=f_cfg, heads=default_heads("mnist", spec.class_names, train["pool_size"]),
+                           dataset="mnist")
+    model = Classifier(cfg).eval()
+    shape = tuple(spec.image_shape)
+    emb = tuple(f_cfg.embedding_shape)
+    f = model.f.folded()
+    files = {"f.onnx": export_module(f, shape, out / "f.onnx", "x", "z")}
+    heads = []
+    for h in cfg.heads:
+        rel = f"heads/{h.task}.onnx"
+        files[rel] = export_module(model.heads[h.task], emb, out / rel, "z", "logits")
+        heads.append({"task": h.task, "file": rel, "classes": list(h.class_names)})
+    enc_cfg = EncoderConfig(in_channels=shape[0], image_size=list(shape[1:]), k=k, coefficients=[[1.0 / k] * k])
+    files["encoders/enc_0.onnx"] = export_module(UNetEncoder(enc_cfg, 0), (k, *shape),
+                                                 out / "encoders/enc_0.onnx", "x", "x_parity")
+    parm = ParityModel(ParMConfig(k=k, classifier=cfg.to_dict()), Classifier(cfg)).eval()
+    parm.f = parm.f.folded()
+    files["parm.onnx"] = export_module(parm, (k, *shape), out / "parm.onnx", "x", "logits_sum")
+    manifest = Manifest.from_dict({
+        "schema_version": 1,
+        "model_name": "mnist-iresnet",
+        "input": {"name": "INPUT", "shape": list(shape), "accepted_dtypes": ["UINT8", "FP32"],
+                  "preprocessing": {"mean": list(spec.mean), "std": list(spec.std)}},
+        "embedding_shape": list(emb),
+        "f": "f.onnx",
+        "heads": heads,
+        "coding": {"n": k + 1, "k": k, "coefficients": [[1.0 / k] * k]},
+        "encoders": [{"row": 0, "file": "encoders/enc_0.onnx"}],
+        "parm": "parm.onnx",
+        "files": {rel: sha256_file(out / rel) for rel in files},
+        "provenance": {"commands": [f"python -m bench.devbundle --arch iresnet --out {out} --k {k} --seed {seed}"],
+                       "note": "UNTRAINED real-architecture bundle (random init) for timing only",
+                       "f_config": f_cfg.to_dict(), "encoder_config": enc_cfg.to_dict()},
+    })
+    manifest.dump(out)
+    logger.info("wrote untrained i-ResNet dev bundle k=%d to %s", k, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m bench.devbundle", description=__doc__,
@@ -119,10 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=("linear", "iresnet"), default="linear")
     args = p.parse_args(argv)
     if args.k < 1:
         p.error(f"--k must be >= 1, got {args.k}")
-    build_linear_bundle(args.out, args.k, seed=args.seed)
+    if args.arch == "linear":
+        build_linear_bundle(args.out, args.k, seed=args.seed)
+    else:
+        build_iresnet_bundle(args.out, args.k, seed=args.seed)
     return 0
 
 

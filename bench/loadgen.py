@@ -56,6 +56,7 @@ class LoadConfig:
     seed: int = 0
     num_images: int = 64
     reconstructed_param: str = "reconstructed"
+    binary_input: bool = True  # KServe binary tensor extension (as tritonclient sends it)
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(d) for d in self.input_shape)
@@ -138,6 +139,24 @@ def infer_body(image: np.ndarray, input_name: str) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
+def infer_body_binary(image: np.ndarray, input_name: str) -> tuple[bytes, int]:
+    """Binary-extension request: (JSON header + raw bytes, JSON header length)."""
+    raw = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
+    header = json.dumps({"inputs": [{"name": input_name, "shape": [1, *image.shape], "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": len(raw)}}]},
+                        separators=(",", ":")).encode()
+    return header + raw, len(header)
+
+
+def request_for(image: np.ndarray, config: LoadConfig) -> tuple[bytes, dict[str, str]]:
+    """Encoded body and HTTP headers of one query, per config.binary_input."""
+    if config.binary_input:
+        body, header_len = infer_body_binary(image, config.input_name)
+        return body, {"Content-Type": "application/octet-stream",
+                      "Inference-Header-Content-Length": str(header_len)}
+    return infer_body(image, config.input_name), {"Content-Type": "application/json"}
+
+
 def parse_reconstructed(body: bytes, param: str) -> bool:
     """Whether a KServe v2 JSON response says it was reconstructed (missing param = False)."""
     params = json.loads(body).get("parameters") or {}
@@ -174,7 +193,7 @@ async def run_load(config: LoadConfig) -> LoadRecord:
     import aiohttp  # the tests and the driver import this module without needing aiohttp
 
     images = make_images(config.input_shape, config.num_images, config.seed)
-    bodies = [infer_body(img, config.input_name) for img in images]  # encoded once
+    requests = [request_for(img, config) for img in images]  # encoded once, before timing
     url = f"{config.url.rstrip('/')}/v2/models/{config.model_name}/infer"
     n = config.num_requests
     latency_ms = [0.0] * n
@@ -187,11 +206,9 @@ async def run_load(config: LoadConfig) -> LoadRecord:
 
     async def one(session: aiohttp.ClientSession, i: int, t0: float) -> None:
         """Send request i; latency counts from t0 (its scheduled or actual send time)."""
-        body = bodies[i % len(bodies)]
+        body, headers = requests[i % len(requests)]
         try:
-            async with session.post(
-                url, data=body, headers={"Content-Type": "application/json"}
-            ) as resp:
+            async with session.post(url, data=body, headers=headers) as resp:
                 raw = await resp.read()
                 st = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -285,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--num-images", type=int, default=d.num_images)
     p.add_argument("--reconstructed-param", default=d.reconstructed_param)
+    p.add_argument("--binary-input", action=argparse.BooleanOptionalAction, default=d.binary_input,
+                   help="send the image with the binary tensor extension (default) or as JSON")
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON record")
     return p
 

@@ -124,7 +124,10 @@ def loadgen_argv(config: LoadConfig, out: Path) -> list[str]:
     argv = [sys.executable, "-m", "bench.loadgen", "--out", str(out)]
     for key, value in vars(config).items():
         flag = "--" + key.replace("_", "-")
-        argv += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return argv
 
 

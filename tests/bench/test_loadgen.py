@@ -19,6 +19,7 @@ from bench.loadgen import (
     build_parser,
     config_from_args,
     infer_body,
+    infer_body_binary,
     make_images,
     parse_reconstructed,
     poisson_arrivals_s,
@@ -74,6 +75,25 @@ def test_infer_body_is_kserve_v2_json() -> None:
     assert not parse_reconstructed(b'{"outputs": []}', "reconstructed")
 
 
+def test_binary_body_is_header_then_raw_bytes() -> None:
+    img = make_images((1, 4, 4), 1, seed=1)[0]
+    body, header_len = infer_body_binary(img, "INPUT")
+    header = json.loads(body[:header_len])
+    assert header["inputs"][0]["parameters"] == {"binary_data_size": 16}
+    np.testing.assert_array_equal(np.frombuffer(body[header_len:], dtype=np.uint8).reshape(1, 4, 4), img)
+
+
+def test_loadgen_argv_round_trips_through_the_cli() -> None:
+    from pathlib import Path
+
+    from bench.serverproc import loadgen_argv
+
+    cfg = LoadConfig(pattern="poisson", rate_per_s=12.5, input_shape=(3, 8, 8), binary_input=False)
+    argv = loadgen_argv(cfg, Path("out.json"))
+    assert argv[1:3] == ["-m", "bench.loadgen"]
+    assert config_from_args(build_parser().parse_args(argv[3:])) == cfg
+
+
 def test_config_validation_errors() -> None:
     with pytest.raises(LoadgenError, match="127.0.0.1"):
         LoadConfig(url="http://example.com:8000")
@@ -107,10 +127,16 @@ class _StubServer:
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
     async def _infer(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        data = body["inputs"][0]["data"]
+        raw = await request.read()
+        header_len = request.headers.get("Inference-Header-Content-Length")
+        if header_len is None:
+            nbytes = len(json.loads(raw)["inputs"][0]["data"])
+        else:
+            header = json.loads(raw[: int(header_len)])
+            nbytes = len(raw) - int(header_len)
+            assert header["inputs"][0]["parameters"]["binary_data_size"] == nbytes
         idx = len(self.seen)
-        self.seen.append(len(data))
+        self.seen.append(nbytes)
         await asyncio.sleep(0.002)
         if idx == 7:
             return web.json_response({"error": "queue full"}, status=503)
@@ -141,8 +167,8 @@ class _StubServer:
         self._loop.close()
 
 
-@pytest.mark.parametrize("pattern", ["closed", "poisson"])
-def test_run_load_against_stub_server(pattern: str) -> None:
+@pytest.mark.parametrize(("pattern", "binary"), [("closed", True), ("poisson", False)])
+def test_run_load_against_stub_server(pattern: str, binary: bool) -> None:
     with _StubServer() as stub:
         cfg = LoadConfig(
             url=f"http://127.0.0.1:{stub.port}",
@@ -153,6 +179,7 @@ def test_run_load_against_stub_server(pattern: str) -> None:
             rate_per_s=400.0,
             warmup_requests=0,
             timeout_s=10.0,
+            binary_input=binary,
         )
         t0 = time.perf_counter()
         record = asyncio.run(run_load(cfg))

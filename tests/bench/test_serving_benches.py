@@ -1,0 +1,133 @@
+"""Latency / overhead / throughput benches: configuration, target arithmetic, plots, decode timing.
+
+No server and no benchmark run here: those are measured by `python -m bench ...` and
+recorded under bench/results/. These tests pin the pieces that turn measurements into
+reported numbers, so a wrong ratio or a mislabelled mode fails loudly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.latency import LatencyBenchError, LatencyConfig, quantile_curve, server_args_for, targets
+from bench.loadgen import LoadRecord
+from bench.overhead import OverheadBenchError, OverheadConfig, decode_vs_k
+from bench.throughput import ThroughputBenchError, ThroughputConfig
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bench.devbundle import build_linear_bundle
+
+    return build_linear_bundle(tmp_path_factory.mktemp("bundle") / "k2", k=2, shape=(1, 4, 4))
+
+
+def test_linear_dev_bundle_is_exact_and_loads(bundle: Path) -> None:
+    import onnxruntime as ort
+
+    from runtime.manifest import Manifest, verify_checksums
+
+    m = Manifest.load(bundle)
+    verify_checksums(bundle, m)
+    assert (m.coding.n, m.coding.k, m.embedding_shape) == (3, 2, (1, 4, 4))
+
+    def sess(rel: str) -> ort.InferenceSession:
+        return ort.InferenceSession(str(bundle / rel), providers=["CPUExecutionProvider"])
+
+    x = np.random.default_rng(0).standard_normal((5, 2, 1, 4, 4)).astype(np.float32)  # (B, k, C, H, W)
+    f, enc, head, parm = sess(m.f), sess(m.encoders[0].file), sess(m.heads[0].file), sess(m.parm)
+    z = np.stack([f.run(None, {"x": x[:, j]})[0] for j in range(2)], axis=1)  # (B, k, 1, 4, 4)
+    parity_z = f.run(None, {"x": enc.run(None, {"x": x})[0]})[0]
+    np.testing.assert_allclose(parity_z, z.mean(axis=1), atol=1e-5)  # f linear: encoder exact
+    logits = sum(head.run(None, {"z": z[:, j]})[0] for j in range(2))
+    np.testing.assert_allclose(parm.run(None, {"x": x})[0], logits, atol=1e-4)
+
+
+def test_latency_modes_map_to_server_flags(bundle: Path) -> None:
+    cfg = LatencyConfig(bundles=(str(bundle),), delay_ms=50.0, seed=7, server_args=("--workers", "2"))
+    ref = server_args_for("reference", cfg)
+    assert ref[:2] == ["--mode", "uncoded"] and not any(a.startswith("--fault") for a in ref)
+    coded = server_args_for("coded", cfg)
+    assert coded[:2] == ["--mode", "coded"]
+    assert coded[coded.index("--fault-delay-ms") + 1] == "50.0"
+    assert "--fault-straggler-per-group" in coded and coded[-2:] == ["--workers", "2"]
+    assert coded[coded.index("--fault-seed") + 1] == "7"
+
+
+def test_latency_config_errors(bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(LatencyBenchError, match="need at least one BUNDLE"):
+        LatencyConfig()
+    with pytest.raises(LatencyBenchError, match="not a bundle"):
+        LatencyConfig(bundles=(str(tmp_path),))
+    with pytest.raises(LatencyBenchError, match="modes must be a non-empty subset"):
+        LatencyConfig(bundles=(str(bundle),), modes=("coded", "magic"))
+    with pytest.raises(LatencyBenchError, match="poisson-rates must be > 0"):
+        LatencyConfig(bundles=(str(bundle),), poisson_rates=(0.0,))
+    with pytest.raises(LatencyBenchError, match="unknown LatencyConfig keys"):
+        LatencyConfig.from_dict({"bundles": [str(bundle)], "queries": 3})
+
+
+def _paper(p999: float) -> dict:
+    return {"paper": {"stats": {"p99.9_ms": p999}}}
+
+
+def test_targets_ratios() -> None:
+    result = {"modes": [{"mode": "reference", **_paper(10.0)}, {"mode": "uncoded", **_paper(120.0)},
+                        {"mode": "coded", **_paper(10.4)}, {"mode": "parm", "error": "server died"}]}
+    t = targets(result)
+    assert t["coded_over_reference"] == pytest.approx(1.04)
+    assert t["coded_within_1.05x_reference"] is True
+    assert t["coded_over_uncoded"] == pytest.approx(10.4 / 120.0, abs=1e-3)
+    assert t["coded_within_0.5x_uncoded"] is True
+    assert set(t["p99.9_ms"]) == {"reference", "uncoded", "coded"}  # the failed mode is left out
+    missed = targets({"modes": [{"mode": "reference", **_paper(10.0)}, {"mode": "coded", **_paper(11.0)}]})
+    assert missed["coded_within_1.05x_reference"] is False and "coded_over_uncoded" not in missed
+
+
+def test_quantile_curve_uses_successful_requests_only() -> None:
+    lat = list(np.arange(1.0, 101.0))
+    rec = LoadRecord(config={}, wall_s=1.0, latency_ms=[*lat, 5000.0], status=[200] * 100 + [503],
+                     reconstructed=[False] * 101, errors={})
+    q = quantile_curve(rec)
+    assert q["fraction"][0] == 0.0 and q["fraction"][-1] == 1.0
+    assert q["latency_ms"][0] == 1.0 and q["latency_ms"][-1] == 100.0
+    assert np.all(np.diff(q["latency_ms"]) >= 0)
+
+
+def test_decode_vs_k_is_exact_for_both_decoders(bundle: Path) -> None:
+    cfg = OverheadConfig(bundle=str(bundle), ks=(2, 5), decode_repeats=3)
+    rows = decode_vs_k(cfg, (16, 7, 7))
+    assert [r["k"] for r in rows] == [2, 5]
+    for r in rows:
+        assert r["embedding_elements"] == 784
+        # float32 inputs, float64 solve: k * parity - sum of k-1 terms loses ~k float32 ulps.
+        assert r["max_abs_err_one_shot"] < 1e-5 and r["max_abs_err_online"] < 1e-5
+        assert r["one_shot_us"] > 0 and r["online_us"] > 0
+
+
+def test_overhead_and_throughput_config_errors(bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(OverheadBenchError, match="not a bundle"):
+        OverheadConfig(bundle=str(tmp_path))
+    with pytest.raises(OverheadBenchError, match="k >= 1"):
+        OverheadConfig(bundle=str(bundle), ks=(0, 2))
+    with pytest.raises(OverheadBenchError, match="--batch-size must be >= 1"):
+        OverheadConfig(bundle=str(bundle), batch_size=0)
+    with pytest.raises(ThroughputBenchError, match="--concurrency must be >= 1"):
+        ThroughputConfig(bundle=str(bundle), concurrency=0)
+
+
+def test_plots_write_pngs(tmp_path: Path) -> None:
+    from bench.plots import latency_figure, throughput_figure
+
+    curve = {"fraction": [0.0, 0.5, 1.0], "latency_ms": [1.0, 2.0, 9.0]}
+    stats = {"p50_ms": 2.0, "p99_ms": 8.0, "p99.9_ms": 9.0, "mean_ms": 3.0, "throughput_rps": 100.0}
+    mode = {"mode": "coded", "paper": {"stats": stats, "quantiles": curve},
+            "poisson": [{"rate_per_s": 10.0, "stats": stats}]}
+    png = latency_figure([{"k": 2, "n": 3, "delay_ms": 100.0, "modes": [mode]}], tmp_path / "l.png", "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rec = {"raw": {"images_per_s": 300.0}, "k": 2, "n": 3, "server": {"stats": stats}, "ratio_vs_ideal": 0.5}
+    png = throughput_figure(rec, tmp_path / "t.png", "t")
+    assert png.stat().st_size > 1000
