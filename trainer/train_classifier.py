@@ -1,0 +1,281 @@
+"""`python -m trainer classifier`: train f (i-ResNet) + heads g with Manifold Mixup.
+
+Resumable: DIR/last.pt (model, optimizer, scheduler, RNG, epoch) is written atomically
+after every epoch and picked up on restart with the same flags. DIR/classifier.pt is
+written after every epoch too (metrics say `"final": false`), so downstream work can start
+early, and once more at the end with test metrics and `"final": true`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.checkpoint import (
+    CLASSIFIER_SCHEMA,
+    TRAIN_STATE_SCHEMA,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from trainer.data import DATASETS, get_spec, load_split, normalize, train_val_split
+from trainer.evaluate import accuracy
+from trainer.models import (
+    Classifier,
+    ClassifierConfig,
+    ConfigError,
+    IResNetConfig,
+    default_heads,
+    fingerprint,
+    soft_cross_entropy,
+)
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("cpu", "paper")
+
+
+@dataclass
+class TrainConfig:
+    """Flags of `python -m trainer classifier`, one-to-one. None = take the preset's value."""
+
+    dataset: str
+    out: str
+    preset: str = "cpu"
+    seed: int = 0
+    epochs: int | None = None
+    train_subset: int | None = None  # use only the first N shuffled training examples
+    threads: int = 2
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    mixup_alpha: float | None = None
+    val_fraction: float = 0.05
+    pool_size: int | None = None
+    data_dir: str | None = None
+    refine_iterations: int = 200  # power iterations per conv before the final evaluation
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"--dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
+        for name in ("epochs", "train_subset", "batch_size", "pool_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.mixup_alpha is not None and self.mixup_alpha <= 0:
+            raise ConfigError(f"--mixup-alpha must be > 0, got {self.mixup_alpha}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def preset_values(dataset: str, preset: str) -> tuple[IResNetConfig, dict]:
+    """(f config, training defaults) of a preset.
+
+    cpu: sized for a shared 2-core CPU, <= 30 min on MNIST (about 0.5 s per step of 128 with
+    one thread while other jobs load the machine; 2 threads oversubscribe it badly).
+    paper: the paper's depth (7 / 9 / 9 blocks per stage for MNIST / Fashion-MNIST /
+    CIFAR-10) and epochs (200 / 400 / 600), for a GPU; not run on CPU.
+    """
+    in_shape = get_spec(dataset).image_shape
+    stages = 3 if dataset == "cifar10" else 2
+    if preset == "cpu":
+        blocks = (2, 4, 4)[:stages]
+        hidden = (16, 64, 128)[:stages]
+        train = {"epochs": 6, "batch_size": 128, "lr": 2e-3, "weight_decay": 5e-5,
+                 "mixup_alpha": 1.0, "pool_size": 7 if stages == 2 else 4}
+    else:
+        depth = {"mnist": 7, "fashion-mnist": 9, "cifar10": 9}[dataset]
+        blocks = (depth,) * stages
+        hidden = (64, 128, 256)[:stages]
+        train = {"epochs": {"mnist": 200, "fashion-mnist": 400, "cifar10": 600}[dataset],
+                 "batch_size": 128, "lr": 1e-3, "weight_decay": 5e-5,
+                 "mixup_alpha": 1.0, "pool_size": 1}
+    f_cfg = IResNetConfig(in_shape=in_shape, stages=stages, blocks_per_stage=blocks,
+                          hidden_channels=hidden, lipschitz_coeff=0.9, n_power_iterations=1)
+    return f_cfg, train
+
+
+def resolve(config: TrainConfig) -> tuple[ClassifierConfig, TrainConfig]:
+    """Fill the preset's values into every None field; build the model config."""
+    f_cfg, defaults = preset_values(config.dataset, config.preset)
+    values = asdict(config)
+    for key, value in defaults.items():
+        if values[key] is None:
+            values[key] = value
+    resolved = TrainConfig(**values)
+    spec = get_spec(config.dataset)
+    heads = default_heads(config.dataset, spec.class_names, resolved.pool_size)
+    return ClassifierConfig(f=f_cfg, heads=heads, dataset=config.dataset), resolved
+
+
+def _train_state(model, optimizer, scheduler, generator, epoch, history):
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "epoch": epoch,
+        "history": history,
+    }
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, write DIR/last.pt and DIR/classifier.pt; return the final metrics."""
+    model_cfg, cfg = resolve(config)
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = get_spec(cfg.dataset)
+
+    images, labels = load_split(cfg.dataset, "train", cfg.data_dir)
+    train_idx, val_idx = train_val_split(len(labels), cfg.val_fraction, cfg.seed)
+    if cfg.train_subset is not None:
+        rng = np.random.default_rng(cfg.seed + 1)
+        train_idx = np.sort(rng.permutation(train_idx)[: cfg.train_subset])
+    x_train = torch.from_numpy(normalize(images[train_idx], spec))  # (N, C, H, W)
+    y_train = torch.from_numpy(labels[train_idx])  # (N,)
+    val_images, val_labels = images[val_idx], labels[val_idx]
+
+    torch.manual_seed(cfg.seed)
+    model = Classifier(model_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start_epoch, history, wall_before_s = 0, [], 0.0
+
+    last_path = out / "last.pt"
+    if last_path.exists():
+        state = load_checkpoint(last_path, TRAIN_STATE_SCHEMA)
+        if state["train_config"] != asdict(cfg) or state["model_config"] != model_cfg.to_dict():
+            raise CheckpointError(
+                f"{last_path} was written with different flags; use the same flags to resume "
+                "or a fresh --out directory"
+            )
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        wall_before_s = float(state["metrics"].get("train_wall_time_s", 0.0))
+        logger.info("resuming from %s at epoch %d", last_path, start_epoch)
+
+    logger.info(
+        "training %s: %d train / %d val examples, f %s, %d parameters, preset %s, %d epochs",
+        cfg.dataset, len(y_train), len(val_idx), model_cfg.f.to_dict(),
+        sum(p.numel() for p in model.parameters()), cfg.preset, cfg.epochs,
+    )
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(y_train), generator=generator)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   mininterval=5.0, leave=True)
+        loss_sum, n_seen = 0.0, 0
+        for step in bar:
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            logits, targets, _ = model.forward_mixup(
+                x_train[idx], y_train[idx], cfg.mixup_alpha, generator
+            )
+            loss = sum(soft_cross_entropy(logits[t], targets[t]) for t in logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            n_seen += len(idx)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
+        bar.close()
+        wall_s = wall_before_s + time.perf_counter() - t_start
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1),
+                  "wall_time_s": round(wall_s, 1)}
+        if len(val_idx):
+            record["val_accuracy"] = accuracy(model, val_images, val_labels, spec)
+        history.append(record)
+        logger.info("epoch %d: %s", epoch + 1, record)
+        metrics = {"train_wall_time_s": wall_s, "history": history, "final": False}
+        save_checkpoint(
+            last_path, schema=TRAIN_STATE_SCHEMA, model_config=model_cfg.to_dict(),
+            state_dict=model.state_dict(), train_config=asdict(cfg), metrics=metrics,
+            dataset=cfg.dataset,
+            extra=_train_state(model, optimizer, scheduler, generator, epoch + 1, history),
+        )
+        _save_classifier(out / "classifier.pt", model, model_cfg, cfg, metrics)
+
+    train_wall_s = wall_before_s + time.perf_counter() - t_start
+    model.f.refine_spectral(cfg.refine_iterations)
+    model.eval()
+    test_images, test_labels = load_split(cfg.dataset, "test", cfg.data_dir)
+    metrics = {
+        "final": True,
+        "test_accuracy": accuracy(model, test_images, test_labels, spec),
+        "train_wall_time_s": round(train_wall_s, 1),
+        "train_examples": len(y_train),
+        "lipschitz_bounds": [round(b, 4) for b in model.f.lipschitz_bounds(100)],
+        "history": history,
+        "machine_threads": cfg.threads,
+    }
+    _save_classifier(out / "classifier.pt", model, model_cfg, cfg, metrics)
+    logger.info("final metrics: test accuracy %s, wall %.0f s",
+                metrics["test_accuracy"], train_wall_s)
+    return metrics
+
+
+def _save_classifier(path: Path, model: Classifier, model_cfg: ClassifierConfig,
+                     cfg: TrainConfig, metrics: dict) -> None:
+    was_training = model.training
+    model.eval()
+    save_checkpoint(
+        path, schema=CLASSIFIER_SCHEMA, model_config=model_cfg.to_dict(),
+        state_dict=model.state_dict(), train_config=asdict(cfg), metrics=metrics,
+        dataset=cfg.dataset, extra={"f_hash": fingerprint(model.f)},
+    )
+    model.train(was_training)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer classifier", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--out", required=True, help="output directory (last.pt, classifier.pt)")
+    p.add_argument("--preset", default="cpu", choices=PRESETS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--train-subset", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--mixup-alpha", type=float, default=None)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--pool-size", type=int, default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--refine-iterations", type=int, default=200)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        train(TrainConfig(**vars(args)))
+    except (ConfigError, CheckpointError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
