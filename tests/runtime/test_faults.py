@@ -99,8 +99,9 @@ def test_uncoded_waits_for_the_straggler(tiny: TinyModel) -> None:
 
 
 def test_overdue_worker_is_an_erasure_and_restarted(tiny: TinyModel) -> None:
-    config = server_config(tiny.bundle, fault_straggler_per_group=True, fault_delay_ms=600.0,
-                           worker_deadline_ms=150.0, fault_seed=1, max_queue_delay_ms=50.0)
+    # deadline far above a normal call even on a loaded 2-core box, far below the delay
+    config = server_config(tiny.bundle, fault_straggler_per_group=True, fault_delay_ms=3000.0,
+                           worker_deadline_ms=800.0, fault_seed=1, max_queue_delay_ms=50.0)
     with ServerThread(config) as srv:
         client = triton.InferenceServerClient(srv.url)
         for i in range(3):
@@ -139,3 +140,27 @@ def test_failing_calls_answer_every_request_once(tiny: TinyModel) -> None:
                                           tiny.logits(images[rid])["digit"].argmax(axis=1))
         else:
             assert "decoding needs any 2" in result
+
+
+def test_parm_decodes_the_stragglers_primary_head_only(tiny: TinyModel) -> None:
+    config = server_config(tiny.bundle, mode="parm", fault_straggler_per_group=True,
+                           fault_delay_ms=1000.0, metrics_port=-1, max_queue_delay_ms=50.0)
+    images = random_images(2, seed=800)  # one full group
+    reference = tiny.logits(images)
+    with ServerThread(config) as srv:
+        client = triton.InferenceServerClient(srv.url)
+        inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
+        inp.set_data_from_numpy(images)
+        t0 = time.perf_counter()
+        result = client.infer("tiny", [inp])
+        assert time.perf_counter() - t0 < 0.5  # the straggler was not waited for
+    flags = result.as_numpy("reconstructed")
+    assert flags.sum() == 1
+    # primary head: parity - sum of the other primary logits, exact for this linear model
+    np.testing.assert_allclose(result.as_numpy("digit_logits"), reference["digit"], atol=1e-3)
+    np.testing.assert_array_equal(result.as_numpy("digit_class"), reference["digit"].argmax(1))
+    assert np.isnan(result.as_numpy("parity_logits")[flags]).all()
+    assert result.as_numpy("parity_class")[flags].tolist() == [-1]
+    np.testing.assert_allclose(result.as_numpy("parity_logits")[~flags],
+                               reference["parity"][~flags], atol=1e-3)
+    assert result.get_response()["parameters"]["unavailable_heads"] == "parity"

@@ -23,13 +23,23 @@ def _infer(client: triton.InferenceServerClient, images: np.ndarray, binary: boo
     return client.infer("tiny", [inp], outputs=requested)
 
 
-def _check_labels(result: triton.InferResult, tiny: TinyModel, images: np.ndarray) -> None:
+def _check_labels(result: triton.InferResult, tiny: TinyModel, images: np.ndarray,
+                  parm: bool = False) -> None:
     reference = tiny.logits(images)
+    primary = next(iter(TASKS))
+    # ParM decodes only the primary head of a missing query; its other heads are unavailable
+    decoded = result.as_numpy("reconstructed") if parm else np.zeros(len(images), bool)
     for task in TASKS:
-        np.testing.assert_allclose(result.as_numpy(f"{task}_logits"), reference[task],
+        rows = slice(None) if task == primary else ~decoded
+        np.testing.assert_allclose(result.as_numpy(f"{task}_logits")[rows], reference[task][rows],
                                    atol=LOGIT_ATOL, rtol=0)
-        np.testing.assert_array_equal(result.as_numpy(f"{task}_class"),
-                                      reference[task].argmax(axis=1))
+        np.testing.assert_array_equal(result.as_numpy(f"{task}_class")[rows],
+                                      reference[task].argmax(axis=1)[rows])
+        if task != primary:
+            assert np.isnan(result.as_numpy(f"{task}_logits")[decoded]).all()
+            assert (result.as_numpy(f"{task}_class")[decoded] == -1).all()
+    params = result.get_response()["parameters"]
+    assert ("unavailable_heads" in params) == bool(decoded.any())
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -95,7 +105,7 @@ def test_modes_answer_exactly(tiny: TinyModel, mode: str, extra: dict) -> None:
     with ServerThread(server_config(tiny.bundle, mode=mode, metrics_port=-1, **extra)) as srv:
         client = triton.InferenceServerClient(srv.url)
         result = _infer(client, images, binary=True)
-        _check_labels(result, tiny, images)
+        _check_labels(result, tiny, images, parm=mode == "parm")
         assert result.get_response()["parameters"]["mode"] == mode
         # the plain-JSON path of the same server, with an id that must come back
         body = {"id": "req-7", "inputs": [{"name": "INPUT", "shape": [5, 1, 4, 4],
