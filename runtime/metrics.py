@@ -40,6 +40,9 @@ class Metrics:
                                   "heads (us)")
         self._pending = triton("nv_inference_pending_request_count",
                                "Queries waiting in the batcher queue")
+        self.inflight_requests = Gauge(
+            "coded_inflight_requests", "Inference requests being handled (drained on shutdown)",
+            MODEL_LABELS, registry=r)
         self.request_latency = Histogram(
             "coded_request_latency_seconds", "End-to-end latency of successful requests",
             MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r)

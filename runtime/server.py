@@ -292,10 +292,13 @@ class Server:
                                   f"{self.config.max_body_bytes}-byte limit (--max-body-bytes)")
         self._inflight += 1
         self._idle.clear()
+        inflight_gauge = self.metrics.inflight_requests.labels(**self.metrics.labels)
+        inflight_gauge.inc()
         try:
             response = await self._infer_inner(request)
         finally:
             self._inflight -= 1
+            inflight_gauge.dec()
             if self._inflight == 0:
                 self._idle.set()
         self.metrics.request_success(time.perf_counter() - started)

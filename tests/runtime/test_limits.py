@@ -33,7 +33,11 @@ def test_full_queue_503_retry_after_and_timeouts(tiny: TinyModel) -> None:
                            max_queue_size=4, max_inflight_groups=1, max_queue_delay_ms=1.0)
     with ServerThread(config) as srv, concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(_post, srv.url, random_images(4, seed=1))  # 2 groups, ~1 s
-        time.sleep(0.2)  # group 1 runs, group 2 (2 queries) waits in the queue
+        deadline = time.monotonic() + 20
+        # group 1 runs, group 2 (2 queries) waits in the queue
+        while metric_value(read_metrics(srv.metrics_url), "nv_inference_pending_request_count") < 2:
+            assert time.monotonic() < deadline, "the first request never queued"
+            time.sleep(0.02)
         status, payload, headers = _post(srv.url, random_images(4, seed=2))
         assert status == 503
         assert "overloaded" in payload["error"]

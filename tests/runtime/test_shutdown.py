@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_harness import TinyModel, free_port, random_images
+from runtime_harness import TinyModel, free_port, metric_value, random_images, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _start(bundle: Path, port: int, *flags: str) -> subprocess.Popen[str]:
+def _start(bundle: Path, port: int, metrics_port: int, *flags: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime", "serve", str(bundle), "--http-port", str(port),
-         "--metrics-port", "-1", *flags],
+         "--metrics-port", str(metrics_port), *flags],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -35,6 +35,16 @@ def _start(bundle: Path, port: int, *flags: str) -> subprocess.Popen[str]:
             time.sleep(0.1)
     proc.kill()
     raise TimeoutError("server not ready within 60 s")
+
+
+def _wait_inflight(metrics_port: int, count: int, timeout_s: float = 20.0) -> None:
+    """Block until the server is handling `count` requests (so the signal hits them)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    deadline = time.monotonic() + timeout_s
+    while metric_value(read_metrics(url), "coded_inflight_requests") < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} requests never in flight")
+        time.sleep(0.02)
 
 
 def _infer(port: int, images: np.ndarray) -> tuple[int, dict]:
@@ -55,14 +65,14 @@ def _classes(payload: dict) -> list[int]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_shutdown_drains_in_flight_requests(tiny: TinyModel, sig: signal.Signals) -> None:
-    port = free_port()
-    # every worker answer takes 800 ms, so requests are surely in flight at the signal
-    proc = _start(tiny.bundle, port, "--fault-delay-ms", "800", "--fault-delay-prob", "1",
-                  "--drain-timeout-s", "10")
+    port, metrics_port = free_port(), free_port()
+    # every worker answer takes 1 s, so requests are surely in flight at the signal
+    proc = _start(tiny.bundle, port, metrics_port, "--fault-delay-ms", "1000",
+                  "--fault-delay-prob", "1", "--drain-timeout-s", "10")
     images = [random_images(2, seed=600 + i) for i in range(6)]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(_infer, port, im) for im in images]
-        time.sleep(0.3)
+        _wait_inflight(metrics_port, len(images))
         proc.send_signal(sig)
         time.sleep(0.2)
         # no longer accepting: new connections are refused (or told 503) while draining
@@ -82,12 +92,13 @@ def test_shutdown_drains_in_flight_requests(tiny: TinyModel, sig: signal.Signals
 
 
 def test_drain_timeout_bounds_shutdown(tiny: TinyModel) -> None:
-    port = free_port()
-    proc = _start(tiny.bundle, port, "--fault-delay-ms", "4000", "--fault-delay-prob", "1",
-                  "--worker-deadline-ms", "10000", "--drain-timeout-s", "0.5")
+    port, metrics_port = free_port(), free_port()
+    proc = _start(tiny.bundle, port, metrics_port, "--fault-delay-ms", "4000",
+                  "--fault-delay-prob", "1", "--worker-deadline-ms", "10000",
+                  "--drain-timeout-s", "0.5")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(_infer, port, random_images(2, seed=700))
-        time.sleep(0.3)
+        _wait_inflight(metrics_port, 1)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=30)
