@@ -49,7 +49,8 @@ def test_permutation_invariant(shared_levels: int) -> None:
 
 def test_uniform_code_is_order_invariant_and_depends_on_inputs() -> None:
     torch.manual_seed(1)
-    enc = ParityEncoders(EncoderConfig(in_channels=1, image_size=[28, 28], k=3, coefficients=[[1 / 3] * 3])).eval()
+    config = EncoderConfig(in_channels=1, image_size=[28, 28], k=3, coefficients=[[1 / 3] * 3], base_channels=8)
+    enc = ParityEncoders(config).eval()
     x = torch.randn(2, 3, 1, 28, 28)
     with torch.no_grad():
         y = enc(x)
@@ -92,3 +93,55 @@ def test_pixel_discriminator_is_per_pixel() -> None:
     assert diff[:, 5, 7].min() > 0
     diff[:, 5, 7] = 0
     assert diff.max() == 0
+
+
+@pytest.mark.parametrize(("n", "k"), [(3, 2), (11, 10), (4, 2), (6, 4)])
+def test_torch_decode_matches_coding_scheme(n: int, k: int) -> None:
+    from kernels.coding import CodingScheme
+    from trainer.ideal_data import coding_matrix
+    from trainer.train_encoder import decode_embeddings, erasure_patterns
+
+    coeffs = coding_matrix(n, k)
+    scheme = CodingScheme(n, k, coeffs)
+    values = np.random.default_rng(0).normal(size=(k, 7))  # (k, D) one group
+    results = np.concatenate([values, scheme.encode(values)])  # (n, D)
+    patterns = erasure_patterns(n, k)
+    assert all(min(p) < k and len(p) == n - k for p in patterns)
+    for pattern in patterns:
+        z = torch.tensor(values[None])  # (1, k, D)
+        z_par = torch.tensor(results[None, k:])  # (1, R, D)
+        missing, z_hat = decode_embeddings(torch.tensor(coeffs), z.clone().index_fill_(1, torch.tensor(pattern[:1]),
+                                                                                  0.0), z_par, pattern)
+        np.testing.assert_allclose(z_hat[0].numpy(), values[missing], rtol=0, atol=1e-9)
+        survivors = [i for i in range(n) if i not in pattern]
+        np.testing.assert_allclose(scheme.decode(survivors, results[survivors])[missing], z_hat[0].numpy(),
+                                   rtol=0, atol=1e-9)
+
+
+def test_evaluate_coded_with_ideal_encoder_agrees_with_base() -> None:
+    # An "encoder" that returns the ideal targets f^-1(sum_j C[r, j] f(x_j)) makes every
+    # rebuilt prediction equal the base model's prediction (tiny f, inverse tol 1e-6).
+    from trainer.ideal_data import coding_matrix, ideal_targets
+    from trainer.models.iresnet import InvertibleNet, IResNetConfig
+    from trainer.train_encoder import evaluate_coded
+
+    torch.manual_seed(0)
+    f = InvertibleNet(IResNetConfig(in_shape=(1, 8, 8), stages=1, blocks_per_stage=(2,), hidden_channels=(8,),
+                                    lipschitz_coeff=0.5))  # strongly contractive: the inverse converges fast
+    with torch.no_grad():
+        for _ in range(10):
+            f(torch.randn(4, 1, 8, 8))
+    f.eval()
+    head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 6)).eval()
+    coeffs = torch.tensor(coding_matrix(6, 4), dtype=torch.float32)
+
+    class Ideal(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return ideal_targets(f, x, coeffs, 1e-6, 300)[0]
+
+    images = torch.randn(12, 1, 8, 8)
+    labels = torch.randint(0, 6, (12,))
+    res = evaluate_coded(f, head, Ideal(), images, labels, np.arange(12).reshape(3, 4), batch_size=4,
+                         coefficients=coeffs)
+    assert res.acc_base == 1.0
+    assert len(res.per_pattern) == 15 - 1  # C(6, 2) patterns minus the parity-only one

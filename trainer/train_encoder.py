@@ -1,0 +1,367 @@
+"""`python -m trainer encoder`: train the Coded-InvNet parity encoders against a fixed f, g.
+
+Pix2Pix recipe (paper §4.1): LSGAN with a PixelGAN (1x1) discriminator conditioned on the
+linear mix sum_j C[r, j] x_j, plus l1_weight * |Enc_r(x) - t_r| to the cached ideal target
+t_r = f^-1(sum_j C[r, j] f(x_j)). Two optional losses:
+- latent: |f(Enc_r(x)) - sum_j C[r, j] f(x_j)|, the error the decoder actually sees;
+- distill: cross-entropy of g(decoded embedding) against softmax(g(f(x_a))) for a random
+  erasure set, i.e. the degraded-mode prediction itself.
+f and g stay frozen (eval mode, no gradients into their weights).
+
+Notation: B groups, k queries, R = n - k parity rows, C x H x W image, D = numel(f(x)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.models.encoder import DiscriminatorConfig, EncoderConfig, ParityEncoders, PixelDiscriminator
+
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"steps": 20_000},
+    "cpu": {"steps": 400, "d_steps": 1, "eval_every": 200, "val_groups": 500},
+}
+
+
+class EncoderTrainError(ValueError):
+    """Bad encoder-training configuration or inputs that do not belong together."""
+
+
+@dataclass
+class EncoderTrainConfig:
+    classifier: str
+    ideal_data: str
+    out: str
+    steps: int = 20_000  # generator steps
+    batch_size: int = 64
+    lr: float = 2e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    d_steps: int = 5  # discriminator steps per generator step
+    gan_weight: float = 1.0
+    l1_weight: float = 100.0
+    latent_weight: float = 10.0
+    distill_weight: float = 1.0
+    base_channels: int = 32
+    depth: int = 2
+    shared_levels: int = 2
+    disc_width: int = 64
+    eval_every: int = 1000
+    val_groups: int = 1000
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    seed: int = 0
+    threads: int = 0
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "val_groups", "base_channels", "depth", "disc_width"):
+            if getattr(self, name) < 1:
+                raise EncoderTrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_steps < 0:
+            raise EncoderTrainError(f"d_steps must be >= 0, got {self.d_steps}")
+        for name in ("gan_weight", "l1_weight", "latent_weight", "distill_weight"):
+            if getattr(self, name) < 0:
+                raise EncoderTrainError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.lr > 0):
+            raise EncoderTrainError(f"need lr > 0 and betas in [0, 1), got {self.lr}, {self.beta1}, {self.beta2}")
+
+
+# -- decoding in torch (differentiable; same algebra as kernels.coding.CodingScheme.decode) ----
+
+
+def erasure_patterns(n: int, k: int) -> list[tuple[int, ...]]:
+    """Every set of n-k erased workers that hits at least one systematic worker (id < k)."""
+    return [e for e in itertools.combinations(range(n), n - k) if min(e) < k]
+
+
+def decode_embeddings(
+    coefficients: torch.Tensor, z: torch.Tensor, z_par: torch.Tensor, erased: tuple[int, ...]
+) -> tuple[list[int], torch.Tensor]:
+    """Rebuild the erased systematic embeddings from the k surviving workers.
+
+    coefficients C (R, k); z (B, k, D) systematic embeddings (erased ones are ignored);
+    z_par (B, R, D) parity embeddings f(Enc_r(x)). Returns (missing ids, (B, |missing|, D)).
+    """
+    k = coefficients.shape[1]
+    missing = [j for j in erased if j < k]
+    received = [j for j in range(k) if j not in erased]
+    parities = [p - k for p in range(k, k + coefficients.shape[0]) if p not in erased]
+    if len(parities) != len(missing):
+        raise EncoderTrainError(f"erasure set {erased} leaves {len(parities)} parities for {len(missing)} unknowns")
+    c = coefficients.to(z.dtype)
+    rhs = z_par[:, parities] - torch.einsum("pj,bjd->bpd", c[parities][:, received], z[:, received])  # (B, e, D)
+    system = c[parities][:, missing]  # (e, e)
+    return missing, torch.linalg.solve(system, rhs)  # (B, e, D)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+@dataclass
+class DegradedResult:
+    acc_labels: float  # degraded-mode accuracy vs true labels, mean over erasure patterns
+    acc_base: float  # agreement with the base model's prediction, mean over erasure patterns
+    per_pattern: dict[str, dict[str, float]]
+    groups: int
+
+
+def make_groups(num_examples: int, k: int, max_groups: int | None, seed: int) -> np.ndarray:
+    """Disjoint k-tuples of a seeded permutation: (G, k) indices, G = min(N // k, max_groups)."""
+    perm = np.random.default_rng(seed).permutation(num_examples)
+    g = num_examples // k if max_groups is None else min(num_examples // k, max_groups)
+    return perm[: g * k].reshape(g, k)
+
+
+@torch.no_grad()
+def evaluate_coded(
+    f: nn.Module,
+    head: nn.Module,
+    encoders: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    groups: np.ndarray,
+    batch_size: int = 64,
+    coefficients: torch.Tensor | None = None,
+) -> DegradedResult:
+    """Degraded-mode accuracy of Coded-InvNet over every erasure pattern (see erasure_patterns).
+
+    encoders maps x (B, k, C, H, W) -> (B, R, C, H, W); coefficients C (R, k) defaults to a
+    ParityEncoders' config. images (N, C, H, W) normalised, labels (N,), groups (G, k) indices.
+    """
+    encoders.eval()
+    if coefficients is None:
+        coefficients = torch.tensor(encoders.config.coefficients, dtype=torch.float32)  # (R, k)
+    R, k = coefficients.shape
+    patterns = erasure_patterns(k + R, k)
+    hits = {p: [0, 0, 0] for p in patterns}  # pattern -> [correct vs labels, agree with base, count]
+    for start in range(0, len(groups), batch_size):
+        idx = torch.as_tensor(groups[start : start + batch_size])  # (B, k)
+        x = images[idx]  # (B, k, C, H, W)
+        B = x.shape[0]
+        z = f(x.flatten(0, 1))  # (B*k, *emb)
+        emb = z.shape[1:]
+        z = z.reshape(B, k, -1)  # (B, k, D)
+        base_pred = head(z.reshape(B * k, *emb)).argmax(1).reshape(B, k)
+        z_par = f(encoders(x).flatten(0, 1)).reshape(B, R, -1)  # (B, R, D)
+        y = labels[idx]  # (B, k)
+        for pattern in patterns:
+            missing, z_hat = decode_embeddings(coefficients, z, z_par, pattern)  # (B, e, D)
+            pred = head(z_hat.reshape(-1, *emb)).argmax(1).reshape(B, len(missing))
+            hits[pattern][0] += int((pred == y[:, missing]).sum())
+            hits[pattern][1] += int((pred == base_pred[:, missing]).sum())
+            hits[pattern][2] += pred.numel()
+    per = {
+        ",".join(map(str, p)): {"acc_labels": h[0] / h[2], "acc_base": h[1] / h[2]} for p, h in hits.items()
+    }
+    return DegradedResult(
+        acc_labels=float(np.mean([v["acc_labels"] for v in per.values()])),
+        acc_base=float(np.mean([v["acc_base"] for v in per.values()])),
+        per_pattern=per,
+        groups=len(groups),
+    )
+
+
+# -- training --------------------------------------------------------------------------------
+
+
+def _soft_xent(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[str, Any]:
+    """Train, evaluate on validation groups, save the checkpoint; returns its metrics."""
+    from tqdm import tqdm
+
+    from trainer.checkpoint import load_classifier, save_checkpoint
+    from trainer.data import get_spec, load_split, normalize, train_val_split
+    from trainer.ideal_data import load_ideal_data
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model, ckpt = load_classifier(config.classifier)
+    f_hash = ckpt["f_hash"]
+    f = model.f.folded().eval().requires_grad_(False)  # plain convs: same function, cheaper
+    head = model.heads[model.primary_task].eval().requires_grad_(False)
+    cache = load_ideal_data(config.ideal_data, f_hash=f_hash)
+    meta = cache["meta"]
+    n, k = int(meta["n"]), int(meta["k"])
+    coeffs = torch.tensor(meta["coefficients"], dtype=torch.float32)  # (R, k)
+    R = n - k
+    dataset = ckpt["dataset"]
+    spec = get_spec(dataset)
+    images_u8, labels_np = load_split(dataset, "train", config.data_dir)
+    images = torch.from_numpy(normalize(images_u8, spec))  # (N, C, H, W)
+    labels = torch.from_numpy(labels_np)
+    _, val_idx = train_val_split(len(images), config.val_fraction, config.split_seed)
+    if np.intersect1d(cache["indices"].ravel(), val_idx).size:
+        raise EncoderTrainError(
+            "the ideal-data cache uses validation images; rebuild it with the same --val-fraction/--split-seed"
+        )
+    val_groups = val_idx[make_groups(len(val_idx), k, config.val_groups, config.seed + 1)]  # (G, k)
+    group_idx = torch.from_numpy(cache["indices"])  # (G_train, k)
+    targets = torch.from_numpy(cache["targets"])  # (G_train, R, C, H, W)
+    C_img, H, W = spec.image_shape
+
+    enc_config = EncoderConfig(
+        in_channels=C_img, image_size=[H, W], k=k, coefficients=coeffs.tolist(),
+        base_channels=config.base_channels, depth=config.depth, shared_levels=config.shared_levels,
+    )
+    encoders = ParityEncoders(enc_config)
+    discs = nn.ModuleList([PixelDiscriminator(DiscriminatorConfig(C_img, config.disc_width)) for _ in range(R)])
+    betas = (config.beta1, config.beta2)
+    opt_g = torch.optim.Adam(encoders.parameters(), lr=config.lr, betas=betas)
+    opt_d = torch.optim.Adam(discs.parameters(), lr=config.lr, betas=betas)
+    patterns = erasure_patterns(n, k)
+    logger.info("encoder (%d,%d) on %s: %d cached groups, %d val groups, f_hash %s…, %d params",
+                n, k, dataset, len(group_idx), len(val_groups), f_hash[:12],
+                sum(p.numel() for p in encoders.parameters()))
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pick = torch.from_numpy(rng.integers(0, len(group_idx), config.batch_size))
+        x = images[group_idx[pick]]  # (B, k, C, H, W)
+        cond = torch.einsum("rk,bkchw->brchw", coeffs, x)  # (B, R, C, H, W)
+        return x, targets[pick], cond
+
+    def d_loss_fn(real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        loss = real.new_zeros(())
+        for r, disc in enumerate(discs):  # LSGAN: real -> 1, fake -> 0
+            real_term = (disc(cond[:, r], real[:, r]) - 1).pow(2).mean()
+            loss = loss + 0.5 * (real_term + disc(cond[:, r], fake[:, r]).pow(2).mean())
+        return loss
+
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(1, config.steps + 1), desc=f"encoder ({n},{k})", unit="step", mininterval=5)
+    for step in bar:
+        encoders.train()
+        if config.gan_weight > 0:
+            for _ in range(config.d_steps):
+                x, t, cond = batch()
+                with torch.no_grad():
+                    fake = encoders(x)  # (B, R, C, H, W)
+                opt_d.zero_grad(set_to_none=True)
+                d_loss_fn(t, fake, cond).backward()
+                opt_d.step()
+        x, t, cond = batch()
+        fake = encoders(x)  # (B, R, C, H, W)
+        terms: dict[str, torch.Tensor] = {"l1": F.l1_loss(fake, t)}
+        if config.gan_weight > 0:
+            terms["gan"] = sum(0.5 * (d(cond[:, r], fake[:, r]) - 1).pow(2).mean() for r, d in enumerate(discs))
+        if config.latent_weight > 0 or config.distill_weight > 0:
+            B = x.shape[0]
+            with torch.no_grad():
+                z = f(x.flatten(0, 1))  # (B*k, *emb)
+            emb = z.shape[1:]
+            z = z.reshape(B, k, -1)  # (B, k, D)
+            z_par = f(fake.flatten(0, 1)).reshape(B, R, -1)  # (B, R, D)
+            if config.latent_weight > 0:
+                terms["latent"] = F.l1_loss(z_par, torch.einsum("rk,bkd->brd", coeffs, z))
+            if config.distill_weight > 0:
+                pattern = patterns[int(rng.integers(len(patterns)))]
+                missing, z_hat = decode_embeddings(coeffs, z, z_par, pattern)  # (B, e, D)
+                with torch.no_grad():
+                    target_logits = head(z[:, missing].reshape(-1, *emb))
+                terms["distill"] = _soft_xent(head(z_hat.reshape(-1, *emb)), target_logits)
+        weights = {"l1": config.l1_weight, "gan": config.gan_weight, "latent": config.latent_weight,
+                   "distill": config.distill_weight}
+        loss = sum(weights[name] * value for name, value in terms.items())
+        if not torch.isfinite(loss):
+            values = {name: float(v) for name, v in terms.items()}
+            raise EncoderTrainError(f"non-finite generator loss at step {step}: {values}; lower --lr")
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        if step % 50 == 0:
+            bar.set_postfix({name: f"{float(v):.3g}" for name, v in terms.items()})
+        if step % config.eval_every == 0 or step == config.steps:
+            res = evaluate_coded(f, head, encoders, images, labels, val_groups)
+            history.append({"step": step, "val_acc_labels": res.acc_labels, "val_acc_base": res.acc_base,
+                            "elapsed_s": time.perf_counter() - t0,
+                            **{f"loss_{name}": float(v) for name, v in terms.items()}})
+            logger.info("step %d: val degraded acc %.4f (labels) %.4f (base)", step, res.acc_labels, res.acc_base)
+    train_time_s = time.perf_counter() - t0
+    metrics = {
+        "val_acc_labels": history[-1]["val_acc_labels"],
+        "val_acc_base": history[-1]["val_acc_base"],
+        "val_groups": len(val_groups),
+        "train_time_s": train_time_s,
+        "train_groups": len(group_idx),
+        "ideal_dropped_fraction": meta["dropped_fraction"],
+        "threads": torch.get_num_threads(),
+        "history": history,
+    }
+    coding = {"n": n, "k": k, "coefficients": coeffs.tolist()}
+    save_checkpoint(
+        config.out,
+        schema="coded-invnet/encoder",
+        model_config=enc_config.to_dict(),
+        state_dict=encoders.state_dict(),
+        train_config=dataclasses.asdict(config),
+        metrics=metrics,
+        dataset=dataset,
+        extra={"f_hash": f_hash, "coding": coding},
+    )
+    logger.info("saved %s (%.0f s)", config.out, train_time_s)
+    return metrics
+
+
+def load_encoders(path: str | Path) -> tuple[ParityEncoders, dict[str, Any]]:
+    """(ParityEncoders in eval mode, checkpoint dict) from an encoder checkpoint."""
+    from trainer.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, expected_schema="coded-invnet/encoder")
+    encoders = ParityEncoders(EncoderConfig.from_dict(ckpt["model_config"]))
+    encoders.load_state_dict(ckpt["state_dict"])
+    return encoders.eval(), ckpt
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer encoder", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classifier", required=True, help="classifier checkpoint (.pt)")
+    p.add_argument("--ideal-data", required=True, help="cache from `python -m trainer ideal-data`")
+    p.add_argument("--out", required=True, help="encoder checkpoint to write (under runs/)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="budget preset; explicit flags win")
+    defaults = EncoderTrainConfig(classifier="", ideal_data="", out="")
+    for field in dataclasses.fields(EncoderTrainConfig):
+        if field.name in ("classifier", "ideal_data", "out"):
+            continue
+        kind = str if field.name == "data_dir" else type(getattr(defaults, field.name))
+        p.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
+                       help=f"default {getattr(defaults, field.name)}")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EncoderTrainConfig:
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    return EncoderTrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    config = config_from_args(_parser().parse_args(argv))
+    metrics = train(config, command=["python", "-m", "trainer", "encoder", *argv])
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))  # noqa: T201 - CLI result line
+    return 0 if math.isfinite(metrics["val_acc_labels"]) else 1
