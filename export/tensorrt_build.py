@@ -201,7 +201,8 @@ def build_engines(config: TrtConfig) -> TrtBuildReport:
 
 def _record_engines(root: Path, manifest: Manifest, report: TrtBuildReport) -> None:
     """Add the plans to manifest['files'] (atomic rewrite: the old manifest stays until it is done)."""
-    data = manifest.to_dict()
+    # via JSON: Manifest.to_dict() keeps tuples, which Manifest.from_dict() refuses
+    data = json.loads(json.dumps(manifest.to_dict()))
     data["files"].update({plan: sha256_file(root / plan) for plan in report.engines.values()})
     updated = Manifest.from_dict(data)
     tmp = root / (MANIFEST_NAME + ".partial")
