@@ -83,6 +83,11 @@ class Server:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
+        """Listen (live = 200, ready = 503), then load and warm up every worker (ready = 200)."""
+        await self.start_listening()
+        await self.start_workers()
+
+    async def start_listening(self) -> None:
         config, manifest = self.config, self.manifest
         if config.verify_checksums:
             verify_checksums(self.bundle_dir, manifest)
@@ -135,6 +140,10 @@ class Server:
             config.encoders_on_workers, frontend_s * 1e3,
             "event loop" if frontend.inline else "thread pool", config.max_queue_delay_ms,
             config.faults if config.faults.active else "none")
+
+    async def start_workers(self) -> None:
+        if self.pool is None:
+            raise RuntimeError("start_listening() must run before start_workers()")
         await self.pool.start()  # ready turns 200 only after every worker warmed up
         self._warmed_up = True
         logger.info("all %d workers warmed up; ready", self.pool_size)

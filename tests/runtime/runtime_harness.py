@@ -237,13 +237,14 @@ def random_images(batch: int, seed: int) -> np.ndarray:
 class ClientPool:
     """Concurrent tritonclient callers: one InferenceServerClient per thread."""
 
-    def __init__(self, url: str, threads: int) -> None:
+    def __init__(self, url: str, threads: int, model: str = "tiny") -> None:
         import concurrent.futures
 
         import tritonclient.http as triton
 
         self._triton = triton
         self._url = url
+        self._model = model
         self._local = threading.local()
         self.executor = concurrent.futures.ThreadPoolExecutor(threads)
 
@@ -259,7 +260,7 @@ class ClientPool:
         inp = triton.InferInput("INPUT", list(images.shape), "UINT8")
         inp.set_data_from_numpy(images)
         try:
-            return 200, self._client().infer("tiny", [inp], request_id=request_id,
+            return 200, self._client().infer(self._model, [inp], request_id=request_id,
                                              parameters=parameters)
         except triton.InferenceServerException as exc:
             return int(exc.status() or 0), exc.message()

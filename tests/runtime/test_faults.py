@@ -81,6 +81,8 @@ def test_straggler_per_group_is_decoded_not_waited_for(tiny: TinyModel) -> None:
         # every straggler's result lands later and is dropped and counted
         assert _wait_for(lambda: metric_value(read_metrics(srv.metrics_url),
                                               "coded_late_results_dropped_total") == 4, 5.0)
+        # one erasure per group: the straggler, whose result was missing at decode time
+        assert metric_value(read_metrics(srv.metrics_url), "coded_erasures_total") == 4
     assert max(client_latency) < delay_ms / 1000.0 / 2
 
 

@@ -125,3 +125,37 @@ def test_approxifer_answers_every_query_as_decoded(tiny: TinyModel) -> None:
     # Berrut interpolation is approximate even for a linear model: only the flags are exact
     assert result.as_numpy("reconstructed").all()
     assert result.get_response()["parameters"]["reconstructed"] is True
+
+
+def test_ready_only_after_every_worker_warmed_up(tiny: TinyModel) -> None:
+    """live = 200 as soon as the socket listens; ready = 503 until the workers are warm."""
+    import asyncio
+
+    import aiohttp
+
+    from runtime.server import Server
+
+    async def run() -> None:
+        server = Server(server_config(tiny.bundle, metrics_port=-1))
+        try:
+            await server.start_listening()
+            base = f"http://127.0.0.1:{server.http_port}/v2"
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{base}/health/live") as response:
+                    assert response.status == 200
+                async with session.get(f"{base}/health/ready") as response:
+                    assert response.status == 503
+                    assert "warming up" in (await response.json())["error"]
+                body = {"inputs": [{"name": "INPUT", "shape": [1, 1, 4, 4], "datatype": "UINT8",
+                                    "data": [0] * 16}]}
+                async with session.post(f"{base}/models/tiny/infer", json=body) as response:
+                    assert response.status == 503
+                await server.start_workers()
+                async with session.get(f"{base}/health/ready") as response:
+                    assert response.status == 200
+                async with session.post(f"{base}/models/tiny/infer", json=body) as response:
+                    assert response.status == 200
+        finally:
+            await server.shutdown()
+
+    asyncio.run(run())

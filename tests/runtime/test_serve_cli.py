@@ -52,3 +52,15 @@ def test_missing_bundle_exits_nonzero(tmp_path: Path, caplog: pytest.LogCaptureF
 def test_bad_flag_value_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["b", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_loop_factory_prefers_uvloop() -> None:
+    from runtime.loops import loop_factory
+
+    factory, name = loop_factory()
+    try:
+        import uvloop
+    except ImportError:
+        assert name == "asyncio"
+    else:
+        assert name == "uvloop" and factory is uvloop.new_event_loop
