@@ -4,14 +4,16 @@ For every bundle (its k comes from the manifest; pass one bundle per k to compar
 every mode, the real server is started as a subprocess and driven over HTTP by a separate
 load-generator process (bench/loadgen.py):
 
-- `paper`: the paper's setup. `num_queries` queries, closed loop with k x
-  `concurrency_per_k` clients; the server's `--fault-straggler-per-group` delays exactly one
-  uniformly random worker of the first k in each coding group by `delay_ms`.
+- `paper`: the paper's setup. `num_queries` queries sent in waves of k x
+  `concurrency_per_k` (the next wave when the last is answered); the server's
+  `--fault-straggler-per-group` delays exactly one uniformly random worker of the first k
+  in each coding group by `delay_ms`.
 - `poisson`: open-loop Poisson arrivals at each of `poisson_rates` (queries/s), same faults.
 
 Modes: `reference` is the uncoded server *without* stragglers (what the paper calls the
-no-straggler latency); `uncoded`, `replication`, `parm`, `approxifer`, `coded` run with the
-stragglers. A bundle without parm.onnx skips `parm` (recorded as skipped).
+no-straggler latency) and `coded-clean` the coded server without stragglers (what coding
+costs when nothing straggles); `uncoded`, `replication`, `parm`, `approxifer`, `coded` run
+with the stragglers. A bundle without parm.onnx skips `parm` (recorded as skipped).
 One JSON record (stats, 41-point latency quantile curves, configuration, machine) and one
 PNG go to `out_dir`; raw per-request records and server logs stay under `run_dir`.
 """
@@ -30,11 +32,13 @@ import numpy as np
 
 from bench.loadgen import LoadConfig, LoadRecord, summarize_record
 from bench.machine import machine_info, machine_label
-from bench.serverproc import BenchProcessError, ServerProcess, run_loadgen
+from bench.serverproc import BenchProcessError, ServerProcess, install_sigterm_handler, run_loadgen
 
 logger = logging.getLogger(__name__)
 
-MODES = ("reference", "uncoded", "replication", "parm", "approxifer", "coded")
+MODES = ("reference", "coded-clean", "uncoded", "replication", "parm", "approxifer", "coded")
+# Modes run without fault injection, and the server mode each one runs.
+CLEAN_MODES = {"reference": "uncoded", "coded-clean": "coded"}
 QUANTILES = np.concatenate([np.linspace(0.0, 0.9, 10), np.linspace(0.91, 0.99, 9),
                             np.linspace(0.991, 0.999, 9), [0.9995, 1.0]])  # tail-dense CDF grid
 
@@ -92,10 +96,10 @@ class LatencyConfig:
 
 
 def server_args_for(mode: str, config: LatencyConfig) -> list[str]:
-    """Server flags for one mode: `reference` is uncoded without faults."""
-    args = ["--mode", "uncoded" if mode == "reference" else mode,
+    """Server flags for one mode: `reference` / `coded-clean` run without faults."""
+    args = ["--mode", CLEAN_MODES.get(mode, mode),
             "--max-queue-delay-ms", str(config.max_queue_delay_ms), "--log-level", "WARNING"]
-    if mode != "reference" and config.delay_ms > 0:
+    if mode not in CLEAN_MODES and config.delay_ms > 0:
         args += ["--fault-delay-ms", str(config.delay_ms), "--fault-straggler-per-group",
                  "--fault-seed", str(config.seed)]
     return args + list(config.server_args)
@@ -138,7 +142,7 @@ def bench_bundle(bundle: str, config: LatencyConfig, run_dir: Path) -> dict[str,
             with ServerProcess(bundle, args, run_dir / f"{tag}.server.log",
                                ready_timeout_s=config.ready_timeout_s) as srv:
                 entry["server_ready_s"] = round(srv.ready_s or 0.0, 2)
-                paper = LoadConfig(**{**asdict(base), "url": srv.url, "pattern": "closed",
+                paper = LoadConfig(**{**asdict(base), "url": srv.url, "pattern": "waves",
                                       "num_requests": config.num_queries, "concurrency": concurrency,
                                       "warmup_requests": config.warmup_requests})
                 timeout_s = 120 + config.num_queries / concurrency * (config.delay_ms / 1e3 + 0.5)
@@ -168,6 +172,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         ratio = p999["coded"] / p999["reference"]
         out["coded_over_reference"] = round(ratio, 3)
         out["coded_within_1.05x_reference"] = bool(ratio <= 1.05)
+    if "coded" in p999 and "coded-clean" in p999:
+        out["coded_over_coded_clean"] = round(p999["coded"] / p999["coded-clean"], 3)
     if "coded" in p999 and "uncoded" in p999:
         ratio = p999["coded"] / p999["uncoded"]
         out["coded_over_uncoded"] = round(ratio, 3)
@@ -230,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_sigterm_handler()
     # INFO for our own loggers only: torch.onnx / onnxscript are chatty at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)

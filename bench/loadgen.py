@@ -4,9 +4,12 @@ It runs apart from the benchmark driver and from the server so that client-side 
 (JSON encoding, the event loop, timing) never shares an interpreter with either: the
 latency bench starts one of these per measurement and reads back its JSON record.
 
-Two arrival patterns:
-- `closed`: `concurrency` clients, each sends its next query as soon as the previous one
-  is answered (the paper's setup: with concurrency = k, one coding group is in flight).
+Three arrival patterns:
+- `waves`: the paper's setup. `concurrency` queries (k: one coding group) are sent at once;
+  the next wave goes out when every query of this one is answered. Groups are always full,
+  so a mode that answers queries one by one is not charged for partial groups.
+- `closed`: `concurrency` clients, each sends its next query as soon as its previous one
+  is answered (queries of one group may then straddle two groups).
 - `poisson`: open loop, exponential inter-arrival times at `rate_per_s`, scheduled in
   advance from `seed`. Latency is measured from the *scheduled* send time, so a client
   that falls behind (or hits `max_in_flight`) adds to the latency instead of hiding it
@@ -33,7 +36,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-PATTERNS = ("closed", "poisson")
+PATTERNS = ("waves", "closed", "poisson")
 
 
 class LoadgenError(ValueError):
@@ -48,7 +51,7 @@ class LoadConfig:
     input_shape: tuple[int, ...] = (1, 28, 28)  # C, H, W of one query
     pattern: str = "closed"
     num_requests: int = 1000
-    concurrency: int = 1  # closed loop only
+    concurrency: int = 1  # waves / closed loop: queries in flight
     rate_per_s: float = 0.0  # poisson only
     max_in_flight: int = 512  # poisson only: bound on concurrent connections
     warmup_requests: int = 0  # sent closed-loop first, not recorded
@@ -201,7 +204,7 @@ async def run_load(config: LoadConfig) -> LoadRecord:
     reconstructed = [False] * n
     errors: Counter[str] = Counter()
     timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-    limit = config.concurrency if config.pattern == "closed" else config.max_in_flight
+    limit = config.max_in_flight if config.pattern == "poisson" else config.concurrency
     connector = aiohttp.TCPConnector(limit=max(limit, 1), force_close=False)
 
     async def one(session: aiohttp.ClientSession, i: int, t0: float) -> None:
@@ -236,7 +239,12 @@ async def run_load(config: LoadConfig) -> LoadRecord:
             await asyncio.gather(*(one(session, -1, time.perf_counter()) for _ in range(start, stop)))
 
         t_start = time.perf_counter()
-        if config.pattern == "closed":
+        if config.pattern == "waves":
+            for start in range(0, n, config.concurrency):
+                stop = min(start + config.concurrency, n)
+                t_wave = time.perf_counter()
+                await asyncio.gather(*(one(session, i, t_wave) for i in range(start, stop)))
+        elif config.pattern == "closed":
             next_index = iter(range(n))  # shared by the clients: each index sent once
 
             async def client() -> None:

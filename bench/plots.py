@@ -18,6 +18,7 @@ def _plt():
 # Fixed colours per mode so every figure reads the same.
 MODE_COLORS = {
     "reference": "black",
+    "coded-clean": "tab:cyan",
     "uncoded": "tab:red",
     "replication": "tab:orange",
     "parm": "tab:purple",

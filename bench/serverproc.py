@@ -32,6 +32,15 @@ class BenchProcessError(RuntimeError):
     """A server or load generator did not start, answer, or finish in time."""
 
 
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into SystemExit so `finally` / `__exit__` stop the child processes."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

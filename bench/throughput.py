@@ -28,7 +28,7 @@ import numpy as np
 from bench.loadgen import LoadConfig, summarize_record
 from bench.machine import machine_info, machine_label, usable_cpu_count
 from bench.overhead import make_session
-from bench.serverproc import ServerProcess, run_loadgen
+from bench.serverproc import ServerProcess, install_sigterm_handler, run_loadgen
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_sigterm_handler()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)

@@ -122,6 +122,8 @@ class _StubServer:
     def __init__(self) -> None:
         self.port = _free_port()
         self.seen: list[int] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -137,7 +139,10 @@ class _StubServer:
             assert header["inputs"][0]["parameters"]["binary_data_size"] == nbytes
         idx = len(self.seen)
         self.seen.append(nbytes)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         await asyncio.sleep(0.002)
+        self.in_flight -= 1
         if idx == 7:
             return web.json_response({"error": "queue full"}, status=503)
         return web.json_response({"outputs": [], "parameters": {"reconstructed": idx % 3 == 0}})
@@ -167,7 +172,7 @@ class _StubServer:
         self._loop.close()
 
 
-@pytest.mark.parametrize(("pattern", "binary"), [("closed", True), ("poisson", False)])
+@pytest.mark.parametrize(("pattern", "binary"), [("waves", True), ("closed", True), ("poisson", False)])
 def test_run_load_against_stub_server(pattern: str, binary: bool) -> None:
     with _StubServer() as stub:
         cfg = LoadConfig(
@@ -185,6 +190,8 @@ def test_run_load_against_stub_server(pattern: str, binary: bool) -> None:
         record = asyncio.run(run_load(cfg))
         elapsed_s = time.perf_counter() - t0
     assert len(stub.seen) == 40 and set(stub.seen) == {64}  # each request sent once, 1x8x8
+    if pattern != "poisson":
+        assert stub.max_in_flight <= 4
     assert record.status.count(503) == 1 and record.status.count(200) == 39
     assert record.errors == {"http_503": 1}
     assert sum(record.reconstructed) == 14  # server arrivals 0,3,...,39 (7, the 503, is not one)

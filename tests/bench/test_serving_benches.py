@@ -50,6 +50,8 @@ def test_latency_modes_map_to_server_flags(bundle: Path) -> None:
     cfg = LatencyConfig(bundles=(str(bundle),), delay_ms=50.0, seed=7, server_args=("--workers", "2"))
     ref = server_args_for("reference", cfg)
     assert ref[:2] == ["--mode", "uncoded"] and not any(a.startswith("--fault") for a in ref)
+    clean = server_args_for("coded-clean", cfg)
+    assert clean[:2] == ["--mode", "coded"] and not any(a.startswith("--fault") for a in clean)
     coded = server_args_for("coded", cfg)
     assert coded[:2] == ["--mode", "coded"]
     assert coded[coded.index("--fault-delay-ms") + 1] == "50.0"
@@ -76,13 +78,15 @@ def _paper(p999: float) -> dict:
 
 def test_targets_ratios() -> None:
     result = {"modes": [{"mode": "reference", **_paper(10.0)}, {"mode": "uncoded", **_paper(120.0)},
-                        {"mode": "coded", **_paper(10.4)}, {"mode": "parm", "error": "server died"}]}
+                        {"mode": "coded", **_paper(10.4)}, {"mode": "coded-clean", **_paper(5.2)},
+                        {"mode": "parm", "error": "server died"}]}
     t = targets(result)
     assert t["coded_over_reference"] == pytest.approx(1.04)
     assert t["coded_within_1.05x_reference"] is True
     assert t["coded_over_uncoded"] == pytest.approx(10.4 / 120.0, abs=1e-3)
     assert t["coded_within_0.5x_uncoded"] is True
-    assert set(t["p99.9_ms"]) == {"reference", "uncoded", "coded"}  # the failed mode is left out
+    assert t["coded_over_coded_clean"] == pytest.approx(2.0)
+    assert set(t["p99.9_ms"]) == {"reference", "uncoded", "coded", "coded-clean"}  # the failed mode is left out
     missed = targets({"modes": [{"mode": "reference", **_paper(10.0)}, {"mode": "coded", **_paper(11.0)}]})
     assert missed["coded_within_1.05x_reference"] is False and "coded_over_uncoded" not in missed
 

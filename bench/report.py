@@ -1,0 +1,121 @@
+"""`python -m bench.report`: bench/results/serving.md from the latency/overhead/throughput JSONs.
+
+Tables are rendered from the recorded JSON only, so the markdown can never disagree with
+the measurements; the PNGs next to each JSON are linked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _machine(rec: dict[str, Any]) -> str:
+    m = rec["machine"]
+    gpu = m["gpus"][0]["name"] if m.get("gpus") else "no GPU"
+    load = m.get("load_average")
+    return (f"{m['cpu_model']}, {m['cpu_count_usable']} usable cores, {gpu}; load average at start "
+            f"{load[0] if load else '?'} (CPUs shared with other jobs); commit {m.get('git_commit')}, "
+            f"{m['time_utc']}")
+
+
+def latency_section(path: Path) -> list[str]:
+    rec = json.loads(path.read_text())
+    cfg = rec["config"]
+    out = [f"### Latency: `{path.name}`", "", f"![latency]({path.with_suffix('.png').name})", "",
+           f"Machine: {_machine(rec)}.", "",
+           f"Config: {cfg['num_queries']} queries/mode closed loop (k clients), straggler +{cfg['delay_ms']:g} ms "
+           f"on one of the first k workers per group; Poisson rates {cfg['poisson_rates']} q/s x "
+           f"{cfg['poisson_queries']} queries; max queue delay {cfg['max_queue_delay_ms']} ms; "
+           f"wall {rec['wall_s']} s.", ""]
+    for b in rec["bundles"]:
+        out += [f"**{b['bundle']}** (n={b['n']}, k={b['k']}):", "",
+                "| mode | p50 ms | p99 ms | p99.9 ms | mean ms | q/s | reconstructed | failed |",
+                "|---|---|---|---|---|---|---|---|"]
+        for m in b["modes"]:
+            if "paper" not in m:
+                out.append(f"| {m['mode']} | error: {m.get('error', '?')[:80]} |||||||")
+                continue
+            s = m["paper"]["stats"]
+            out.append(f"| {m['mode']} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['p99.9_ms']:.1f} | "
+                       f"{s['mean_ms']:.1f} | {s['throughput_rps']:.1f} | {s['reconstructed_fraction']:.2f} | "
+                       f"{s['failed']} |")
+        for mode, why in b.get("skipped", {}).items():
+            out.append(f"| {mode} | skipped: {why} |||||||")
+        t = b["targets"]
+        out += ["", f"Targets (paper setup): coded p99.9 / reference p99.9 = {t.get('coded_over_reference')} "
+                f"(target <= 1.05: {'met' if t.get('coded_within_1.05x_reference') else 'MISSED'}); "
+                f"coded / uncoded = {t.get('coded_over_uncoded')} (target <= 0.5: "
+                f"{'met' if t.get('coded_within_0.5x_uncoded') else 'MISSED'}); coded / coded-clean = "
+                f"{t.get('coded_over_coded_clean')}.", ""]
+        rows = [(m["mode"], p) for m in b["modes"] for p in m.get("poisson", [])]
+        if rows:
+            out += ["| mode | Poisson q/s | p50 ms | p99 ms | p99.9 ms | achieved q/s |", "|---|---|---|---|---|---|"]
+            out += [f"| {mode} | {p['rate_per_s']:g} | {p['stats']['p50_ms']:.1f} | {p['stats']['p99_ms']:.1f} | "
+                    f"{p['stats']['p99.9_ms']:.1f} | {p['stats']['throughput_rps']:.1f} |" for mode, p in rows]
+            out.append("")
+    return out
+
+
+def overhead_section(path: Path) -> list[str]:
+    rec = json.loads(path.read_text())
+    cfg = rec["config"]
+    out = [f"### Overhead: `{path.name}`", "", f"![overhead]({path.with_suffix('.png').name})", "",
+           f"Machine: {_machine(rec)}. Bundle `{cfg['bundle']}`, ONNX Runtime CPU, "
+           f"{rec['ort_intra_op_threads']} intra-op threads, batch {cfg['batch_size']}, median of {cfg['repeats']}.",
+           "", "| model | median ms / batch | / f |", "|---|---|---|"]
+    for name, c in rec["components"].items():
+        out.append(f"| {name} | {c['median_ms']:.2f} | {rec['ratio_to_f'].get(name, 1.0):.4f} |")
+    if rec["encoder_vs_k"]:
+        out += ["", "| k | Enc median ms / batch (UNetEncoder, random init) | / bundle f |", "|---|---|---|"]
+        out += [f"| {e['k']} | {e['median_ms']:.1f} | {e['ratio_to_bundle_f']:.3f} |" for e in rec["encoder_vs_k"]]
+    out += ["", "| k | one-shot decode µs / group | online decode µs / group |", "|---|---|---|"]
+    out += [f"| {d['k']} | {d['one_shot_us']:.1f} | {d['online_us']:.1f} |" for d in rec["decode_vs_k"]]
+    t = rec["targets"]
+    out += ["", f"Targets: Enc/f = {t['enc_over_f']} (target <= 0.03: "
+            f"{'met' if t['enc_over_f_within_3pct'] else 'MISSED'}); Enc time max/min over k = "
+            f"{t['enc_vs_k_max_over_min']} (target: flat).", ""]
+    return out
+
+
+def throughput_section(path: Path) -> list[str]:
+    rec = json.loads(path.read_text())
+    s = rec["server"]["stats"]
+    raw = rec["raw"]
+    return [f"### Throughput: `{path.name}`", "", f"![throughput]({path.with_suffix('.png').name})", "",
+            f"Machine: {_machine(rec)}. Bundle `{rec['config']['bundle']}`, mode {rec['config']['mode']}, "
+            f"n={rec['n']}, k={rec['k']}, {rec['config']['concurrency']} clients.", "",
+            f"Raw ONNX Runtime f, batch 1: {raw['images_per_s']:.0f} images/s (best of one session x "
+            f"{raw['cpus']} threads and {raw['cpus']} single-thread sessions); server: "
+            f"{s['throughput_rps']:.1f} q/s (p50 {s['p50_ms']:.1f} ms); ideal raw x k/n = "
+            f"{rec['ideal_server_rps']:.1f} q/s; ratio {rec['ratio_vs_ideal']:.3f} (target >= 0.9: "
+            f"{'met' if rec['targets']['within_0.9'] else 'MISSED'}).", ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__)
+    p.add_argument("--results-dir", type=Path, default=Path("bench/results"))
+    p.add_argument("--out", type=Path, default=None, help="default RESULTS_DIR/serving.md")
+    args = p.parse_args(argv)
+    d = args.results_dir
+    lines = ["# Serving benchmarks (generated by `python -m bench.report`)", "",
+             "Every figure below comes from a JSON record in this directory written by `python -m bench "
+             "latency|overhead|throughput`; see each record's `config` and `machine`.", ""]
+    for pattern, section in (("latency*.json", latency_section), ("overhead*.json", overhead_section),
+                             ("throughput*.json", throughput_section)):
+        for path in sorted(d.glob(pattern)):
+            lines += section(path)
+    out = args.out or d / "serving.md"
+    out.write_text("\n".join(lines) + "\n")
+    logger.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
