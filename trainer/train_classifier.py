@@ -132,6 +132,40 @@ def _train_state(model, optimizer, scheduler, generator, epoch, history):
     }
 
 
+def train_epoch(
+    model: Classifier,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    batch_size: int,
+    mixup_alpha: float,
+    generator: torch.Generator,
+    desc: str = "train",
+) -> float:
+    """One shuffled pass with Manifold Mixup; returns the mean (summed over heads) loss."""
+    model.train()
+    steps = math.ceil(len(y_train) / batch_size)
+    perm = torch.randperm(len(y_train), generator=generator)
+    bar = tqdm(range(steps), desc=desc, mininterval=5.0, leave=True)
+    loss_sum, n_seen = 0.0, 0
+    for step in bar:
+        idx = perm[step * batch_size : (step + 1) * batch_size]
+        logits, targets, _ = model.forward_mixup(x_train[idx], y_train[idx], mixup_alpha, generator)
+        loss = sum(soft_cross_entropy(logits[t], targets[t]) for t in logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        n_seen += len(idx)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
+    bar.close()
+    return loss_sum / max(n_seen, 1)
+
+
 def train(config: TrainConfig) -> dict:
     """Train, write DIR/last.pt and DIR/classifier.pt; return the final metrics."""
     model_cfg, cfg = resolve(config)
@@ -182,29 +216,12 @@ def train(config: TrainConfig) -> dict:
     )
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        perm = torch.randperm(len(y_train), generator=generator)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   mininterval=5.0, leave=True)
-        loss_sum, n_seen = 0.0, 0
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            logits, targets, _ = model.forward_mixup(
-                x_train[idx], y_train[idx], cfg.mixup_alpha, generator
-            )
-            loss = sum(soft_cross_entropy(logits[t], targets[t]) for t in logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            n_seen += len(idx)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
-        bar.close()
+        train_loss = train_epoch(
+            model, optimizer, scheduler, x_train, y_train, cfg.batch_size, cfg.mixup_alpha,
+            generator, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        )
         wall_s = wall_before_s + time.perf_counter() - t_start
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1),
-                  "wall_time_s": round(wall_s, 1)}
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "wall_time_s": round(wall_s, 1)}
         if len(val_idx):
             record["val_accuracy"] = accuracy(model, val_images, val_labels, spec)
         history.append(record)
