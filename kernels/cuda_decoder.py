@@ -42,7 +42,8 @@ from kernels.reference import MAX_INPUTS, MAX_OUTPUTS, CopyOp, DecodeOp, OnlineP
 logger = logging.getLogger(__name__)
 
 BLOCK_THREADS = 256  # CI_BLOCK in decoder.cu (its __launch_bounds__)
-BLOCKS_PER_SM = 2048 // BLOCK_THREADS  # a full SM's worth of threads; the loops are grid-stride
+MAX_BLOCKS_PER_SM = 2048 // BLOCK_THREADS  # a full SM's worth of threads; the loops are grid-stride
+_REGISTERS_PER_SM = 65536
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -218,6 +219,7 @@ class CudaKernels:
         attribute = self.driver.device_attribute.MULTIPROCESSOR_COUNT
         self.sm_count: int = check("query the SM count", device.get_attribute, attribute)
         self._functions: dict[str, Any] = {}
+        self._blocks_per_sm: dict[str, int] = {}
         self.default_stream = self.new_stream()
         logger.info(
             "decoder kernels loaded from %s on %s (sm_%d%d, %d SMs)",
@@ -262,9 +264,19 @@ class CudaKernels:
             self._functions[name] = function
         return function
 
-    def grid(self, n: int, itemsize: int) -> tuple[int, int, int]:
+    def blocks_per_sm(self, name: str, param_bytes: int) -> int:
+        """Resident blocks of `name` per SM, from its register count (one grid = one wave)."""
+        if name not in self._blocks_per_sm:
+            function = self.function(name, param_bytes)
+            registers = check(f"query {name}", function.get_attribute, self.driver.function_attribute.NUM_REGS)
+            per_block = -(-max(1, registers) // 8) * 8 * BLOCK_THREADS  # allocated in units of 8 per thread
+            self._blocks_per_sm[name] = max(1, min(MAX_BLOCKS_PER_SM, _REGISTERS_PER_SM // per_block))
+        return self._blocks_per_sm[name]
+
+    def grid(self, n: int, itemsize: int, name: str, param_bytes: int) -> tuple[int, int, int]:
         items = -(-n // (16 // itemsize))  # 16-byte packs (+ the tail)
-        blocks = min(-(-items // BLOCK_THREADS), self.sm_count * BLOCKS_PER_SM)
+        per_sm = self.blocks_per_sm(name, param_bytes)
+        blocks = min(-(-items // BLOCK_THREADS), self.sm_count * per_sm)
         return (max(1, blocks), 1, 1)
 
     # -- prepared launches (same semantics as kernels.reference) -------------------------
@@ -283,7 +295,8 @@ class CudaKernels:
             n,
             parity_scale,
         )
-        return Launch(self, f"ci_one_shot_decode_{_SUFFIX[name]}", self.grid(n, _ITEMSIZE[name]), params)
+        kernel = f"ci_one_shot_decode_{_SUFFIX[name]}"
+        return Launch(self, kernel, self.grid(n, _ITEMSIZE[name], kernel, len(params)), params)
 
     def prepare_online_update(
         self,
@@ -310,7 +323,8 @@ class CudaKernels:
             0 if final_out is None else device_pointer(final_out, nbytes=nbytes, dtype=name, what="final_out"),
             final_scale,
         )
-        return Launch(self, f"ci_online_update_{_SUFFIX[name]}", self.grid(n, _ITEMSIZE[name]), params)
+        kernel = f"ci_online_update_{_SUFFIX[name]}"
+        return Launch(self, kernel, self.grid(n, _ITEMSIZE[name], kernel, len(params)), params)
 
     def prepare_general_decode(
         self, coeffs: np.ndarray, inputs: Sequence[Any], outputs: Sequence[Any], n: int, dtype: Any = "float32"
@@ -332,7 +346,7 @@ class CudaKernels:
             r_max = next(r for r in (1, 2, 4, 8) if r >= len(rows))
             params = pack_general(coeffs[start : start + len(rows)], ins, rows, n)
             kernel = f"ci_general_decode_{_SUFFIX[name]}_r{r_max}"
-            launches.append(Launch(self, kernel, self.grid(n, _ITEMSIZE[name]), params))
+            launches.append(Launch(self, kernel, self.grid(n, _ITEMSIZE[name], kernel, len(params)), params))
         return launches
 
     def one_shot_decode(self, *args: Any, stream: Any = None, **kwargs: Any) -> None:

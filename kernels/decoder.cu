@@ -27,6 +27,10 @@
 #define CI_MAX_INPUTS 64
 #define CI_MAX_OUTPUTS 8
 #define CI_BLOCK 256
+// At least 3 resident blocks per SM caps registers at 85/thread: enough for the one-shot
+// kernel to keep 8 16-byte loads in flight and for the general decode's accumulators
+// (8 rows x 8 halves) without spills; plain __launch_bounds__(256) made ptxas cap at 32.
+#define CI_MIN_BLOCKS 3
 
 struct OneShotParams {
   const void* inputs[CI_MAX_INPUTS];  // the m systematic results that arrived
@@ -173,8 +177,19 @@ __device__ __forceinline__ void one_shot_decode(const OneShotParams& p) {
       P::load(p.parity, v, acc);
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] *= p.parity_scale;
-#pragma unroll 4
-      for (int i = 0; i < m; ++i) {
+      // Issue 8 independent 16-byte loads before the first use: at small n (one MNIST
+      // batch on one SM) the chain of dependent load rounds, not bandwidth, sets the latency.
+      int i = 0;
+      for (; i + 8 <= m; i += 8) {
+        float x[8][E];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) P::load(p.inputs[i + u], v, x[u]);
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[e] -= x[u][e];
+      }
+      for (; i < m; ++i) {
         float x[E];
         P::load(p.inputs[i], v, x);
 #pragma unroll
@@ -273,6 +288,7 @@ __device__ __forceinline__ void general_decode(const GeneralParams& p) {
       for (int r = 0; r < R_MAX; ++r)
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
+#pragma unroll 4
       for (int j = 0; j < K; ++j) {
         float x[E];
         P::load(p.inputs[j], v, x);
@@ -307,17 +323,17 @@ __device__ __forceinline__ void general_decode(const GeneralParams& p) {
 // ---- extern "C" entry points (names are looked up by kernels/cuda_decoder.py) --------------
 
 #define CI_DEFINE_TYPED(SUFFIX, T)                                                         \
-  extern "C" __global__ void __launch_bounds__(CI_BLOCK)                                   \
+  extern "C" __global__ void __launch_bounds__(CI_BLOCK, CI_MIN_BLOCKS)                                   \
       ci_one_shot_decode_##SUFFIX(const OneShotParams p) { one_shot_decode<T>(p); }        \
-  extern "C" __global__ void __launch_bounds__(CI_BLOCK)                                   \
+  extern "C" __global__ void __launch_bounds__(CI_BLOCK, CI_MIN_BLOCKS)                                   \
       ci_online_update_##SUFFIX(const OnlineUpdateParams p) { online_update<T>(p); }       \
-  extern "C" __global__ void __launch_bounds__(CI_BLOCK)                                   \
+  extern "C" __global__ void __launch_bounds__(CI_BLOCK, CI_MIN_BLOCKS)                                   \
       ci_general_decode_##SUFFIX##_r1(const GeneralParams p) { general_decode<T, 1>(p); }  \
-  extern "C" __global__ void __launch_bounds__(CI_BLOCK)                                   \
+  extern "C" __global__ void __launch_bounds__(CI_BLOCK, CI_MIN_BLOCKS)                                   \
       ci_general_decode_##SUFFIX##_r2(const GeneralParams p) { general_decode<T, 2>(p); }  \
-  extern "C" __global__ void __launch_bounds__(CI_BLOCK)                                   \
+  extern "C" __global__ void __launch_bounds__(CI_BLOCK, CI_MIN_BLOCKS)                                   \
       ci_general_decode_##SUFFIX##_r4(const GeneralParams p) { general_decode<T, 4>(p); }  \
-  extern "C" __global__ void __launch_bounds__(CI_BLOCK)                                   \
+  extern "C" __global__ void __launch_bounds__(CI_BLOCK, CI_MIN_BLOCKS)                                   \
       ci_general_decode_##SUFFIX##_r8(const GeneralParams p) { general_decode<T, 8>(p); }
 
 CI_DEFINE_TYPED(f32, float)

@@ -297,6 +297,9 @@ class _FakeDriver(types.ModuleType):
     class device_attribute:  # noqa: N801 - pycuda's name
         MULTIPROCESSOR_COUNT = "sm_count"
 
+    class function_attribute:  # noqa: N801 - pycuda's name
+        NUM_REGS = "num_regs"
+
     def __init__(self) -> None:
         super().__init__("pycuda.driver")
         self.heap = np.zeros(1 << 22, dtype=np.uint8)
@@ -368,6 +371,10 @@ class _FakeModule:
 class _FakeFunction:
     def __init__(self, driver: _FakeDriver, name: str) -> None:
         self.driver, self.name, self.arg_format = driver, name, None
+
+    def get_attribute(self, attribute: str) -> int:
+        assert attribute == "num_regs"
+        return 78 if "one_shot" in self.name else 29  # ptxas's counts for sm_90
 
     def prepare(self, arg_types: list[str]) -> _FakeFunction:
         self.arg_format = "".join(arg_types)
@@ -480,7 +487,9 @@ def test_cuda_kernels_functional_api_on_an_emulated_driver(fake_kernels) -> None
     assert [name for name, _, _ in driver.launches] == ["ci_general_decode_f32_r8", "ci_general_decode_f32_r4"]
     got = np.stack([driver.view(p, 1003, np.float32) for p in outs])
     np.testing.assert_array_equal(got, ref.general_decode(coeffs, xs))
-    assert kernels.grid(1003, 4) == (1, 1, 1) and kernels.grid(10**8, 4) == (4 * cd.BLOCKS_PER_SM, 1, 1)
+    assert kernels.grid(1003, 4, "ci_one_shot_decode_f32", 544) == (1, 1, 1)
+    assert kernels.grid(10**8, 4, "ci_one_shot_decode_f32", 544) == (4 * 3, 1, 1)  # 4 SMs x 3 blocks at 78 regs
+    assert kernels.grid(10**8, 4, "ci_online_update_f32", 56) == (4 * 8, 1, 1)  # 29 regs: a full SM
     with pytest.raises(cd.CudaDecoderError, match="named symbol not found") as info:
         kernels.function("no_such_kernel", 8)
     assert info.value.routine == "cuModuleGetFunction"
