@@ -167,10 +167,8 @@ class Mode:
 
     def _launch(self, calls: list[tuple[int, str, np.ndarray]], straggler: int | None
                 ) -> dict[asyncio.Task[np.ndarray], int]:
-        return {
-            asyncio.create_task(self.pool.call(i, model, batch, straggler=straggler)): i
-            for i, model, batch in calls
-        }
+        return {self.pool.submit(i, model, batch, straggler=straggler): i
+                for i, model, batch in calls}
 
 
 class CodedMode(Mode):

@@ -126,6 +126,7 @@ class WorkerPool:
         self._rng = random.Random(faults.seed)
         self._workers: list[Worker] = []
         self._restarts: dict[int, asyncio.Task[None]] = {}
+        self._calls: set[asyncio.Task[np.ndarray]] = set()  # in flight, incl. late ones
         self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -151,9 +152,10 @@ class WorkerPool:
 
     async def stop(self) -> None:
         self._closing = True
-        for task in list(self._restarts.values()):
+        pending = [*self._restarts.values(), *self._calls]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self._restarts.values(), return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(w.stop() for w in self._workers))
 
     # -- fault plan --------------------------------------------------------------------------
@@ -172,6 +174,14 @@ class WorkerPool:
         return 0.0
 
     # -- the call ----------------------------------------------------------------------------
+    def submit(self, index: int, model: str, batch: np.ndarray, *, straggler: int | None = None
+               ) -> asyncio.Task[np.ndarray]:
+        """`call` as a task the pool tracks, so shutdown can cancel late calls cleanly."""
+        task = asyncio.create_task(self.call(index, model, batch, straggler=straggler))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+        return task
+
     async def call(
         self, index: int, model: str, batch: np.ndarray, *, straggler: int | None = None
     ) -> np.ndarray:
