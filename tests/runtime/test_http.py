@@ -87,6 +87,10 @@ def test_metadata_and_metrics(tiny_server: ServerThread) -> None:
     assert metric_value(text, "nv_inference_request_success", model="tiny") >= 1
     assert metric_value(text, "nv_inference_count", model="tiny") >= 3
     assert metric_value(text, "coded_worker_ready") == 3  # n = 3 workers, all warmed up
+    for name in ("nv_inference_request_duration_us", "nv_inference_queue_duration_us",
+                 "nv_inference_compute_infer_duration_us", "nv_inference_exec_count"):
+        assert metric_value(text, name, model="tiny", version="1") > 0, name
+    assert "# TYPE coded_decode_duration_seconds histogram" in text
 
 
 def _raw_infer(url: str, body: dict) -> dict:

@@ -70,3 +70,17 @@ def test_serving_imports_no_torch_at_runtime() -> None:
                             timeout=60, cwd=RUNTIME.parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+SERVE_EXTRA = {"numpy", "onnxruntime", "aiohttp", "prometheus_client", "uvloop"}  # pyproject `serve`
+OURS = {"runtime", "kernels"}
+
+
+@pytest.mark.parametrize("path", sorted(RUNTIME.glob("*.py")), ids=lambda p: p.name)
+def test_runtime_needs_only_the_serve_extra(path: Path) -> None:
+    """`make serve` installs only `.[serve]`: every import outside the lazy GPU engines must
+    come from the standard library, that extra, or our own runtime/kernels packages."""
+    allowed = set(sys.stdlib_module_names) | SERVE_EXTRA | OURS
+    extra = sorted({module for module, scope, _ in _imports(ast.parse(path.read_text()))
+                    if module not in allowed and scope not in LAZY_ALLOWED})
+    assert extra == [], f"{path.name} imports {extra}, which `pip install .[serve]` lacks"
