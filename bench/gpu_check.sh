@@ -45,10 +45,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 step "build the fatbin"
 export CODED_INVNET_CACHE_DIR="$(mktemp -d /tmp/coded-invnet-kernels.XXXX)"
-if ! timeout 300 "$PY" -m kernels build --verbose 2>&1 | grep -v "^ptxas info    : Compiling\|bytes gmem"; then
+if ! timeout 300 "$PY" -m kernels build; then
     echo "FAILED: kernel build"
     exit 1
 fi
+echo "ptxas resource usage on sm_90 (registers, spills):"
+nvcc -cubin -O3 -std=c++17 -arch=sm_90 -Xptxas -v -o /dev/null kernels/decoder.cu 2>&1 \
+    | awk "/Compiling entry/ {name=\$NF; sub(/'for/, \"\", name); fn=\$(NF-2)} /spill/ {spill=\$0} /Used/ {print fn, \$5, \$6, spill}" \
+    | sed "s/'//g; s/ *0 bytes stack frame,/ /" || true
 
 step "GPU correctness tests (kernels vs kernels.reference)"
 # The image has no pytest-asyncio: ignore the config warnings about its ini keys.
