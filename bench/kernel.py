@@ -250,6 +250,13 @@ class _Arrays:
         self.lib.cuda.Device().synchronize()
         return out
 
+    def release(self) -> None:
+        """Hand cached blocks back so the next, larger pool can be allocated."""
+        if self.library == "torch":
+            self.lib.cuda.empty_cache()
+        else:
+            self.lib.get_default_memory_pool().free_all_blocks()
+
     def empty(self, n: int) -> Any:
         if self.library == "torch":
             return self.lib.empty(n, device="cuda", dtype=self.dtype)
@@ -361,7 +368,9 @@ def run_cuda(config: KernelBenchConfig) -> dict[str, Any]:
                     moved / fused_us / 1e3,
                     "-" if unfused_us is None else f"{unfused_us:.2f}",
                 )
-            del pool, out, out_unfused, est
+            inputs = chain = None  # views of the pool: drop them so its memory can go
+            del pool, out, out_unfused, est, update, copy_at_size
+            arrays.release()
     return {
         "backend": f"cuda ({library} for buffers and the unfused chain)",
         "device": kernels.device_name,

@@ -224,13 +224,15 @@ __device__ __forceinline__ void online_update(const OnlineUpdateParams& p) {
       float x[E], acc[E];
       P::load(p.x, v, x);
       if (read_est) {
-        // est is fp32: one T-pack of E elements spans E/4 float4 packs.
+        // est is fp32: one T-pack of E elements spans E/4 float4 packs. A plain (coherent)
+        // load, not __ldg: this kernel writes est, so it is not read-only for its lifetime.
 #pragma unroll
         for (int h = 0; h < E / 4; ++h) {
-          float part[4];
-          F::load(p.est, v * (E / 4) + h, part);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[4 * h + e] = p.beta * part[e];
+          const float4 part = reinterpret_cast<const float4*>(p.est)[v * (E / 4) + h];
+          acc[4 * h + 0] = p.beta * part.x;
+          acc[4 * h + 1] = p.beta * part.y;
+          acc[4 * h + 2] = p.beta * part.z;
+          acc[4 * h + 3] = p.beta * part.w;
         }
       } else {
 #pragma unroll
