@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import struct
 import sys
 from collections.abc import Callable, Sequence
@@ -284,7 +285,11 @@ class CudaKernels:
     def prepare_one_shot_decode(
         self, inputs: Sequence[Any], parity: Any, out: Any, n: int, parity_scale: float, dtype: Any = "float32"
     ) -> Launch:
-        """out = parity_scale * parity - sum_i inputs[i], each of n elements of `dtype`."""
+        """out = parity_scale * parity - sum_i inputs[i], each of n elements of `dtype`.
+
+        Inputs are separate pointers (up to 64), passed by value in the kernel's parameter
+        struct; a packed [k-1, B, d] buffer is passed as base + i * n * itemsize.
+        """
         name = _dtype_name(dtype)
         nbytes = n * _ITEMSIZE[name]
         pointers = [device_pointer(x, nbytes=nbytes, dtype=name, what=f"inputs[{i}]") for i, x in enumerate(inputs)]
@@ -373,10 +378,14 @@ class CudaKernels:
         )
 
 
+FATBIN_ENV = "CODED_INVNET_FATBIN"  # a prebuilt fatbin (machines without nvcc)
+
+
 @functools.lru_cache(maxsize=1)
 def load_kernels() -> CudaKernels:
-    """The process-wide CudaKernels (the fatbin is built or read from the cache on first call)."""
-    return CudaKernels()
+    """The process-wide CudaKernels: $CODED_INVNET_FATBIN if set, else the cached build of
+    kernels/decoder.cu (compiled with nvcc on first use, see kernels.build)."""
+    return CudaKernels(fatbin=os.environ.get(FATBIN_ENV) or None)
 
 
 class CudaOnlineDecoder:

@@ -6,7 +6,8 @@
 //
 // Calling convention: each kernel takes ONE struct by value (kernel parameters live in the
 // constant bank, so the pointer lists and the small decoding matrix are broadcast reads and
-// no host->device copy precedes a launch). The host packs these structs byte for byte;
+// no host->device copy precedes a launch). Inputs are an array of up to 64 device pointers,
+// one per result; a packed [k-1, B, d] buffer is passed as pointers base + i*B*d elements. The host packs these structs byte for byte;
 // the static_asserts below pin the layout that kernels/cuda_decoder.py writes.
 //
 // Kernels (extern "C", one per storage type suffix _f32 / _f16 / _bf16):

@@ -109,3 +109,10 @@ def test_full_build_has_every_arch_and_ptx(tmp_path: Path) -> None:
     image = path.read_bytes()
     assert all(name.encode() in image for name in KERNEL_NAMES)
     assert sorted(build.fatbin_contents(path)) == ["compute_90", "sm_80", "sm_86", "sm_89", "sm_90"]
+
+
+def test_fatbin_contents_rejects_other_files(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.fatbin"
+    junk.write_bytes(b"\x7fELF" + bytes(60))
+    with pytest.raises(KernelBuildError, match="is not a fatbin: magic 0x464c457f"):
+        build.fatbin_contents(junk)

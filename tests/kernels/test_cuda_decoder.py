@@ -504,3 +504,15 @@ def test_event_timing_and_spin_on_an_emulated_driver(fake_kernels) -> None:
     kernels.record(end)
     assert kernels.elapsed_ms(start, end) == pytest.approx(0.002)
     assert [name for name, _, _ in driver.launches] == ["ci_spin_wait"] * 2
+
+
+def test_load_kernels_uses_a_prebuilt_fatbin(fake_kernels, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fatbin = tmp_path / "prebuilt.fatbin"
+    fatbin.write_bytes(struct.pack("<IHHQ", 0xBA55ED50, 1, 16, 0))
+    monkeypatch.setenv(cd.FATBIN_ENV, str(fatbin))
+    monkeypatch.setattr(cd.build, "build", lambda *a, **k: pytest.fail("must not compile"))
+    cd.load_kernels.cache_clear()
+    try:
+        assert cd.load_kernels().device_name == "Fake GPU"
+    finally:
+        cd.load_kernels.cache_clear()
