@@ -64,4 +64,5 @@ timeout 360 "$PY" -m bench kernel --backend cuda --out-dir "$RESULTS" || { statu
 
 step "done in $(( $(date +%s) - started ))s, status $status; files in $RESULTS:"
 ls -la "$RESULTS"
+sleep 1  # let tee flush the log before $OUT is collected
 exit $status
