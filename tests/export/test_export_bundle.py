@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +104,24 @@ def test_existing_bundle_needs_overwrite(bundle: Path, checkpoints: dict[str, Pa
         build_bundle(config)
 
 
-def test_overwrite_replaces_a_bundle_atomically(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "b"
-    base = dict(checkpoints=(str(checkpoints["classifier"]),), out=str(out), exporter="torchscript",
-                verify_samples=4, reference_samples=2, torch_program=False)
-    build_bundle(ExportConfig(**base, k=2))
-    build_bundle(ExportConfig(**base, k=3, overwrite=True))
-    assert Manifest.load(out).coding.k == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no .partial / .old leftovers
+def test_overwrite_replaces_a_bundle_atomically(
+    bundle_copy: Callable[[], Path], checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    out = bundle_copy()  # tmp_path / "bundle": classifier + encoder + ParM, k = 2
+    build_bundle(ExportConfig(checkpoints=(str(checkpoints["classifier"]),), out=str(out), k=3, overwrite=True,
+                              exporter="torchscript", verify_samples=4, reference_samples=2, torch_program=False))
+    manifest = Manifest.load(out)
+    assert (manifest.coding.k, manifest.parm, manifest.encoders) == (3, None, ())
+    assert not (out / "parm.onnx").exists() and not (out / "torch").exists()  # nothing of the old bundle left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .partial / .old leftovers
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_bundle(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("precious")
+    with pytest.raises(ExportError, match="is not a bundle"):
+        build_bundle(ExportConfig(checkpoints=(str(checkpoints["classifier"]),), out=str(tmp_path), k=2,
+                                  overwrite=True))
+    assert (tmp_path / "notes.txt").read_text() == "precious"
 
 
 def test_fp16_bundle_holds_fp16_weights(checkpoints: dict[str, Path], tmp_path: Path) -> None:
