@@ -3,8 +3,10 @@
 Rule: a group is dispatched as soon as k live queries are queued, or when the OLDEST
 queued query has waited `max_queue_delay_s`, whichever comes first. A group dispatched at
 the deadline with m < k queries is a *partial group*; the scheduler pads it (see
-runtime.modes: repeats of the last query, padded answers dropped). Queries whose request
-already gave up (timed out, client gone) are skipped, never computed.
+runtime.modes: repeats of the last query, padded answers dropped). Under load, one
+dispatch also takes every further complete group already queued (up to
+`max_groups_per_call`), and each worker runs its slot of all of them as one batch.
+Queries whose request already gave up (timed out, client gone) are skipped, never computed.
 """
 
 from __future__ import annotations
@@ -84,8 +86,10 @@ class Batcher:
     def _live_count(self) -> int:
         return sum(1 for q in self._queue if not q.future.done())
 
-    async def next_group(self) -> list[Query]:
-        """Wait for the next group (1..k live queries) under the rule above."""
+    async def next_group(self, max_groups: int = 1) -> list[Query]:
+        """Wait for the next dispatch under the rule above: one group of 1..k live queries,
+        plus as many further COMPLETE groups as are already queued (up to max_groups in all),
+        so that under load one worker call carries several groups ([G, C, H, W] batches)."""
         while True:
             self._drop_dead()
             if not self._queue:
@@ -93,7 +97,8 @@ class Batcher:
                 await self._arrived.wait()
                 continue
             deadline = self._queue[0].enqueued_s + self.max_queue_delay_s
-            if self._live_count() < self.group_size:
+            live = self._live_count()
+            if live < self.group_size:
                 remaining = deadline - self.now()
                 if remaining > 0:
                     self._arrived.clear()
@@ -102,10 +107,12 @@ class Batcher:
                     except TimeoutError:
                         pass
                     continue
-            group: list[Query] = []
-            while self._queue and len(group) < self.group_size:
+            groups = max(1, min(max_groups, live // self.group_size))
+            take = min(live, groups * self.group_size)
+            batch: list[Query] = []
+            while self._queue and len(batch) < take:
                 query = self._queue.popleft()
                 if not query.future.done():
-                    group.append(query)
-            if group:
-                return group
+                    batch.append(query)
+            if batch:
+                return batch

@@ -65,6 +65,7 @@ class ServerConfig:
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
     frontend_inline_ms: float = 1.0  # encoders+heads faster than this run on the event loop
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
+    max_groups_per_call: int = 8  # complete queued groups batched into one worker call
     max_queue_size: int = 512  # queued queries before 503 + Retry-After
     max_inflight_groups: int = 8  # coding groups dispatched to workers at once
     max_batch_size: int = 64  # queries in one request
@@ -89,7 +90,8 @@ class ServerConfig:
         _check(-1 <= self.metrics_port <= 65535,
                f"--metrics-port must be -1 (off) or 0..65535, got {self.metrics_port}")
         _check(self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}")
-        for name in ("max_queue_size", "max_inflight_groups", "max_batch_size", "max_body_bytes"):
+        for name in ("max_groups_per_call", "max_queue_size", "max_inflight_groups",
+                     "max_batch_size", "max_body_bytes"):
             value = getattr(self, name)
             _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
         for name in ("max_queue_delay_ms", "frontend_inline_ms", "worker_deadline_ms", "request_timeout_ms",

@@ -4,6 +4,10 @@ Every mode sets each query's future exactly once (`_answer` / `_fail` ignore fut
 are already done, e.g. because the request timed out). Worker calls go through
 `WorkerPool.call`; a call that raises is an erasure.
 
+One call to `execute` carries G >= 1 coding groups (the batcher adds complete queued
+groups under load); query q is slot q % k of group q // k, and worker i runs slot i of
+all G groups as one [G, ...] batch.
+
 Partial groups (fewer than k queries at the batcher's deadline): coded, ParM and
 ApproxIFER pad the group to k with repeats of its last query, so every worker and the
 encoders see in-distribution inputs (zeros would be far from the training data for the
@@ -11,10 +15,10 @@ learned encoders); padded slots' answers are never computed by the heads or retu
 Uncoded and replication send only the real queries.
 
 Model names a worker can be asked to run (see `worker_models`):
-  "f"         x [1, C, H, W]    -> z [1, *embedding_shape]
-  "enc_f/<r>" x [1, k, C, H, W] -> z of encoder r's output (paper Remark 3)
-  "parm"      x [1, k, C, H, W] -> logits_sum [1, classes of the primary head]
-  "f_heads"   x [1, C, H, W]    -> every head's logits side by side [1, sum(classes)]
+  "f"         x [G, C, H, W]    -> z [G, *embedding_shape]
+  "enc_f/<r>" x [G, k, C, H, W] -> z of encoder r's output (paper Remark 3)
+  "parm"      x [G, k, C, H, W] -> logits_sum [G, classes of the primary head]
+  "f_heads"   x [G, C, H, W]    -> every head's logits side by side [G, sum(classes)]
 """
 
 from __future__ import annotations
@@ -80,10 +84,9 @@ class Frontend:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def encode(self, xs: np.ndarray) -> list[np.ndarray]:
-        """xs [k, C, H, W] -> one parity input [1, C, H, W] per encoder row."""
-        group = xs[None]  # [1, k, C, H, W]
-        return await self._call(lambda: [self.encoders[r].run(group) for r in sorted(self.encoders)])
+    async def encode(self, groups: np.ndarray) -> list[np.ndarray]:
+        """groups [G, k, C, H, W] -> one parity input [G, C, H, W] per encoder row."""
+        return await self._call(lambda: [self.encoders[r].run(groups) for r in sorted(self.encoders)])
 
     async def classify(self, zs: np.ndarray) -> dict[str, np.ndarray]:
         """zs [m, *embedding_shape] -> task -> logits [m, classes]."""
@@ -104,10 +107,23 @@ def _fail(queries: Iterable[Query], error: BaseException) -> None:
 
 
 def _pad(xs: np.ndarray, k: int) -> np.ndarray:
-    """[m, C, H, W] -> [k, C, H, W], repeating the last query (the partial-group rule)."""
-    if len(xs) == k:
+    """[m, C, H, W] -> [ceil(m / k) * k, C, H, W], repeating the last query (the
+    partial-group rule)."""
+    total = -(-len(xs) // k) * k
+    if len(xs) == total:
         return xs
-    return np.concatenate([xs, np.repeat(xs[-1:], k - len(xs), axis=0)])
+    return np.concatenate([xs, np.repeat(xs[-1:], total - len(xs), axis=0)])
+
+
+def _groups(queries: list[Query], k: int) -> np.ndarray:
+    """The queries as coding groups [G, k, C, H, W] (query q is group q // k, slot q % k)."""
+    xs = _pad(np.stack([q.x for q in queries]), k)  # [G*k, C, H, W]
+    return xs.reshape(len(xs) // k, k, *xs.shape[1:])
+
+
+def _slot(groups: np.ndarray, i: int) -> np.ndarray:
+    """Slot i of every group, contiguous for the engine: [G, C, H, W]."""
+    return np.ascontiguousarray(groups[:, i])
 
 
 class Mode:
@@ -140,14 +156,16 @@ class Mode:
     def group_size(self) -> int:
         return self.k
 
-    async def execute(self, group: list[Query]) -> None:
+    async def execute(self, queries: list[Query]) -> None:
+        """Answer 1..max_groups_per_call*k queries: groups of k, the last possibly partial."""
         raise NotImplementedError
 
     # Shared helpers -------------------------------------------------------------------------
     def _count_partial(self, m: int) -> None:
-        if m < self.k:
+        padded = -m % self.k
+        if padded:
             self.metrics.partial_groups.labels(**self.metrics.labels).inc()
-            self.metrics.padded_queries.labels(**self.metrics.labels).inc(self.k - m)
+            self.metrics.padded_queries.labels(**self.metrics.labels).inc(padded)
 
     def _drop_late(self, tasks: Mapping[asyncio.Task[np.ndarray], int],
                    pending: Iterable[asyncio.Task[np.ndarray]]) -> None:
@@ -199,30 +217,32 @@ class CodedMode(Mode):
     def frontend_encoders(cls, manifest: Manifest, encoders_on_workers: bool) -> bool:
         return not encoders_on_workers
 
-    async def execute(self, group: list[Query]) -> None:
-        k, n, m = self.k, self.n, len(group)
+    async def execute(self, queries: list[Query]) -> None:
+        k, n, m = self.k, self.n, len(queries)
         self._count_partial(m)
-        xs = _pad(np.stack([q.x for q in group]), k)  # [k, C, H, W]
-        calls = [(i, "f", xs[i:i + 1]) for i in range(k)]
+        groups = _groups(queries, k)  # [G, k, C, H, W]
+        calls = [(i, "f", _slot(groups, i)) for i in range(k)]
         if self.encoders_on_workers:
-            calls += [(k + r, f"enc_f/{r}", xs[None]) for r in range(n - k)]
+            calls += [(k + r, f"enc_f/{r}", groups) for r in range(n - k)]
         else:
             t0 = time.perf_counter()
-            parities = await self.frontend.encode(xs)  # n-k x [1, C, H, W]
+            parities = await self.frontend.encode(groups)  # n-k x [G, C, H, W]
             self.metrics.encode_seconds.observe(time.perf_counter() - t0)
             calls += [(k + r, "f", parities[r]) for r in range(n - k)]
         tasks = self._launch(calls, self.pool.plan_stragglers(k))
 
-        decoder = OnlineDecoder(self.scheme, tuple(self.manifest.embedding_shape))
+        # One decoder for all G groups: a worker's batch lands at once, so they share the
+        # erasure pattern and decode as one (G, *embedding_shape) result per worker.
+        decoder = OnlineDecoder(self.scheme, (len(groups), *self.manifest.embedding_shape))
         pending: set[asyncio.Task[np.ndarray]] = set(tasks)
         ready = False
         while pending and not ready:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:  # fold each result into the decoder as it lands
-                if task.exception() is None and decoder.add(tasks[task], task.result()[0]):
+                if task.exception() is None and decoder.add(tasks[task], task.result()):
                     ready = True
         if not ready:
-            _fail(group, ServiceUnavailable(
+            _fail(queries, ServiceUnavailable(
                 f"only {len(decoder.received)} of {n} workers answered (workers "
                 f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
                 "workers are being restarted"))
@@ -230,13 +250,14 @@ class CodedMode(Mode):
         self._drop_late(tasks, pending)
         self._erasures(i for i in range(n) if i not in decoder.received)
         t0 = time.perf_counter()
-        zs = decoder.finalize()  # [k, *embedding_shape]
+        zs = decoder.finalize()  # [k, G, *embedding_shape]
         self.metrics.decode_seconds.observe(time.perf_counter() - t0)
         missing = set(decoder.missing)
-        logits = await self.frontend.classify(zs[:m])  # padded slots are never classified
-        for j, query in enumerate(group):
-            reconstructed = j in missing
-            if _answer(query, QueryAnswer({t: v[j] for t, v in logits.items()}, reconstructed)):
+        zs = zs.swapaxes(0, 1).reshape(-1, *zs.shape[2:])[:m]  # [m, *embedding_shape]
+        logits = await self.frontend.classify(zs)  # padded slots are never classified
+        for q, query in enumerate(queries):
+            reconstructed = q % k in missing
+            if _answer(query, QueryAnswer({t: v[q] for t, v in logits.items()}, reconstructed)):
                 if reconstructed:
                     self.metrics.reconstructed.labels(**self.metrics.labels).inc()
 
@@ -255,31 +276,36 @@ class UncodedMode(Mode):
     def pool_size(cls, manifest: Manifest) -> int:
         return manifest.coding.k * cls.replicas
 
-    async def execute(self, group: list[Query]) -> None:
-        offset, self._offset = self._offset, (self._offset + len(group)) % self.k
-        # the paper's straggler hits one of the workers this group actually uses
-        slot = self.pool.plan_stragglers(len(group))
-        straggler = None if slot is None else (offset + slot) % self.k
-        await asyncio.gather(*(
-            self._one(query, (offset + j) % self.k, straggler) for j, query in enumerate(group)))
+    async def execute(self, queries: list[Query]) -> None:
+        k = self.k
+        offset, self._offset = self._offset, (self._offset + len(queries)) % k
+        by_slot: dict[int, list[Query]] = {}
+        for q, query in enumerate(queries):  # each worker gets its queries as one batch
+            by_slot.setdefault((offset + q) % k, []).append(query)
+        # the paper's straggler hits one of the workers this dispatch actually uses
+        slot = self.pool.plan_stragglers(min(len(queries), k))
+        straggler = None if slot is None else (offset + slot) % k
+        await asyncio.gather(*(self._one(batch, s, straggler) for s, batch in by_slot.items()))
 
-    async def _one(self, query: Query, slot: int, straggler: int | None) -> None:
+    async def _one(self, queries: list[Query], slot: int, straggler: int | None) -> None:
+        xs = np.stack([q.x for q in queries])  # [b, C, H, W]
         replicas = [slot + r * self.k for r in range(self.replicas)]
-        tasks = self._launch([(w, "f", query.x[None]) for w in replicas], straggler)
+        tasks = self._launch([(w, "f", xs) for w in replicas], straggler)
         pending: set[asyncio.Task[np.ndarray]] = set(tasks)
-        z: np.ndarray | None = None
-        while pending and z is None:
+        zs: np.ndarray | None = None
+        while pending and zs is None:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            z = next((t.result() for t in done if t.exception() is None), None)
-        if z is None:
-            _fail([query], ServiceUnavailable(
+            zs = next((t.result() for t in done if t.exception() is None), None)
+        if zs is None:
+            _fail(queries, ServiceUnavailable(
                 f"worker(s) {replicas} failed and --mode {self.name} has no other copy of "
-                "this query; retry shortly"))
+                "these queries; retry shortly"))
             return
         self._drop_late(tasks, pending)
         self._erasures(tasks[t] for t in pending)
-        logits = await self.frontend.classify(z)
-        _answer(query, QueryAnswer({t: v[0] for t, v in logits.items()}, reconstructed=False))
+        logits = await self.frontend.classify(zs)
+        for q, query in enumerate(queries):
+            _answer(query, QueryAnswer({t: v[q] for t, v in logits.items()}, reconstructed=False))
 
 
 class ReplicationMode(UncodedMode):
@@ -308,14 +334,14 @@ class ParMMode(Mode):
     def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
         return ["parm"] if index == manifest.coding.k else ["f"]
 
-    async def execute(self, group: list[Query]) -> None:
-        k, m = self.k, len(group)
+    async def execute(self, queries: list[Query]) -> None:
+        k, m = self.k, len(queries)
         self._count_partial(m)
-        xs = _pad(np.stack([q.x for q in group]), k)  # [k, C, H, W]
-        calls = [(i, "f", xs[i:i + 1]) for i in range(k)] + [(k, "parm", xs[None])]
+        groups = _groups(queries, k)  # [G, k, C, H, W]
+        calls = [(i, "f", _slot(groups, i)) for i in range(k)] + [(k, "parm", groups)]
         tasks = self._launch(calls, self.pool.plan_stragglers(k))
         pending: set[asyncio.Task[np.ndarray]] = set(tasks)
-        results: dict[int, np.ndarray] = {}
+        results: dict[int, np.ndarray] = {}  # primary: [G, *emb]; parity: [G, classes]
 
         def decodable() -> bool:
             primaries = sum(1 for i in results if i < k)
@@ -327,26 +353,29 @@ class ParMMode(Mode):
                 if task.exception() is None:
                     results[tasks[task]] = task.result()
         if not decodable():
-            _fail(group, ServiceUnavailable(
+            _fail(queries, ServiceUnavailable(
                 f"ParM needs k={k} of the {k + 1} results, got workers {sorted(results)}; "
                 "retry shortly"))
             return
         self._drop_late(tasks, pending)
         received = sorted(i for i in results if i < k)
         self._erasures(i for i in range(k + 1) if i not in results)
-        zs = np.concatenate([results[i] for i in received])  # [r, *embedding_shape]
-        logits = await self.frontend.classify(zs)
+        zs = np.concatenate([results[i] for i in received])  # [r*G, *emb], worker-major
+        flat = await self.frontend.classify(zs)
+        G = len(groups)
+        logits = {t: v.reshape(len(received), G, -1) for t, v in flat.items()}  # [r, G, cls]
         row = {i: j for j, i in enumerate(received)}
         primary = self.tasks[0]
         missing = next((i for i in range(k) if i not in row), None)
-        for j, query in enumerate(group):
+        for q, query in enumerate(queries):
+            g, j = divmod(q, k)
             if j != missing:
-                _answer(query, QueryAnswer({t: v[row[j]] for t, v in logits.items()}, False))
+                _answer(query, QueryAnswer({t: v[row[j], g] for t, v in logits.items()}, False))
                 continue
             t0 = time.perf_counter()
-            decoded = results[k][0] - logits[primary].sum(axis=0)  # [classes]
+            decoded = results[k][g] - logits[primary][:, g].sum(axis=0)  # [classes]
             self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-            answer = {t: np.full(v.shape[1], np.nan, np.float32) for t, v in logits.items()}
+            answer = {t: np.full(v.shape[2], np.nan, np.float32) for t, v in logits.items()}
             answer[primary] = decoded.astype(np.float32)
             if _answer(query, QueryAnswer(answer, True, tuple(self.tasks[1:]))):
                 self.metrics.reconstructed.labels(**self.metrics.labels).inc()
@@ -372,25 +401,25 @@ class ApproxIFERMode(Mode):
     def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
         return ["f_heads"]
 
-    async def execute(self, group: list[Query]) -> None:
-        k, n, m = self.k, self.n, len(group)
+    async def execute(self, queries: list[Query]) -> None:
+        k, n, m = self.k, self.n, len(queries)
         self._count_partial(m)
-        xs = _pad(np.stack([q.x for q in group]), k)  # [k, C, H, W]
+        groups = _groups(queries, k)  # [G, k, C, H, W]
         t0 = time.perf_counter()
-        coded = self.code.encode(xs).astype(np.float32)  # [n, C, H, W]
+        coded = np.stack([self.code.encode(g) for g in groups]).astype(np.float32)  # [G, n, C, H, W]
         self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-        tasks = self._launch([(i, "f_heads", coded[i:i + 1]) for i in range(n)],
+        tasks = self._launch([(i, "f_heads", _slot(coded, i)) for i in range(n)],
                              self.pool.plan_stragglers(k))
         pending: set[asyncio.Task[np.ndarray]] = set(tasks)
-        results: dict[int, np.ndarray] = {}
+        results: dict[int, np.ndarray] = {}  # worker -> [G, sum(classes)]
         needed = min(k, n)
         while pending and len(results) < needed:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task.exception() is None:
-                    results[tasks[task]] = task.result()[0]
+                    results[tasks[task]] = task.result()
         if len(results) < needed:
-            _fail(group, ServiceUnavailable(
+            _fail(queries, ServiceUnavailable(
                 f"ApproxIFER waits for {needed} of {n} results, got workers {sorted(results)}; "
                 "retry shortly"))
             return
@@ -398,11 +427,13 @@ class ApproxIFERMode(Mode):
         self._erasures(i for i in range(n) if i not in results)
         indices = sorted(results)
         t0 = time.perf_counter()
-        decoded = self.code.decode(indices, np.stack([results[i] for i in indices]))  # [k, L]
+        decoded = self.code.decode(indices, np.stack([results[i] for i in indices]))  # [k, G, L]
         self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-        per_head = np.split(decoded.astype(np.float32), self.splits, axis=1)
-        for j, query in enumerate(group):
-            if _answer(query, QueryAnswer({t: v[j] for t, v in zip(self.tasks, per_head, strict=True)}, True)):
+        per_head = np.split(decoded.astype(np.float32), self.splits, axis=2)  # [k, G, cls]
+        for q, query in enumerate(queries):
+            g, j = divmod(q, k)
+            answer = {t: v[j, g] for t, v in zip(self.tasks, per_head, strict=True)}
+            if _answer(query, QueryAnswer(answer, True)):
                 self.metrics.reconstructed.labels(**self.metrics.labels).inc()
 
 

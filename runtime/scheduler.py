@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, mode: Mode, batcher: Batcher, max_inflight_groups: int,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, max_groups_per_call: int = 1) -> None:
+        self.max_groups_per_call = max_groups_per_call
         self.mode = mode
         self.batcher = batcher
         self.metrics = metrics
@@ -39,7 +40,7 @@ class Scheduler:
         while True:
             await self._slots.acquire()
             try:
-                group = await self.batcher.next_group()
+                group = await self.batcher.next_group(self.max_groups_per_call)
             except BaseException:
                 self._slots.release()
                 raise

@@ -34,8 +34,10 @@ HELP = {
                           "loop instead of the thread pool (0 = always the pool)",
     "max_queue_delay_ms": "longest a query waits for its coding group of k to fill; a partial "
                           "group is then padded with repeats of its last query",
+    "max_groups_per_call": "under load, one dispatch batches up to this many complete coding "
+                           "groups into each worker call (1 = one group per call)",
     "max_queue_size": "queued queries before requests get 503 + Retry-After",
-    "max_inflight_groups": "coding groups executing at once",
+    "max_inflight_groups": "dispatches (each up to --max-groups-per-call groups) executing at once",
     "max_batch_size": "largest batch B in one request",
     "max_body_bytes": "request bodies above this get 413",
     "worker_deadline_ms": "a worker call overdue by this is an erasure; the worker is restarted",

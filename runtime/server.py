@@ -119,7 +119,8 @@ class Server:
                              encoders_on_workers=config.encoders_on_workers)
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
                           config.max_queue_size)
-        self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics)
+        self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics,
+                                   config.max_groups_per_call)
 
         self._http_site = await self._listen(self._http_app(), config.http_port)
         self.http_port = self._http_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

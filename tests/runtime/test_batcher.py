@@ -78,3 +78,19 @@ def test_partial_group_is_padded_with_the_last_query() -> None:
     np.testing.assert_array_equal(padded[2], xs[1])
     np.testing.assert_array_equal(padded[3], xs[1])
     assert _pad(xs, 2) is xs
+    five = _xs(5)
+    np.testing.assert_array_equal(_pad(five, 2)[5], five[4])  # 5 -> 3 groups of 2
+    assert _pad(five, 2).shape[0] == 6
+
+
+def test_queued_complete_groups_share_one_dispatch() -> None:
+    async def run() -> None:
+        batcher = Batcher(group_size=2, max_queue_delay_s=10.0, max_queue_size=20)
+        batcher.submit(_xs(7))  # 3 complete groups + 1 query
+        batch = await asyncio.wait_for(batcher.next_group(max_groups=2), 1.0)
+        assert len(batch) == 4  # capped at 2 groups
+        batch = await asyncio.wait_for(batcher.next_group(max_groups=8), 1.0)
+        assert len(batch) == 2  # the lone 7th query waits for a companion or its deadline
+        assert len(batcher) == 1
+
+    asyncio.run(run())
