@@ -63,6 +63,8 @@ class ServerConfig:
     engine: str = "onnxruntime"
     device: str = "cpu"
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
+    systematic_grace_ms: float = 0.0  # coded: once k results are in, wait this long for
+    # missing systematic results (exact answers) before decoding; 0 = decode at once (paper)
     frontend_inline_ms: float = 1.0  # encoders+heads faster than this run on the event loop
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
     max_groups_per_call: int = 8  # complete queued groups batched into one worker call
@@ -94,8 +96,8 @@ class ServerConfig:
                      "max_batch_size", "max_body_bytes"):
             value = getattr(self, name)
             _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("max_queue_delay_ms", "frontend_inline_ms", "worker_deadline_ms", "request_timeout_ms",
-                     "drain_timeout_s"):
+        for name in ("max_queue_delay_ms", "systematic_grace_ms", "frontend_inline_ms",
+                     "worker_deadline_ms", "request_timeout_ms", "drain_timeout_s"):
             value = getattr(self, name)
             _check(value >= 0 and math.isfinite(value),
                    f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")

@@ -130,8 +130,10 @@ class Mode:
     name = "base"
 
     def __init__(self, manifest: Manifest, pool: WorkerPool, frontend: Frontend,
-                 metrics: Metrics, *, encoders_on_workers: bool = False) -> None:
+                 metrics: Metrics, *, encoders_on_workers: bool = False,
+                 systematic_grace_s: float = 0.0) -> None:
         self.manifest = manifest
+        self.systematic_grace_s = systematic_grace_s
         self.pool = pool
         self.frontend = frontend
         self.metrics = metrics
@@ -247,12 +249,17 @@ class CodedMode(Mode):
                 f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
                 "workers are being restarted"))
             return
-        self._drop_late(tasks, pending)
-        self._erasures(i for i in range(n) if i not in decoder.received)
-        t0 = time.perf_counter()
-        zs = decoder.finalize()  # [k, G, *embedding_shape]
-        self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-        missing = set(decoder.missing)
+        systematic = await self._grace(tasks, pending, decoder.missing)
+        if systematic is not None:  # every missing systematic result came within the grace
+            zs, missing = np.stack(systematic), set()  # [k, G, *embedding_shape]
+            self._drop_late(tasks, {t for t in pending if not t.done()})
+        else:
+            self._drop_late(tasks, pending)
+            self._erasures(i for i in range(n) if i not in decoder.received)
+            t0 = time.perf_counter()
+            zs = decoder.finalize()  # [k, G, *embedding_shape]
+            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+            missing = set(decoder.missing)
         zs = zs.swapaxes(0, 1).reshape(-1, *zs.shape[2:])[:m]  # [m, *embedding_shape]
         logits = await self.frontend.classify(zs)  # padded slots are never classified
         for q, query in enumerate(queries):
@@ -260,6 +267,22 @@ class CodedMode(Mode):
             if _answer(query, QueryAnswer({t: v[q] for t, v in logits.items()}, reconstructed)):
                 if reconstructed:
                     self.metrics.reconstructed.labels(**self.metrics.labels).inc()
+
+
+    async def _grace(self, tasks: Mapping[asyncio.Task[np.ndarray], int],
+                     pending: set[asyncio.Task[np.ndarray]], missing: tuple[int, ...]
+                     ) -> list[np.ndarray] | None:
+        """With --systematic-grace-ms > 0, wait that long for missing systematic results
+        (exact answers) before decoding; returns all k systematic results, or None."""
+        waiting = {t for t in pending if tasks[t] in missing}
+        if not missing or self.systematic_grace_s <= 0 or len(waiting) != len(missing):
+            return None
+        done, _ = await asyncio.wait(waiting, timeout=self.systematic_grace_s)
+        if len(done) != len(waiting) or any(t.exception() is not None for t in done):
+            return None
+        by_worker = {tasks[t]: t.result() for t in tasks if t.done() and not t.cancelled()
+                     and t.exception() is None}
+        return [by_worker[i] for i in range(self.k)]
 
 
 class UncodedMode(Mode):

@@ -30,6 +30,9 @@ HELP = {
     "device": "cpu (onnxruntime) or cuda (torch, tensorrt)",
     "encoders_on_workers": "run each encoder on its backup worker instead of the frontend "
                            "(paper Remark 3)",
+    "systematic_grace_ms": "coded mode: once any k results are in, wait up to this long for "
+                           "missing systematic results, which give exact answers, before "
+                           "decoding (0 = decode at once, as in the paper)",
     "frontend_inline_ms": "encoders + heads measured faster than this at warm-up run on the event "
                           "loop instead of the thread pool (0 = always the pool)",
     "max_queue_delay_ms": "longest a query waits for its coding group of k to fill; a partial "

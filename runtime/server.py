@@ -116,7 +116,8 @@ class Server:
                                deadline_s=config.worker_deadline_ms / 1000.0,
                                faults=config.faults, metrics=self.metrics)
         mode = self.mode_cls(manifest, self.pool, frontend, self.metrics,
-                             encoders_on_workers=config.encoders_on_workers)
+                             encoders_on_workers=config.encoders_on_workers,
+                             systematic_grace_s=config.systematic_grace_ms / 1000.0)
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
                           config.max_queue_size)
         self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics,

@@ -171,3 +171,29 @@ def test_parm_decodes_the_stragglers_primary_head_only(tiny: TinyModel) -> None:
     np.testing.assert_allclose(result.as_numpy("parity_logits")[~flags],
                                reference["parity"][~flags], atol=1e-3)
     assert result.get_response()["parameters"]["unavailable_heads"] == "parity"
+
+
+def test_systematic_grace_trades_latency_for_exact_answers(tiny: TinyModel) -> None:
+    images = random_images(2, seed=900)  # one full group
+
+    def serve(grace_ms: float, delay_ms: float) -> tuple[float, int]:
+        config = server_config(tiny.bundle, fault_straggler_per_group=True,
+                               fault_delay_ms=delay_ms, systematic_grace_ms=grace_ms,
+                               metrics_port=-1, max_queue_delay_ms=50.0)
+        with ServerThread(config) as srv:
+            client = triton.InferenceServerClient(srv.url)
+            inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
+            inp.set_data_from_numpy(images)
+            t0 = time.perf_counter()
+            result = client.infer("tiny", [inp])
+            latency_s = time.perf_counter() - t0
+        np.testing.assert_array_equal(result.as_numpy("digit_class"),
+                                      tiny.logits(images)["digit"].argmax(axis=1))
+        return latency_s, int(result.as_numpy("reconstructed").sum())
+
+    # a straggler within the grace: waited for, its own exact result is used
+    latency_s, reconstructed = serve(grace_ms=2000.0, delay_ms=300.0)
+    assert reconstructed == 0 and latency_s >= 0.3
+    # a straggler beyond the grace: decoded after the grace, not waited for
+    latency_s, reconstructed = serve(grace_ms=100.0, delay_ms=3000.0)
+    assert reconstructed == 1 and 0.1 <= latency_s < 1.5
