@@ -123,13 +123,11 @@ class Server:
         self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics,
                                    config.max_groups_per_call)
 
-        self._http_site = await self._listen(self._http_app(), config.http_port)
-        self.http_port = self._http_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._http_site, self.http_port = await self._listen(self._http_app(), config.http_port)
         if config.metrics_port >= 0:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", self._metrics_handler)
-            site = await self._listen(metrics_app, config.metrics_port)
-            self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            _, self.metrics_port = await self._listen(metrics_app, config.metrics_port)
         await self.scheduler.start()
         logger.info(
             "serving %s (bundle %s) on http://%s:%d, metrics %s; mode=%s n=%d k=%d workers=%d "
@@ -150,13 +148,14 @@ class Server:
         self._warmed_up = True
         logger.info("all %d workers warmed up; ready", self.pool_size)
 
-    async def _listen(self, app: web.Application, port: int) -> web.TCPSite:
+    async def _listen(self, app: web.Application, port: int) -> tuple[web.TCPSite, int]:
+        """Serve `app` on host:port; returns the site and the bound port (port 0 = any)."""
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.drain_timeout_s)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.config.host, port)
         await site.start()
-        return site
+        return site, int(runner.addresses[0][1])
 
     async def shutdown(self) -> None:
         started = time.monotonic()
