@@ -75,6 +75,7 @@ class ServerConfig:
     worker_deadline_ms: float = 2000.0  # a worker call overdue by this is an erasure
     request_timeout_ms: float = 30000.0  # default when a request has no timeout parameter
     drain_timeout_s: float = 10.0  # graceful shutdown waits this long for in-flight work
+    gpu_decode: bool = True  # coded + torch + cuda: decode on the device (kernels.cuda_decoder)
     verify_checksums: bool = True
     log_level: str = "INFO"
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)

@@ -78,7 +78,8 @@ class ChainRunner:
 class TorchRunner:
     """A `torch.export` program on one CUDA stream (GPU machines without TensorRT)."""
 
-    def __init__(self, path: Path, device: str, stream_index: int) -> None:
+    def __init__(self, path: Path, device: str, stream_index: int,
+                 keep_on_device: bool = False) -> None:
         try:
             import torch
         except ImportError as exc:
@@ -92,18 +93,23 @@ class TorchRunner:
         self.module = torch.export.load(str(path)).module().to(self.device)
         # One stream per worker, so workers overlap on one GPU like separate machines would.
         self.stream = torch.cuda.Stream(device=self.device) if device == "cuda" else None
+        # GPU decoding (runtime.gpu_decode): return the CUDA tensor, not a host copy
+        self.keep_on_device = keep_on_device and self.stream is not None
         logger.debug("torch runner %s on %s (worker stream %d)", path, device, stream_index)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> np.ndarray:  # or a CUDA tensor when keep_on_device
         torch = self._torch
         with torch.inference_mode():
             if self.stream is None:
                 return self.module(torch.from_numpy(x)).numpy()
             with torch.cuda.stream(self.stream):
-                xd = torch.from_numpy(x).pin_memory().to(self.device, non_blocking=True)
-                y = self.module(xd).to("cpu", non_blocking=True)
-            self.stream.synchronize()
-            return y.numpy()
+                xd = torch.from_numpy(np.ascontiguousarray(x)).pin_memory().to(
+                    self.device, non_blocking=True)
+                y = self.module(xd)
+                if not self.keep_on_device:
+                    y = y.to("cpu", non_blocking=True)
+            self.stream.synchronize()  # the result is complete before anyone else reads it
+            return y if self.keep_on_device else y.numpy()
 
 
 class TensorRTRunner:

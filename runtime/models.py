@@ -24,10 +24,12 @@ logger = logging.getLogger(__name__)
 
 
 class ModelFactory:
-    def __init__(self, bundle_dir: Path, manifest: Manifest, config: ServerConfig) -> None:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, config: ServerConfig,
+                 device_outputs: bool = False) -> None:
         self.root = bundle_dir
         self.manifest = manifest
         self.config = config
+        self.device_outputs = device_outputs  # torch f returns CUDA tensors (GPU decoding)
 
     # Frontend (always ONNX Runtime on the CPU: light models) -------------------------------
     def heads(self) -> dict[str, ModelRunner]:
@@ -47,7 +49,8 @@ class ModelFactory:
             if rel is None:
                 raise EngineUnavailable("--engine torch needs manifest \"torch\": {\"f\": ...} "
                                         "(a torch.export program); this bundle has none")
-            return TorchRunner(self.root / rel, self.config.device, worker)
+            return TorchRunner(self.root / rel, self.config.device, worker,
+                               keep_on_device=self.device_outputs)
         if engine == "tensorrt":
             return TensorRTRunner(find_tensorrt_plan(self.root, self.manifest.files), worker, "x", "z")
         raise EngineUnavailable(f"unknown engine {engine!r}")

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from kernels.coding import CodingScheme, OnlineDecoder
 from runtime.batcher import Query, QueryAnswer
 from runtime.engines import ModelRunner
 from runtime.errors import ConfigError, ServiceUnavailable
+from runtime.gpu_decode import to_host
 from runtime.manifest import Manifest
 from runtime.metrics import Metrics
 from runtime.worker import WorkerPool
@@ -200,6 +201,9 @@ class CodedMode(Mode):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.scheme = CodingScheme.from_dict(self.manifest.coding.to_dict())
         self.n = self.scheme.n
+        # shape -> decoder; runtime.gpu_decode swaps in the CUDA decoder on device results
+        self.new_decoder: Callable[[tuple[int, ...]], Any] = (
+            lambda shape: OnlineDecoder(self.scheme, shape))
 
     @classmethod
     def pool_size(cls, manifest: Manifest) -> int:
@@ -235,7 +239,7 @@ class CodedMode(Mode):
 
         # One decoder for all G groups: a worker's batch lands at once, so they share the
         # erasure pattern and decode as one (G, *embedding_shape) result per worker.
-        decoder = OnlineDecoder(self.scheme, (len(groups), *self.manifest.embedding_shape))
+        decoder = self.new_decoder((len(groups), *self.manifest.embedding_shape))
         pending: set[asyncio.Task[np.ndarray]] = set(tasks)
         ready = False
         while pending and not ready:
@@ -251,7 +255,7 @@ class CodedMode(Mode):
             return
         systematic = await self._grace(tasks, pending, decoder.missing)
         if systematic is not None:  # every missing systematic result came within the grace
-            zs, missing = np.stack(systematic), set()  # [k, G, *embedding_shape]
+            zs, missing = np.stack([to_host(z) for z in systematic]), set()  # [k, G, *emb]
             self._drop_late(tasks, {t for t in pending if not t.done()})
         else:
             self._drop_late(tasks, pending)

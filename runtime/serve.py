@@ -46,6 +46,9 @@ HELP = {
     "worker_deadline_ms": "a worker call overdue by this is an erasure; the worker is restarted",
     "request_timeout_ms": "default request timeout (a request's timeout_ms parameter overrides)",
     "drain_timeout_s": "on SIGTERM/SIGINT, wait this long for in-flight requests",
+    "gpu_decode": "with --mode coded --engine torch --device cuda, keep worker results on the GPU "
+                  "and decode them there with kernels.cuda_decoder (host decoding if it cannot "
+                  "load)",
     "verify_checksums": "check every bundle file's sha256 against the manifest at start-up",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from kernels.coding import CodingScheme
 from runtime.batcher import Batcher, QueryAnswer
 from runtime.config import ServerConfig
 from runtime.errors import (
@@ -30,10 +31,11 @@ from runtime.errors import (
     ServiceUnavailable,
     ServingError,
 )
+from runtime.gpu_decode import make_device_decoders
 from runtime.manifest import Manifest, verify_checksums
 from runtime.metrics import CONTENT_TYPE, Metrics
 from runtime.models import ModelFactory
-from runtime.modes import MODES, Frontend
+from runtime.modes import MODES, CodedMode, Frontend
 from runtime.protocol import (
     HEADER_LENGTH,
     InferRequest,
@@ -92,7 +94,13 @@ class Server:
         if config.verify_checksums:
             verify_checksums(self.bundle_dir, manifest)
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="coded-worker")
-        factory = ModelFactory(self.bundle_dir, manifest, config)
+        device_decoders = None
+        if (config.gpu_decode and config.mode == "coded" and config.engine == "torch"
+                and config.device == "cuda"):
+            device_decoders = make_device_decoders(
+                CodingScheme.from_dict(manifest.coding.to_dict()))
+        factory = ModelFactory(self.bundle_dir, manifest, config,
+                               device_outputs=device_decoders is not None)
         loop = asyncio.get_running_loop()
         heads, encoders = await loop.run_in_executor(self._executor, lambda: (
             factory.heads(),
@@ -118,6 +126,8 @@ class Server:
         mode = self.mode_cls(manifest, self.pool, frontend, self.metrics,
                              encoders_on_workers=config.encoders_on_workers,
                              systematic_grace_s=config.systematic_grace_ms / 1000.0)
+        if device_decoders is not None and isinstance(mode, CodedMode):
+            mode.new_decoder = device_decoders
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
                           config.max_queue_size)
         self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics,

@@ -74,3 +74,20 @@ def test_torch_engine_on_cuda_serves_exact_labels(tmp_path: Path) -> None:
     reference = tiny.logits(images)["digit"]
     np.testing.assert_allclose(result.as_numpy("digit_logits"), reference, atol=1e-3, rtol=0)
     np.testing.assert_array_equal(result.as_numpy("digit_class"), reference.argmax(axis=1))
+
+
+def test_gpu_decoding_falls_back_to_the_host_where_cuda_is_missing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    try:
+        import pycuda.driver  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("pycuda is installed here; the fallback path cannot be exercised")
+    from kernels.coding import CodingScheme
+    from runtime.gpu_decode import make_device_decoders, to_host
+
+    assert make_device_decoders(CodingScheme.average(2)) is None
+    assert "decoding on the host instead" in caplog.text
+    array = np.ones(3, np.float32)
+    assert to_host(array) is array
