@@ -24,6 +24,7 @@ import torch
 
 from export.config import ExportConfig
 from export.errors import ExportError, ExportVerificationError
+from export.layout import INPUT_NAME, REFERENCE_FILE, TORCH_F_FILE, reference_key
 from export.numerics import error_stats, run_ort
 from export.onnx_export import HalfCompute, export_onnx
 from export.sources import ExportSources, load_sources
@@ -31,35 +32,16 @@ from runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_FILE = "verification/reference.npz"
-INPUT_NAME = "INPUT"  # the served (KServe) input; ONNX files use x / z / logits / ...
-TORCH_F_FILE = "torch/f.pt2"
-
 
 @dataclass(frozen=True)
 class Artifact:
-    """One exported model file and what it was checked against."""
+    """One exported model file and what it is checked against."""
 
     file: str
     input_name: str
     output_name: str
     module: torch.nn.Module  # the FP32 PyTorch reference
     inputs: np.ndarray  # [N, ...] real inputs for the check
-
-
-def reference_key(file: str, what: str) -> str:
-    """npz member name for a bundle file's stored input/output ('/' is not safe in npz keys)."""
-    return f"{file.replace('/', '__')}::{what}"
-
-
-def io_names(manifest: Manifest) -> dict[str, tuple[str, str]]:
-    """ONNX input/output names of every ONNX file in a bundle (the contract's fixed names)."""
-    names = {manifest.f: ("x", "z")}
-    names.update({h.file: ("z", "logits") for h in manifest.heads})
-    names.update({e.file: ("x", "x_parity") for e in manifest.encoders})
-    if manifest.parm is not None:
-        names[manifest.parm] = ("x", "logits_sum")
-    return names
 
 
 def _git_commit() -> str | None:

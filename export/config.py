@@ -11,8 +11,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from export.errors import ExportConfigError
+from export.layout import MIN_OPSET
 
-MIN_OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
 
 # Pass criterion for every exported file: max|ort - torch| <= atol + rtol * max|torch|.

@@ -17,12 +17,12 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.config import EXPORTERS, MIN_OPSET
+from export.config import EXPORTERS
 from export.errors import ExportError
+from export.layout import BATCH_DIM, MIN_OPSET, check_onnx
 
 logger = logging.getLogger(__name__)
 
-BATCH_DIM = "batch"
 # torch.export specialises sizes 0 and 1, so trace with 2 and mark the dim dynamic.
 _TRACE_BATCH = 2
 
@@ -113,29 +113,3 @@ def _name_batch_dims(model: onnx.ModelProto, input_name: str, output_name: str) 
         dim0 = value.type.tensor_type.shape.dim[0]
         if dim0.HasField("dim_param") or not dim0.HasField("dim_value"):
             dim0.dim_param = BATCH_DIM
-
-
-def check_onnx(path: str | Path, *, input_name: str, output_name: str, opset: int = MIN_OPSET) -> None:
-    """onnx.checker (full_check) plus the bundle's I/O contract: names, dynamic batch, opset."""
-    path = Path(path)
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"{path.name}: onnx.checker rejected the model: {exc}") from exc
-    model = onnx.load(str(path))
-    inputs = [i.name for i in model.graph.input]
-    outputs = [o.name for o in model.graph.output]
-    if inputs != [input_name] or outputs != [output_name]:
-        raise ExportError(
-            f"{path.name}: expected I/O {[input_name]} -> {[output_name]}, got {inputs} -> {outputs}"
-        )
-    for value in [*model.graph.input, *model.graph.output]:
-        dim0 = value.type.tensor_type.shape.dim[0]
-        if dim0.dim_param != BATCH_DIM:
-            raise ExportError(
-                f"{path.name}: tensor {value.name!r} needs a dynamic leading dim named "
-                f"{BATCH_DIM!r}, got {dim0}"
-            )
-    versions = {o.domain: o.version for o in model.opset_import}
-    if versions.get("", versions.get("ai.onnx", 0)) < opset:
-        raise ExportError(f"{path.name}: opset {versions} is older than the requested {opset}")

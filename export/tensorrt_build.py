@@ -25,6 +25,7 @@ from typing import Any
 
 from export.config import TrtConfig
 from export.errors import ExportError, TensorRTBuildError, TensorRTUnavailableError
+from export.layout import io_names
 from runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file, verify_checksums
 
 logger = logging.getLogger(__name__)
@@ -165,8 +166,6 @@ def _build_one(trt: Any, onnx_path: Path, plan_path: Path, cache: Any, config: T
 
 def build_engines(config: TrtConfig) -> TrtBuildReport:
     """Build a plan for every ONNX file of the bundle and record their sha256 in the manifest."""
-    from export.bundle import io_names
-
     root = Path(config.bundle)
     try:
         manifest = Manifest.load(root)

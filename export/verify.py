@@ -16,6 +16,7 @@ import numpy as np
 
 from export.config import VerifyConfig
 from export.errors import ExportError, ExportVerificationError
+from export.layout import REFERENCE_FILE, check_onnx, io_names, reference_key
 from export.numerics import error_stats, run_ort
 from runtime.manifest import Manifest, ManifestError, verify_checksums
 
@@ -50,8 +51,6 @@ class VerifyReport:
 
 
 def _load_reference(root: Path) -> dict[str, np.ndarray]:
-    from export.bundle import REFERENCE_FILE
-
     path = root / REFERENCE_FILE
     if not path.is_file():
         raise ExportVerificationError(f"{path}: missing; the bundle has no stored reference outputs to verify")
@@ -61,8 +60,6 @@ def _load_reference(root: Path) -> dict[str, np.ndarray]:
 
 def verify_bundle(config: VerifyConfig) -> VerifyReport:
     """Raise on the first structural problem, or on any numerical mismatch (listing all)."""
-    from export.bundle import io_names, reference_key
-
     root = Path(config.bundle)
     if not root.is_dir():
         raise ExportError(f"bundle {str(root)!r} is not a directory")
@@ -76,8 +73,6 @@ def verify_bundle(config: VerifyConfig) -> VerifyReport:
     if not config.numerics:
         report.skipped.append("numerics: --no-numerics")
         return report
-    from export.onnx_export import check_onnx
-
     for file, (input_name, output_name) in names.items():
         try:
             check_onnx(root / file, input_name=input_name, output_name=output_name)

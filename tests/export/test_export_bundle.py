@@ -11,9 +11,10 @@ import onnx
 import pytest
 import torch
 
-from export.bundle import REFERENCE_FILE, build_bundle, io_names
+from export.bundle import build_bundle
 from export.config import ExportConfig
 from export.errors import ExportError, ExportVerificationError
+from export.layout import REFERENCE_FILE, io_names
 from export.numerics import run_ort
 from export.sources import load_sources
 from runtime.manifest import Manifest, ManifestError, sha256_file, verify_checksums

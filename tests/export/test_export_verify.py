@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from export.bundle import REFERENCE_FILE, reference_key
 from export.cli import main
 from export.config import VerifyConfig
 from export.errors import ExportVerificationError
+from export.layout import REFERENCE_FILE, reference_key
 from export.verify import verify_bundle
 from runtime.manifest import sha256_file
 
@@ -94,3 +96,16 @@ def test_manifest_schema_error_is_reported(bundle_copy: Callable[[], Path]) -> N
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ExportVerificationError, match=r"coding: need integers 1 <= k <= n, got n=3, k=5"):
         verify_bundle(VerifyConfig(bundle=str(copy)))
+
+
+def test_verify_runs_without_torch(bundle: Path) -> None:
+    """An edge box has onnx + onnxruntime but no torch: ONNX files are verified, f.pt2 is skipped."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now raises ImportError
+        "from export.cli import main\n"
+        f"sys.exit(main(['verify', {str(bundle)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "f.onnx: max abs err" in result.stdout and "parm.onnx: max abs err" in result.stdout
+    assert "skipped torch/f.pt2: torch is not installed" in result.stdout
