@@ -89,6 +89,12 @@ def test_shutdown_drains_in_flight_requests(tiny: TinyModel, sig: signal.Signals
         assert _classes(payload) == tiny.logits(im)["digit"].argmax(axis=1).tolist()
     assert "shutting down: draining" in output
     assert "serving tiny" in output and "mode=coded n=3 k=2" in output  # start-up facts
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert "loop=uvloop" in output  # the CLI runs on uvloop where it is installed
 
 
 def test_drain_timeout_bounds_shutdown(tiny: TinyModel) -> None:
