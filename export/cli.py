@@ -122,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("export").setLevel(logging.INFO)
-    # The exporter's own passes log every rewrite at INFO and warn about absent torchvision ops.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     verb = argv[0] if argv and argv[0] in VERBS else None
     runner = {"verify": _run_verify, "trt": _run_trt}.get(verb, _run_export)
     try:

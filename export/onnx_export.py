@@ -58,6 +58,11 @@ def export_onnx(
     module = module.eval()
     example = torch.zeros((_TRACE_BATCH, *sample_shape), dtype=torch.float32)  # [2, *sample_shape]
     start_s = time.perf_counter()
+    # The dynamo exporter logs every optimiser pass and warns about absent torchvision ops.
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         # The exporters emit deprecation chatter from torch/onnxscript internals we do not control.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -97,6 +102,9 @@ def export_onnx(
                 "holds spectral-norm parametrisations, export f.folded(); or retry with "
                 f"--exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'}"
             ) from exc
+        finally:
+            for lg, level in zip(quiet, levels, strict=True):
+                lg.setLevel(level)
     model = onnx.load(str(path))
     _name_batch_dims(model, input_name, output_name)
     onnx.save_model(model, str(path))

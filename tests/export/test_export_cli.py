@@ -13,6 +13,7 @@ import pytest
 from export.cli import EXIT_TENSORRT_MISSING, main
 from export.config import ExportConfig, TrtConfig
 from export.errors import ExportConfigError
+from runtime.manifest import Manifest
 
 
 def test_help_lists_the_verbs() -> None:
@@ -33,6 +34,21 @@ def test_missing_checkpoint_exits_nonzero(tmp_path: Path, capsys: pytest.Capture
     assert main([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "b"), "--k", "2"]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_export_verb_end_to_end(checkpoints: dict[str, Path], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli-bundle"
+    argv = [str(checkpoints["classifier"]), "--out", str(out), "--k", "3", "--exporter", "torchscript",
+            "--verify-samples", "4", "--reference-samples", "2", "--no-torch-program", "--model-name", "tiny"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert f"wrote bundle {out}" in stdout and "coding n=4 k=3" in stdout and "f.onnx: max abs err" in stdout
+    manifest = Manifest.load(out)
+    assert manifest.model_name == "tiny" and manifest.torch == {}
+    assert manifest.provenance["commands"][-1].startswith("python -m export ") and "--k 3" in manifest.provenance[
+        "commands"][-1]
+    assert main(["verify", str(out)]) == 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
