@@ -244,7 +244,9 @@ class CodedMode(Mode):
         ready = False
         while pending and not ready:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:  # fold each result into the decoder as it lands
+            # fold each result in as it lands; systematic first, so that a systematic result
+            # landing together with a parity is used as is, not decoded
+            for task in sorted(done, key=tasks.__getitem__):
                 if task.exception() is None and decoder.add(tasks[task], task.result()):
                     ready = True
         if not ready:
@@ -271,7 +273,6 @@ class CodedMode(Mode):
             if _answer(query, QueryAnswer({t: v[q] for t, v in logits.items()}, reconstructed)):
                 if reconstructed:
                     self.metrics.reconstructed.labels(**self.metrics.labels).inc()
-
 
     async def _grace(self, tasks: Mapping[asyncio.Task[np.ndarray], int],
                      pending: set[asyncio.Task[np.ndarray]], missing: tuple[int, ...]
