@@ -128,6 +128,7 @@ def bench_bundle(bundle: str, config: LatencyConfig, run_dir: Path) -> dict[str,
     concurrency = k * config.concurrency_per_k
     result: dict[str, Any] = {"bundle": bundle, "n": n, "k": k, "delay_ms": config.delay_ms,
                               "model_name": manifest.model_name, "concurrency": concurrency,
+                              "provenance_note": manifest.provenance.get("note"),
                               "modes": [], "skipped": {}}
     for mode in config.modes:
         if mode == "parm" and manifest.parm is None:
@@ -204,6 +205,8 @@ def run(config: LatencyConfig) -> dict[str, Any]:
     ks = ",".join(str(b["k"]) for b in bundles)
     title = (f"Coded-InvNet server latency, k={ks}, {config.num_queries} queries/mode, "
              f"+{config.delay_ms:g} ms straggler/group — {machine_label(info)}")
+    if any("UNTRAINED" in str(b["provenance_note"]) for b in bundles):
+        title += " — UNTRAINED real-architecture bundles (timing only)"
     png = latency_figure(bundles, out_dir / f"latency{suffix}.png", title)
     logger.info("wrote %s and %s", json_path, png)
     for b in bundles:

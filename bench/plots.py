@@ -54,7 +54,7 @@ def latency_figure(bundles: list[dict[str, Any]], path: Path, title: str) -> Pat
             ax_bar.bar(xs, [m["paper"]["stats"][key] for m in modes], width, label=key[:-3])
         ax_bar.set_xticks(range(len(modes)), [m["mode"] for m in modes], rotation=20, fontsize=8)
         ax_bar.set_ylabel("latency (ms)")
-        ax_bar.set_title("closed loop, paper setup")
+        ax_bar.set_title("paper setup: waves of k queries")
         ax_bar.legend(fontsize=8)
         ax_bar.grid(True, axis="y", alpha=0.3)
 

@@ -150,9 +150,10 @@ def run(config: ThroughputConfig) -> dict[str, Any]:
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     from bench.plots import throughput_figure
 
-    png = throughput_figure(result, out_dir / f"throughput{suffix}.png",
-                            f"{config.mode} server, n={n}, k={k}, {config.concurrency} clients — "
-                            f"{machine_label(info)}")
+    title = f"{config.mode} server, n={n}, k={k}, {config.concurrency} clients — {machine_label(info)}"
+    if "UNTRAINED" in str(m.provenance.get("note")):
+        title += " — UNTRAINED bundle (timing only)"
+    png = throughput_figure(result, out_dir / f"throughput{suffix}.png", title)
     logger.info("wrote %s and %s", json_path, png)
     return result
 
