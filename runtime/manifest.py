@@ -266,12 +266,8 @@ class Manifest:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["coding"] = self.coding.to_dict()
-        data["input"]["shape"] = list(self.input.shape)
-        data["input"]["accepted_dtypes"] = list(self.input.accepted_dtypes)
-        data["embedding_shape"] = list(self.embedding_shape)
-        return data
+        """Plain JSON types (tuples become lists), so `from_dict(to_dict())` round-trips."""
+        return json.loads(json.dumps(asdict(self)))
 
     def dump(self, bundle_dir: str | Path) -> Path:
         path = Path(bundle_dir) / MANIFEST_NAME

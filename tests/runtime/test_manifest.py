@@ -39,6 +39,7 @@ def test_round_trip_and_checksums(tmp_path: Path) -> None:
     manifest.dump(tmp_path)
     loaded = Manifest.load(tmp_path)
     assert loaded == manifest
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
     assert loaded.to_dict()["coding"] == data["coding"]
     assert json.loads((tmp_path / "manifest.json").read_text())["heads"][0]["classes"] == ["a", "b"]
     verify_checksums(tmp_path, loaded)
