@@ -209,7 +209,8 @@ def run_dataset(config: AccuracyConfig, dataset: str) -> list[dict[str, Any]]:
                         approx_normal_acc=res["normal_acc_labels"], eval_s=time.perf_counter() - t0,
                         train_time_s=0.0, **common))
         logger.info("%s (%d,%d): %s", dataset, n, k,
-                    ", ".join(f"{r['method']} {r.get('acc_labels', float('nan')):.4f}" for r in rows[-3:]))
+                    ", ".join(f"{r['method']} " + (f"{r['acc_labels']:.4f}" if "acc_labels" in r else r["status"])
+                              for r in rows[-3:]))
     return rows
 
 
@@ -263,7 +264,7 @@ def encodings_figure(config: AccuracyConfig, dataset: str, path: Path) -> Path |
     fig, axes = plt.subplots(2, cols, figsize=(1.3 * cols, 3.0))
     for j in range(k):
         show(axes[0, j], x[0, j], f"x_{j + 1}")
-        show(axes[1, j], recon[j], f"x̂_{j + 1} (erased)")
+        show(axes[1, j], recon[j], f"x̂_{j + 1} rebuilt")
     show(axes[0, k], ideal[0, 0], "ideal enc.")
     show(axes[0, k + 1], learned[0, 0], "learned enc.")
     axes[1, k].axis("off")
@@ -324,16 +325,17 @@ def bar_figure(record: dict[str, Any], path: Path) -> Path:
     for ax, dataset in zip(axes[0], datasets, strict=True):
         rows = [r for r in record["rows"] if r["dataset"] == dataset]
         settings = list(dict.fromkeys((r["n"], r["k"]) for r in rows))
+        labelled_paper = False
         for m, method in enumerate(METHODS):
             vals = [next((100 * r["acc_labels"] for r in rows if (r["n"], r["k"]) == s and r["method"] == method
                           and "acc_labels" in r), 0.0) for s in settings]
             ax.bar(np.arange(len(settings)) + (m - 1) * width, vals, width, label=method)
-            paper = [PAPER.get((dataset, *s), {}).get(method) for s in settings]
-            for i, p in enumerate(paper):
-                if p is not None:
-                    ax.plot(i + (m - 1) * width, p, "k_", markersize=14, mew=2,
-                            label="paper" if (m, i) == (0, settings.index((11, 10)) if (11, 10) in settings else -1)
-                            else None)
+            for i, s in enumerate(settings):
+                paper = PAPER.get((dataset, *s), {}).get(method)
+                if paper is not None:
+                    ax.plot(i + (m - 1) * width, paper, "k_", markersize=14, mew=2,
+                            label=None if labelled_paper else "paper (Dinh & Lee)")
+                    labelled_paper = True
         ax.set_xticks(np.arange(len(settings)), [f"({n},{k})" for n, k in settings])
         ax.set_ylim(0, 100)
         ax.set_ylabel("degraded-mode accuracy (%)")

@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 20_000},
-    "cpu": {"steps": 400, "d_steps": 1, "eval_every": 200, "val_groups": 500},
+    # sized for a shared, loaded 2-core CPU: ~4-5 s per step at k = 4 with one thread there
+    "cpu": {"steps": 250, "batch_size": 32, "d_steps": 1, "base_channels": 16, "shared_levels": 1,
+            "eval_every": 125, "val_groups": 500, "threads": 1},
 }
 
 
@@ -236,43 +238,53 @@ def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[
                 n, k, dataset, len(group_idx), len(val_groups), f_hash[:12],
                 sum(p.numel() for p in encoders.parameters()))
 
-    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    need_z = config.latent_weight > 0 or config.distill_weight > 0
+    if need_z:
+        # f(x) of every cached training image, once: the latent and distillation targets
+        # then cost a gather instead of k forward passes per group and step
+        used = np.unique(cache["indices"])
+        with torch.no_grad():
+            z_used = torch.cat([f(images[torch.from_numpy(used[i : i + 500])]) for i in range(0, len(used), 500)])
+        emb = z_used.shape[1:]
+        z_all = torch.zeros(len(images), z_used[0].numel())  # (N, D); rows outside `used` stay unused
+        z_all[torch.from_numpy(used)] = z_used.flatten(1)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         pick = torch.from_numpy(rng.integers(0, len(group_idx), config.batch_size))
         x = images[group_idx[pick]]  # (B, k, C, H, W)
         cond = torch.einsum("rk,bkchw->brchw", coeffs, x)  # (B, R, C, H, W)
-        return x, targets[pick], cond
+        return x, targets[pick], cond, group_idx[pick]
 
-    def d_loss_fn(real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def d_step(real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor) -> None:
         loss = real.new_zeros(())
         for r, disc in enumerate(discs):  # LSGAN: real -> 1, fake -> 0
             real_term = (disc(cond[:, r], real[:, r]) - 1).pow(2).mean()
             loss = loss + 0.5 * (real_term + disc(cond[:, r], fake[:, r]).pow(2).mean())
-        return loss
+        opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_d.step()
 
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     bar = tqdm(range(1, config.steps + 1), desc=f"encoder ({n},{k})", unit="step", mininterval=5)
     for step in bar:
         encoders.train()
-        if config.gan_weight > 0:
-            for _ in range(config.d_steps):
-                x, t, cond = batch()
-                with torch.no_grad():
-                    fake = encoders(x)  # (B, R, C, H, W)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss_fn(t, fake, cond).backward()
-                opt_d.step()
-        x, t, cond = batch()
+        x, t, cond, gidx = batch()
         fake = encoders(x)  # (B, R, C, H, W)
+        if config.gan_weight > 0 and config.d_steps > 0:
+            # pix2pix order: D sees this step's fake (detached); extra D steps draw fresh groups
+            d_step(t, fake.detach(), cond)
+            for _ in range(config.d_steps - 1):
+                x2, t2, cond2, _ = batch()
+                with torch.no_grad():
+                    fake2 = encoders(x2)
+                d_step(t2, fake2, cond2)
         terms: dict[str, torch.Tensor] = {"l1": F.l1_loss(fake, t)}
         if config.gan_weight > 0:
             terms["gan"] = sum(0.5 * (d(cond[:, r], fake[:, r]) - 1).pow(2).mean() for r, d in enumerate(discs))
-        if config.latent_weight > 0 or config.distill_weight > 0:
+        if need_z:
             B = x.shape[0]
-            with torch.no_grad():
-                z = f(x.flatten(0, 1))  # (B*k, *emb)
-            emb = z.shape[1:]
-            z = z.reshape(B, k, -1)  # (B, k, D)
+            z = z_all[gidx]  # (B, k, D)
             z_par = f(fake.flatten(0, 1)).reshape(B, R, -1)  # (B, R, D)
             if config.latent_weight > 0:
                 terms["latent"] = F.l1_loss(z_par, torch.einsum("rk,bkd->brd", coeffs, z))

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 20_000},
-    "cpu": {"steps": 400, "eval_every": 200, "val_groups": 500},
+    "cpu": {"steps": 250, "batch_size": 32, "eval_every": 125, "val_groups": 500, "threads": 1},
 }
 
 
