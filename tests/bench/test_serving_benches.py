@@ -15,7 +15,7 @@ import pytest
 from bench.latency import LatencyBenchError, LatencyConfig, quantile_curve, server_args_for, targets
 from bench.loadgen import LoadRecord
 from bench.overhead import OverheadBenchError, OverheadConfig, decode_vs_k
-from bench.throughput import ThroughputBenchError, ThroughputConfig
+from bench.throughput import ThroughputBenchError, ThroughputConfig, ideal_rps
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,17 @@ def test_overhead_and_throughput_config_errors(bundle: Path, tmp_path: Path) -> 
         ThroughputConfig(bundle=str(bundle), concurrency=0)
 
 
+def test_throughput_ceilings(bundle: Path) -> None:
+    # f: 600 images/s; one encoder: 100 groups/s. Coded n=5, k=4 per query: 5/4 f + 1/4 Enc.
+    raw = {"images_per_s": 600.0, "encoder_batch1_groups": {"0": {"best_per_s": 100.0}}}
+    coded = ideal_rps(raw, "coded", n=5, k=4)
+    assert coded["raw_x_k_over_n"] == pytest.approx(480.0)
+    assert coded["with_encoders"] == pytest.approx(4 / (5 / 600 + 1 / 100))
+    assert ideal_rps(raw, "uncoded", n=5, k=4) == {"raw_x_k_over_n": 600.0, "with_encoders": 600.0}
+    with pytest.raises(ThroughputBenchError, match="subset of coded,uncoded"):
+        ThroughputConfig(bundle=str(bundle), modes=("parm",))
+
+
 def test_plots_write_pngs(tmp_path: Path) -> None:
     from bench.plots import latency_figure, throughput_figure
 
@@ -132,6 +143,7 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
             "poisson": [{"rate_per_s": 10.0, "stats": stats}]}
     png = latency_figure([{"k": 2, "n": 3, "delay_ms": 100.0, "modes": [mode]}], tmp_path / "l.png", "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rec = {"raw": {"images_per_s": 300.0}, "k": 2, "n": 3, "server": {"stats": stats}, "ratio_vs_ideal": 0.5}
+    srv = {"stats": stats, "ideal_rps": {"raw_x_k_over_n": 200.0, "with_encoders": 150.0}}
+    rec = {"servers": {"coded": srv}, "targets": {"mode": "coded", "ratio_vs_raw_x_k_over_n": 0.5}}
     png = throughput_figure(rec, tmp_path / "t.png", "t")
     assert png.stat().st_size > 1000
