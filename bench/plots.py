@@ -104,7 +104,10 @@ def overhead_figure(record: dict[str, Any], path: Path, title: str) -> Path:
     dec = record["decode_vs_k"]
     ks = [d["k"] for d in dec]
     ax_c.plot(ks, [d["one_shot_us"] for d in dec], "o-", label="one-shot CodingScheme.decode")
-    ax_c.plot(ks, [d["online_us"] for d in dec], "s-", label="OnlineDecoder add+finalize")
+    ax_c.plot(ks, [d["online_us"] for d in dec], "s-", label="OnlineDecoder, all k adds + finalize")
+    if dec and "online_last_arrival_us" in dec[0]:
+        ax_c.plot(ks, [d["online_last_arrival_us"] for d in dec], "^-",
+                  label="OnlineDecoder after k-th arrival (critical path)")
     ax_c.set_xlabel("k")
     ax_c.set_ylabel("median µs per coding group")
     ax_c.set_title("decode time per group (one erasure)")

@@ -109,7 +109,7 @@ def test_decode_vs_k_is_exact_for_both_decoders(bundle: Path) -> None:
         assert r["embedding_elements"] == 784
         # float32 inputs, float64 solve: k * parity - sum of k-1 terms loses ~k float32 ulps.
         assert r["max_abs_err_one_shot"] < 1e-5 and r["max_abs_err_online"] < 1e-5
-        assert r["one_shot_us"] > 0 and r["online_us"] > 0
+        assert r["one_shot_us"] > 0 and r["online_us"] > 0 and r["online_last_arrival_us"] > 0
 
 
 def test_overhead_and_throughput_config_errors(bundle: Path, tmp_path: Path) -> None:
