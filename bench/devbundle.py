@@ -7,7 +7,8 @@ complete bundle (f.onnx, heads/*.onnx, encoders/enc_0.onnx, parm.onnx, manifest.
   flattened image, so the encoder `sum_j c_j x_j` is *exact* and coded answers equal
   uncoded ones. One (D x D) matmul per query: for exercising the harness only.
 - `iresnet`: the project's real architectures, randomly initialised (f and heads of
-  `python -m trainer classifier --preset cpu`, the default `UNetEncoder`, ParM with f's
+  `python -m trainer classifier --preset cpu`, the `UNetEncoder` of `python -m trainer
+  encoder --preset cpu` (base 16 channels, 1 shared level), ParM with f's
   architecture), exported like `python -m export` does. Its answers are meaningless but its
   compute time is the trained model's, so latency/overhead figures for k values that have
   no trained bundle can be measured on it (say so next to every such figure).
@@ -134,7 +135,12 @@ def export_module(module, sample_shape: tuple[int, ...], path: Path, input_name:
     return export_onnx(module, sample_shape, path, input_name=input_name, output_name=output_name)
 
 
-def build_iresnet_bundle(out_dir: str | Path, k: int, seed: int = 0) -> Path:
+# The encoder of `python -m trainer encoder --preset cpu` (the shipped bundle's budget).
+CPU_PRESET_ENCODER = {"base_channels": 16, "depth": 2, "shared_levels": 1}
+
+
+def build_iresnet_bundle(out_dir: str | Path, k: int, seed: int = 0,
+                         encoder: dict[str, int] | None = None) -> Path:
     """Untrained real-architecture (n=k+1, c=1/k) MNIST bundle: timing-faithful, answers meaningless."""
     import torch
 
@@ -161,7 +167,8 @@ def build_iresnet_bundle(out_dir: str | Path, k: int, seed: int = 0) -> Path:
         rel = f"heads/{h.task}.onnx"
         files[rel] = export_module(model.heads[h.task], emb, out / rel, "z", "logits")
         heads.append({"task": h.task, "file": rel, "classes": list(h.class_names)})
-    enc_cfg = EncoderConfig(in_channels=shape[0], image_size=list(shape[1:]), k=k, coefficients=[[1.0 / k] * k])
+    enc_cfg = EncoderConfig(in_channels=shape[0], image_size=list(shape[1:]), k=k, coefficients=[[1.0 / k] * k],
+                            **(CPU_PRESET_ENCODER if encoder is None else encoder))
     files["encoders/enc_0.onnx"] = export_module(UNetEncoder(enc_cfg, 0), (k, *shape),
                                                  out / "encoders/enc_0.onnx", "x", "x_parity")
     parm = ParityModel(ParMConfig(k=k, classifier=cfg.to_dict()), Classifier(cfg)).eval()

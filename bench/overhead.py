@@ -5,7 +5,7 @@
    Enc at batch B means B parity images from B groups of k queries: input [B, k, C, H, W];
    Enc/f compares them at equal batch, Enc/f per query divides by k (one parity serves k).
 2. Enc time against k (paper Fig. 8): encoders of the project's architecture
-   (trainer.models.encoder.UNetEncoder, default EncoderConfig unless flags say otherwise)
+   (trainer.models.encoder.UNetEncoder, the `--preset cpu` encoder unless flags say otherwise)
    for each k in `ks`, randomly initialised (time does not depend on the weights),
    exported to ONNX here with torch.onnx (opset 18, dynamic batch) and timed the same way.
 3. Decode time per coding group against k, one erasure, embedding of the bundle's shape:
@@ -48,9 +48,10 @@ class OverheadConfig:
     warmup: int = 3
     decode_repeats: int = 2000
     intra_op_threads: int = 0  # 0 = the CPUs this process may use
-    encoder_base_channels: int = 32
+    # Enc vs k architecture: the encoder of `python -m trainer encoder --preset cpu`.
+    encoder_base_channels: int = 16
     encoder_depth: int = 2
-    encoder_shared_levels: int = 2
+    encoder_shared_levels: int = 1
     skip_encoder_export: bool = False
     seed: int = 0
     out_dir: str = "bench/results"
