@@ -60,6 +60,8 @@ class TrainConfig:
     mixup_alpha: float | None = None
     val_fraction: float = 0.05
     pool_size: int | None = None
+    blocks_per_stage: tuple[int, ...] | None = None  # override the preset's f depth
+    hidden_channels: tuple[int, ...] | None = None  # override the preset's f width
     data_dir: str | None = None
     refine_iterations: int = 200  # power iterations per conv before the final evaluation
 
@@ -78,6 +80,10 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.mixup_alpha is not None and self.mixup_alpha <= 0:
             raise ConfigError(f"--mixup-alpha must be > 0, got {self.mixup_alpha}")
+        for name in ("blocks_per_stage", "hidden_channels"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(int(v) for v in value))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -112,6 +118,13 @@ def preset_values(dataset: str, preset: str) -> tuple[IResNetConfig, dict]:
 def resolve(config: TrainConfig) -> tuple[ClassifierConfig, TrainConfig]:
     """Fill the preset's values into every None field; build the model config."""
     f_cfg, defaults = preset_values(config.dataset, config.preset)
+    if config.blocks_per_stage is not None or config.hidden_channels is not None:
+        f_dict = f_cfg.to_dict()
+        if config.blocks_per_stage is not None:
+            f_dict["blocks_per_stage"] = config.blocks_per_stage
+        if config.hidden_channels is not None:
+            f_dict["hidden_channels"] = config.hidden_channels
+        f_cfg = IResNetConfig.from_dict(f_dict)
     values = asdict(config)
     for key, value in defaults.items():
         if values[key] is None:
@@ -120,6 +133,13 @@ def resolve(config: TrainConfig) -> tuple[ClassifierConfig, TrainConfig]:
     spec = get_spec(config.dataset)
     heads = default_heads(config.dataset, spec.class_names, resolved.pool_size)
     return ClassifierConfig(f=f_cfg, heads=heads, dataset=config.dataset), resolved
+
+
+def _same_flags(saved: dict, current: dict) -> bool:
+    """Flags equal, a key absent on one side counting as None (older files lack new flags)."""
+    norm = {k: list(v) if isinstance(v, tuple) else v for k, v in current.items()}
+    saved = {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}
+    return all(saved.get(k) == norm.get(k) for k in set(saved) | set(norm))
 
 
 def _train_state(model, optimizer, scheduler, generator, epoch, history):
@@ -196,7 +216,7 @@ def train(config: TrainConfig) -> dict:
     last_path = out / "last.pt"
     if last_path.exists():
         state = load_checkpoint(last_path, TRAIN_STATE_SCHEMA)
-        if state["train_config"] != asdict(cfg) or state["model_config"] != model_cfg.to_dict():
+        if not _same_flags(state["train_config"], asdict(cfg)) or state["model_config"] != model_cfg.to_dict():
             raise CheckpointError(
                 f"{last_path} was written with different flags; use the same flags to resume "
                 "or a fresh --out directory"
@@ -282,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup-alpha", type=float, default=None)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--pool-size", type=int, default=None)
+    p.add_argument("--blocks-per-stage", type=int, nargs="+", default=None)
+    p.add_argument("--hidden-channels", type=int, nargs="+", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--refine-iterations", type=int, default=200)
     return p

@@ -109,3 +109,7 @@ def test_train_config_validation() -> None:
     assert model_cfg.f.embedding_shape == (16, 7, 7)
     paper, paper_cfg = resolve(TrainConfig(dataset="mnist", out="x", preset="paper"))
     assert paper.f.blocks_per_stage == (7, 7) and paper_cfg.epochs == 200
+    deep, _ = resolve(TrainConfig(dataset="mnist", out="x", blocks_per_stage=[2, 8]))
+    assert deep.f.blocks_per_stage == (2, 8) and deep.f.hidden_channels == model_cfg.f.hidden_channels
+    with pytest.raises(ConfigError, match=r"one entry per stage"):
+        resolve(TrainConfig(dataset="mnist", out="x", hidden_channels=[8]))
