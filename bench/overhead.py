@@ -53,12 +53,16 @@ class OverheadConfig:
     encoder_depth: int = 2
     encoder_shared_levels: int = 1
     skip_encoder_export: bool = False
+    # Also time an untrained f of these `python -m trainer classifier` presets (e.g. "paper"):
+    # Enc/f depends on how heavy f is, and the shipped CPU f is far lighter than the paper's.
+    reference_f_presets: tuple[str, ...] = ()
     seed: int = 0
     out_dir: str = "bench/results"
     tag: str = ""
 
     def __post_init__(self) -> None:
         self.ks = tuple(int(k) for k in self.ks)
+        self.reference_f_presets = tuple(self.reference_f_presets)
         if not (Path(self.bundle) / "manifest.json").is_file():
             raise OverheadBenchError(f"{self.bundle}: not a bundle (no manifest.json)")
         for name in ("batch_size", "repeats", "decode_repeats"):
@@ -157,6 +161,25 @@ def encoder_vs_k(config: OverheadConfig, shape: tuple[int, ...], provider: str, 
     return out
 
 
+def reference_f(config: OverheadConfig, preset: str, provider: str, threads: int) -> dict[str, Any]:
+    """Time an untrained MNIST f of a trainer preset at batch_size (same exporter as bundles)."""
+    import torch
+
+    from bench.devbundle import export_module
+    from trainer.models import InvertibleNet
+    from trainer.train_classifier import preset_values
+
+    torch.manual_seed(config.seed)
+    f_cfg, _ = preset_values("mnist", preset)
+    f = InvertibleNet(f_cfg).eval().folded()
+    x = np.random.default_rng(config.seed).standard_normal((config.batch_size, *f_cfg.in_shape)).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="bench-f-") as tmp:
+        path = export_module(f, tuple(f_cfg.in_shape), Path(tmp) / "f.onnx", "x", "z")
+        stats = time_session(make_session(path, provider, threads), {"x": x}, config.repeats, config.warmup)
+    logger.info("f preset %-6s median %8.2f ms per batch of %d", preset, stats["median_ms"], config.batch_size)
+    return {"preset": preset, "f_config": f_cfg.to_dict(), **stats}
+
+
 def _median_us(fn, repeats: int) -> float:
     fn()  # warm-up: allocations, BLAS init
     times = []
@@ -244,6 +267,11 @@ def run(config: OverheadConfig) -> dict[str, Any]:
             e["ratio_to_bundle_f"] = round(e["median_ms"] / f_ms, 4)
             # one parity per k queries: Enc's share of the f work per query served
             e["ratio_to_bundle_f_per_query"] = round(e["median_ms"] / f_ms / e["k"], 4)
+    record["reference_f"] = [reference_f(config, p, "CPUExecutionProvider", threads)
+                             for p in config.reference_f_presets]
+    for ref in record["reference_f"]:
+        ref["enc_vs_k_over_this_f"] = {str(e["k"]): round(e["median_ms"] / ref["median_ms"], 4)
+                                       for e in record["encoder_vs_k"]}
     record["decode_vs_k"] = decode_vs_k(config, m.embedding_shape)
     enc_ratios = [v for k_, v in record["ratio_to_f"].items() if k_.startswith("enc_")]
     record["targets"] = {
@@ -286,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-depth", type=int, default=d["encoder_depth"].default)
     p.add_argument("--encoder-shared-levels", type=int, default=d["encoder_shared_levels"].default)
     p.add_argument("--skip-encoder-export", action="store_true")
+    p.add_argument("--reference-f-presets", default="", help="e.g. paper: also time an untrained f of that preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=d["out_dir"].default)
     p.add_argument("--tag", default="")
@@ -300,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     values = vars(args)
     try:
         values["ks"] = tuple(int(k) for k in args.ks.split(",") if k)
+        values["reference_f_presets"] = tuple(p for p in args.reference_f_presets.split(",") if p)
         config = OverheadConfig(**values)
     except (OverheadBenchError, ValueError) as exc:
         logger.error("%s", exc)
