@@ -17,7 +17,7 @@ from runtime.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "mnist-default"
-MNIST = Path("/work/shared/data/mnist")
+MNIST = REPO.parent / "shared" / "data" / "mnist"  # the datasets shipped beside the checkout
 IMAGES = 400
 BATCH = 50
 # A trained i-ResNet gets ~99 % on MNIST; these floors leave room for the reconstruction
