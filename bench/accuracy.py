@@ -261,7 +261,7 @@ def encodings_figure(config: AccuracyConfig, dataset: str, path: Path) -> Path |
 
     plt = _plt()
     cols = k + 2
-    fig, axes = plt.subplots(2, cols, figsize=(1.3 * cols, 3.0))
+    fig, axes = plt.subplots(2, cols, figsize=(1.3 * cols, 3.4))
     for j in range(k):
         show(axes[0, j], x[0, j], f"x_{j + 1}")
         show(axes[1, j], recon[j], f"x̂_{j + 1} rebuilt")
