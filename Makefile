@@ -44,6 +44,6 @@ RUN ?= runs/mnist
 bundle: $(VENV)/.installed
 	$(VENV)/bin/python -m trainer classifier --dataset mnist --preset cpu --threads 1 --out $(RUN)
 	$(VENV)/bin/python -m trainer ideal-data --classifier $(RUN)/classifier.pt --n 5 --k 4 --preset cpu --threads 1 --out $(RUN)/ideal_k4.npz
-	$(VENV)/bin/python -m trainer encoder --classifier $(RUN)/classifier.pt --ideal-data $(RUN)/ideal_k4.npz --preset cpu --latent-weight 10 --distill-weight 1 --out $(RUN)/encoder_k4.pt
+	$(VENV)/bin/python -m trainer encoder --classifier $(RUN)/classifier.pt --ideal-data $(RUN)/ideal_k4.npz --preset cpu --l1-weight 10 --latent-weight 10 --distill-weight 1 --lr 5e-4 --steps 500 --eval-every 250 --out $(RUN)/encoder_k4.pt
 	$(VENV)/bin/python -m trainer parm --classifier $(RUN)/classifier.pt --k 4 --preset cpu --steps 1200 --eval-every 400 --out $(RUN)/parm_k4.pt
-	$(VENV)/bin/python -m export $(RUN)/classifier.pt $(RUN)/encoder_k4.pt $(RUN)/parm_k4.pt --out $(BUNDLE) --overwrite
+	$(VENV)/bin/python -m export $(RUN)/classifier.pt $(RUN)/encoder_k4.pt $(RUN)/parm_k4.pt --out $(BUNDLE) --model-name mnist-coded-invnet --overwrite
