@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer import flags
+
 logger = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -253,22 +255,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz (under runs/)")
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--k", type=int, required=True)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="budget preset; explicit flags override it (paper: 50,000 groups)")
-    defaults = IdealDataConfig(classifier="", out="", n=2, k=1)
-    for field in dataclasses.fields(IdealDataConfig):
-        if field.name in ("classifier", "out", "n", "k"):
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        kind = str if field.name in ("scheme", "data_dir") else type(getattr(defaults, field.name))
-        p.add_argument(flag, type=kind, default=None, help=f"default {getattr(defaults, field.name)}")
+    flags.add_config_flags(p, IdealDataConfig(classifier="", out="", n=2, k=1), skip=("classifier", "out", "n", "k"),
+                           presets=PRESETS, str_fields=("scheme", "data_dir"))
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> IdealDataConfig:
-    values = dict(PRESETS[args.preset]) if args.preset else {}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
-    return IdealDataConfig(**values)
+    return flags.config_from_args(IdealDataConfig, PRESETS, args)
 
 
 def main(argv: list[str] | None = None) -> int:

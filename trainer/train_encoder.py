@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer import flags
 from trainer.models.encoder import DiscriminatorConfig, EncoderConfig, ParityEncoders, PixelDiscriminator
 
 logger = logging.getLogger(__name__)
@@ -353,21 +354,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", required=True, help="classifier checkpoint (.pt)")
     p.add_argument("--ideal-data", required=True, help="cache from `python -m trainer ideal-data`")
     p.add_argument("--out", required=True, help="encoder checkpoint to write (under runs/)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="budget preset; explicit flags win")
-    defaults = EncoderTrainConfig(classifier="", ideal_data="", out="")
-    for field in dataclasses.fields(EncoderTrainConfig):
-        if field.name in ("classifier", "ideal_data", "out"):
-            continue
-        kind = str if field.name == "data_dir" else type(getattr(defaults, field.name))
-        p.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
-                       help=f"default {getattr(defaults, field.name)}")
+    flags.add_config_flags(p, EncoderTrainConfig(classifier="", ideal_data="", out=""),
+                           skip=("classifier", "ideal_data", "out"), presets=PRESETS, str_fields=("data_dir",))
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> EncoderTrainConfig:
-    values = dict(PRESETS[args.preset]) if args.preset else {}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
-    return EncoderTrainConfig(**values)
+    return flags.config_from_args(EncoderTrainConfig, PRESETS, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer import flags
 from trainer.models.parm import INPUT_MODES, ParityModel, ParMConfig, parm_decode
 
 logger = logging.getLogger(__name__)
@@ -213,21 +214,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", required=True, help="base classifier checkpoint (.pt)")
     p.add_argument("--out", required=True, help="ParM checkpoint to write (under runs/)")
     p.add_argument("--k", type=int, required=True, help="queries per parity (n = k + 1)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="budget preset; explicit flags win")
-    defaults = ParMTrainConfig(classifier="", out="", k=2)
-    for field in dataclasses.fields(ParMTrainConfig):
-        if field.name in ("classifier", "out", "k"):
-            continue
-        kind = str if field.name == "data_dir" else type(getattr(defaults, field.name))
-        p.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
-                       help=f"default {getattr(defaults, field.name)}")
+    flags.add_config_flags(p, ParMTrainConfig(classifier="", out="", k=2), skip=("classifier", "out", "k"),
+                           presets=PRESETS, str_fields=("data_dir",))
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ParMTrainConfig:
-    values = dict(PRESETS[args.preset]) if args.preset else {}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
-    return ParMTrainConfig(**values)
+    return flags.config_from_args(ParMTrainConfig, PRESETS, args)
 
 
 def main(argv: list[str] | None = None) -> int:
