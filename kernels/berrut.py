@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.coding import CodingError, _check_int, _output_dtype, _real_array
+from kernels.coding import CodingError, _check_int, _output_dtype, _real_array, check_worker_indices
 
 logger = logging.getLogger(__name__)
 
@@ -168,17 +168,7 @@ class BerrutCode:
         )
 
     def _check_indices(self, indices: Sequence[int]) -> list[int]:
-        if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in indices):
-            raise CodingError(f"worker indices must be integers, got {list(indices)!r}")
-        checked = [int(i) for i in indices]
+        checked = list(check_worker_indices(indices, self.n))
         if not checked:
             raise CodingError(f"decode needs at least 1 of the n={self.n} worker results, got 0")
-        out_of_range = [i for i in checked if not 0 <= i < self.n]
-        if out_of_range:
-            raise CodingError(
-                f"worker indices must be in 0..{self.n - 1} for n={self.n}, got {out_of_range}"
-            )
-        if len(set(checked)) != len(checked):
-            duplicates = sorted({i for i in checked if checked.count(i) > 1})
-            raise CodingError(f"duplicate worker indices {duplicates} in {checked}")
         return checked

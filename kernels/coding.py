@@ -103,6 +103,24 @@ def _check_all_minors(coefficients: np.ndarray) -> None:
                 )
 
 
+def check_worker_indices(indices: Sequence[int], n: int) -> tuple[int, ...]:
+    """Worker ids as a tuple of ints; CodingError unless they are distinct integers in 0..n-1."""
+    try:
+        items = list(indices)
+    except TypeError as exc:
+        raise CodingError(f"indices must be a sequence of integers, got {indices!r}") from exc
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in items):
+        raise CodingError(f"indices must be integers, got {items!r}")  # 1.5 must not truncate to 1
+    checked = tuple(int(i) for i in items)
+    out_of_range = [i for i in checked if not 0 <= i < n]
+    if out_of_range:
+        raise CodingError(f"worker indices must be in 0..{n - 1} for n={n}, got {out_of_range}")
+    if len(set(checked)) != len(checked):
+        duplicates = sorted({i for i in checked if checked.count(i) > 1})
+        raise CodingError(f"duplicate worker indices {duplicates} in {list(checked)}")
+    return checked
+
+
 @dataclass(frozen=True, eq=False)
 class CodingScheme:
     """A systematic (n, k) linear code: generator [I_k; coefficients], coefficients (n-k, k)."""
@@ -257,21 +275,7 @@ class CodingScheme:
 
     def check_indices(self, indices: Sequence[int]) -> tuple[int, ...]:
         """Validate worker ids (distinct, in 0..n-1) and return them as a tuple of ints."""
-        try:
-            checked = tuple(int(i) for i in indices)
-        except (TypeError, ValueError) as exc:
-            raise CodingError(f"indices must be a sequence of integers, got {indices!r}") from exc
-        if any(isinstance(i, bool) for i in indices):
-            raise CodingError(f"indices must be integers, got {list(indices)!r}")
-        out_of_range = [i for i in checked if not 0 <= i < self.n]
-        if out_of_range:
-            raise CodingError(
-                f"worker indices must be in 0..{self.n - 1} for n={self.n}, got {out_of_range}"
-            )
-        if len(set(checked)) != len(checked):
-            duplicates = sorted({i for i in checked if checked.count(i) > 1})
-            raise CodingError(f"duplicate worker indices {duplicates} in {list(checked)}")
-        return checked
+        return check_worker_indices(indices, self.n)
 
     def decode(self, indices: Sequence[int], results: np.ndarray) -> np.ndarray:
         """Recover all k systematic results from any k (or more) of the n results.
