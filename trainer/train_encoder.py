@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -56,6 +57,8 @@ class EncoderTrainConfig:
     steps: int = 20_000  # generator steps
     batch_size: int = 64
     lr: float = 2e-4
+    # cosine decay of both learning rates to lr * lr_final_factor at the last step; 1 = constant
+    lr_final_factor: float = 1.0
     beta1: float = 0.0
     beta2: float = 0.9
     d_steps: int = 5  # discriminator steps per generator step
@@ -86,6 +89,8 @@ class EncoderTrainConfig:
                 raise EncoderTrainError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.lr > 0):
             raise EncoderTrainError(f"need lr > 0 and betas in [0, 1), got {self.lr}, {self.beta1}, {self.beta2}")
+        if not 0 < self.lr_final_factor <= 1:
+            raise EncoderTrainError(f"lr_final_factor must be in (0, 1], got {self.lr_final_factor}")
 
 
 # -- decoding in torch (differentiable; same algebra as kernels.coding.CodingScheme.decode) ----
@@ -186,6 +191,12 @@ def evaluate_coded(
 # -- training --------------------------------------------------------------------------------
 
 
+def cosine_factor(step: int, steps: int, final: float) -> float:
+    """Learning-rate multiplier after `step` of `steps`: 1 at the start, `final` at the end."""
+    progress = min(step, steps) / steps
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _soft_xent(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
@@ -235,6 +246,8 @@ def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[
     betas = (config.beta1, config.beta2)
     opt_g = torch.optim.Adam(encoders.parameters(), lr=config.lr, betas=betas)
     opt_d = torch.optim.Adam(discs.parameters(), lr=config.lr, betas=betas)
+    lr_factor = functools.partial(cosine_factor, steps=config.steps, final=config.lr_final_factor)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) for opt in (opt_g, opt_d)]
     patterns = erasure_patterns(n, k)
     logger.info("encoder (%d,%d) on %s: %d cached groups, %d val groups, f_hash %s…, %d params",
                 n, k, dataset, len(group_idx), len(val_groups), f_hash[:12],
@@ -308,6 +321,8 @@ def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
+        for sched in scheds:
+            sched.step()
         if step % 50 == 0:
             bar.set_postfix({name: f"{float(v):.3g}" for name, v in terms.items()})
         if step % config.eval_every == 0 or step == config.steps:

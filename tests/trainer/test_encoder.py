@@ -145,3 +145,20 @@ def test_evaluate_coded_with_ideal_encoder_agrees_with_base() -> None:
                          coefficients=coeffs)
     assert res.acc_base == 1.0
     assert len(res.per_pattern) == 15 - 1  # C(6, 2) patterns minus the parity-only one
+
+
+def test_cosine_lr_factor_runs_from_one_to_final() -> None:
+    from trainer.train_encoder import cosine_factor
+
+    factors = [cosine_factor(s, 100, 0.1) for s in range(0, 101)]
+    assert factors[0] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))  # never rises
+    assert cosine_factor(50, 100, 1.0) == 1.0  # factor 1 keeps the rate constant
+
+
+@pytest.mark.parametrize("factor", [0.0, -0.5, 1.5])
+def test_lr_final_factor_out_of_range_is_refused(factor: float) -> None:
+    from trainer.train_encoder import EncoderTrainConfig, EncoderTrainError
+
+    with pytest.raises(EncoderTrainError, match="lr_final_factor"):
+        EncoderTrainConfig(classifier="c.pt", ideal_data="d.npz", out="o.pt", lr_final_factor=factor)
