@@ -1,0 +1,172 @@
+"""`python -m bench train-all`: re-train every checkpoint `python -m bench accuracy` reads.
+
+One command reproduces the degraded-mode accuracy table from nothing but the datasets:
+
+    python -m bench train-all && python -m bench accuracy
+
+For each dataset it runs, in order and each as a `python -m trainer ...` subprocess with
+its log in RUNS/<dataset>/logs/<step>.log:
+
+    classifier -> per (n, k): ideal data -> encoder -> per k with n = k + 1: ParM
+
+A step whose output exists and was trained against the current classifier (same f_hash)
+is skipped, so an interrupted run resumes where it stopped; a stale output (another f) is
+re-trained. `--force` re-trains everything, `--dry-run` prints the plan without running.
+
+The budgets in RECIPES are exactly those the committed table was produced with on a 2-core
+CPU (bench/results/accuracy.md): every encoder uses one recipe, only its step count differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.accuracy import DEFAULT_SETTINGS, encoder_path, parm_path, parse_setting
+
+logger = logging.getLogger(__name__)
+
+ENCODER_FLAGS = ("--preset", "cpu", "--l1-weight", "10", "--latent-weight", "10", "--distill-weight", "1",
+                 "--lr", "5e-4", "--eval-every", "250")
+# generator steps (and extra flags) per (n, k); (5, 4) is the shipped bundle's 500-step recipe
+ENCODER_STEPS: dict[tuple[int, int], tuple[str, ...]] = {
+    (3, 2): ("--steps", "1500"),
+    (5, 4): ("--steps", "500"),
+    (11, 10): ("--steps", "2000"),
+    (4, 2): ("--steps", "1500"),
+    (6, 4): ("--steps", "1500"),
+}
+PARM_FLAGS = ("--preset", "cpu", "--steps", "1200", "--eval-every", "400")
+CLASSIFIER_FLAGS = ("--preset", "cpu", "--threads", "2")
+IDEAL_FLAGS = ("--preset", "cpu", "--threads", "1")
+
+
+class TrainAllError(ValueError):
+    """Bad pipeline configuration."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # also the log file's stem
+    output: Path
+    argv: tuple[str, ...]  # arguments after `python -m trainer`
+    needs_f: bool = True  # False only for the classifier itself
+
+
+@dataclass
+class TrainAllConfig:
+    datasets: list[str] = field(default_factory=lambda: ["mnist", "fashion-mnist"])
+    settings: list[str] = field(default_factory=lambda: list(DEFAULT_SETTINGS))
+    runs_dir: str = "runs"
+    force: bool = False
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        for s in self.settings:
+            if parse_setting(s) not in ENCODER_STEPS:
+                raise TrainAllError(f"no encoder recipe for setting {s!r}; known: "
+                                    f"{', '.join(f'{n},{k}' for n, k in ENCODER_STEPS)}")
+
+
+def plan(config: TrainAllConfig, dataset: str) -> list[Step]:
+    """Every step for one dataset, in dependency order."""
+    run = Path(config.runs_dir) / dataset
+    classifier = run / "classifier.pt"
+    steps = [Step("classifier", classifier,
+                  ("classifier", "--dataset", dataset, *CLASSIFIER_FLAGS, "--out", str(run)), needs_f=False)]
+    for n, k in (parse_setting(s) for s in config.settings):
+        tag = f"k{k}" if n == k + 1 else f"n{n}_k{k}"
+        ideal = run / f"ideal_{tag}.npz"
+        steps.append(Step(f"ideal_{tag}", ideal, ("ideal-data", "--classifier", str(classifier), "--n", str(n),
+                                                   "--k", str(k), *IDEAL_FLAGS, "--out", str(ideal))))
+        enc = encoder_path(Path(config.runs_dir), dataset, n, k)
+        steps.append(Step(f"encoder_{tag}", enc, ("encoder", "--classifier", str(classifier), "--ideal-data",
+                                                   str(ideal), *ENCODER_FLAGS, *ENCODER_STEPS[(n, k)],
+                                                   "--out", str(enc))))
+        if n == k + 1:  # ParM has a single parity model
+            parm = parm_path(Path(config.runs_dir), dataset, k)
+            steps.append(Step(f"parm_k{k}", parm, ("parm", "--classifier", str(classifier), "--k", str(k),
+                                                   *PARM_FLAGS, "--out", str(parm))))
+    return steps
+
+
+def recorded_f_hash(path: Path) -> str | None:
+    """The f_hash an output was trained against, or None when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".npz":
+            import numpy as np
+
+            with np.load(path) as data:
+                return json.loads(str(data["meta_json"]))["f_hash"]
+        import torch
+
+        return torch.load(path, map_location="cpu", weights_only=True).get("f_hash")
+    except Exception:  # noqa: BLE001 - unreadable means "train it again"
+        return None
+
+
+def is_current(step: Step, f_hash: str | None) -> bool:
+    have = recorded_f_hash(step.output)
+    return have is not None and (not step.needs_f or have == f_hash)
+
+
+def run(config: TrainAllConfig) -> list[dict]:
+    """Run (or with dry_run, list) every step; returns one record per step."""
+    records = []
+    for dataset in config.datasets:
+        steps = plan(config, dataset)
+        f_hash = None
+        for step in steps:
+            command = [sys.executable, "-m", "trainer", *step.argv]
+            done = not config.force and is_current(step, f_hash)
+            record = {"dataset": dataset, "step": step.name, "output": str(step.output),
+                      "command": shlex.join(["python", "-m", "trainer", *step.argv]),
+                      "action": "skip (current)" if done else ("would run" if config.dry_run else "run")}
+            print(f"[{dataset}] {step.name}: {record['action']}\n    {record['command']}", flush=True)
+            if not done and not config.dry_run:
+                log = step.output.parent / "logs" / f"{step.name}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                t0 = time.perf_counter()
+                with open(log, "w") as out:
+                    result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
+                record["elapsed_s"] = round(time.perf_counter() - t0, 1)
+                if result.returncode != 0:
+                    raise TrainAllError(f"[{dataset}] {step.name} failed with exit code {result.returncode}; "
+                                        f"see {log}")
+            if not step.needs_f:
+                f_hash = recorded_f_hash(step.output)
+            records.append(record)
+    return records
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = TrainAllConfig()
+    p = argparse.ArgumentParser(prog="python -m bench train-all", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=d.datasets)
+    p.add_argument("--settings", nargs="+", default=d.settings, help="'n,k' pairs")
+    p.add_argument("--runs-dir", default=d.runs_dir)
+    p.add_argument("--force", action="store_true", help="re-train outputs that are already current")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        config = TrainAllConfig(**vars(args))
+        run(config)
+    except (TrainAllError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

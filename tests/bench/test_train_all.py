@@ -1,0 +1,92 @@
+"""bench train-all: the plan matches what `bench accuracy` reads; resume and staleness rules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench import train_all
+from bench.accuracy import encoder_path, parm_path
+from bench.train_all import TrainAllConfig, TrainAllError, is_current, plan, recorded_f_hash
+
+
+def _config(tmp_path: Path, **kw) -> TrainAllConfig:
+    return TrainAllConfig(datasets=["mnist"], settings=["3,2", "6,4"], runs_dir=str(tmp_path), **kw)
+
+
+def test_plan_orders_steps_and_writes_where_accuracy_reads(tmp_path: Path) -> None:
+    steps = plan(_config(tmp_path), "mnist")
+    names = [s.name for s in steps]
+    assert names == ["classifier", "ideal_k2", "encoder_k2", "parm_k2", "ideal_n6_k4", "encoder_n6_k4"]
+    outputs = {s.name: s.output for s in steps}
+    assert outputs["encoder_k2"] == encoder_path(tmp_path, "mnist", 3, 2)
+    assert outputs["encoder_n6_k4"] == encoder_path(tmp_path, "mnist", 6, 4)
+    assert outputs["parm_k2"] == parm_path(tmp_path, "mnist", 2)
+    by_name = {s.name: s for s in steps}
+    # the encoder trains on the ideal data planned just before it, against the planned classifier
+    enc = by_name["encoder_n6_k4"].argv
+    assert enc[enc.index("--ideal-data") + 1] == str(outputs["ideal_n6_k4"])
+    assert enc[enc.index("--classifier") + 1] == str(outputs["classifier"])
+    assert by_name["classifier"].argv[by_name["classifier"].argv.index("--out") + 1] == str(tmp_path / "mnist")
+
+
+def test_unknown_setting_is_refused() -> None:
+    with pytest.raises(TrainAllError, match="no encoder recipe for setting '7,5'"):
+        TrainAllConfig(settings=["7,5"])
+
+
+def _write_outputs(tmp_path: Path, classifier_hash: str, other_hash: str) -> None:
+    run = tmp_path / "mnist"
+    run.mkdir(parents=True)
+    torch.save({"f_hash": classifier_hash}, run / "classifier.pt")
+    np.savez(run / "ideal_k2.npz", meta_json=np.array(json.dumps({"f_hash": classifier_hash})))
+    torch.save({"f_hash": other_hash}, run / "encoder_k2.pt")  # stale: another f
+    (run / "parm_k2.pt").write_bytes(b"not a checkpoint")  # unreadable
+
+
+def test_current_outputs_skip_stale_and_unreadable_ones_rerun(tmp_path: Path) -> None:
+    _write_outputs(tmp_path, "a" * 64, "b" * 64)
+    steps = {s.name: s for s in plan(_config(tmp_path), "mnist")}
+    assert recorded_f_hash(steps["ideal_k2"].output) == "a" * 64
+    assert is_current(steps["classifier"], None)
+    assert is_current(steps["ideal_k2"], "a" * 64)
+    assert not is_current(steps["encoder_k2"], "a" * 64)
+    assert not is_current(steps["parm_k2"], "a" * 64)
+    assert not is_current(steps["ideal_n6_k4"], "a" * 64)  # missing
+
+
+def test_dry_run_runs_nothing_and_reports_each_action(tmp_path: Path, monkeypatch, capsys) -> None:
+    _write_outputs(tmp_path, "a" * 64, "b" * 64)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("dry run started a process"))
+    records = train_all.run(_config(tmp_path, dry_run=True))
+    actions = {r["step"]: r["action"] for r in records}
+    assert actions == {"classifier": "skip (current)", "ideal_k2": "skip (current)", "encoder_k2": "would run",
+                       "parm_k2": "would run", "ideal_n6_k4": "would run", "encoder_n6_k4": "would run"}
+    assert "python -m trainer encoder" in capsys.readouterr().out
+
+
+def test_failed_step_stops_the_run_naming_its_log(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def fake_run(command, **kw):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, returncode=3)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(TrainAllError, match=r"classifier failed with exit code 3; see .*logs/classifier.log"):
+        train_all.run(_config(tmp_path))
+    assert len(calls) == 1  # nothing downstream ran on a missing classifier
+
+
+def test_force_reruns_current_outputs(tmp_path: Path, monkeypatch) -> None:
+    _write_outputs(tmp_path, "a" * 64, "b" * 64)
+    ran = []
+    monkeypatch.setattr(subprocess, "run",
+                        lambda command, **kw: ran.append(command[3]) or subprocess.CompletedProcess(command, 0))
+    train_all.run(_config(tmp_path, force=True))
+    assert ran == ["classifier", "ideal-data", "encoder", "parm", "ideal-data", "encoder"]
