@@ -12,11 +12,12 @@ import torch
 
 from bench import train_all
 from bench.accuracy import encoder_path, parm_path
-from bench.train_all import TrainAllConfig, TrainAllError, is_current, plan, recorded_f_hash
+from bench.train_all import DEFAULT_ENCODER_RECIPE, TrainAllConfig, TrainAllError, is_current, plan, recorded_f_hash
 
 
 def _config(tmp_path: Path, **kw) -> TrainAllConfig:
-    return TrainAllConfig(datasets=["mnist"], settings=["3,2", "6,4"], runs_dir=str(tmp_path), **kw)
+    kw.setdefault("settings", ["3,2", "6,4"])
+    return TrainAllConfig(datasets=["mnist"], runs_dir=str(tmp_path), **kw)
 
 
 def test_plan_orders_steps_and_writes_where_accuracy_reads(tmp_path: Path) -> None:
@@ -35,9 +36,11 @@ def test_plan_orders_steps_and_writes_where_accuracy_reads(tmp_path: Path) -> No
     assert by_name["classifier"].argv[by_name["classifier"].argv.index("--out") + 1] == str(tmp_path / "mnist")
 
 
-def test_unknown_setting_is_refused() -> None:
-    with pytest.raises(TrainAllError, match="no encoder recipe for setting '7,5'"):
-        TrainAllConfig(settings=["7,5"])
+def test_bad_setting_is_refused_and_new_settings_get_the_default_recipe(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="a setting is 'n,k'"):
+        TrainAllConfig(settings=["7-5"])
+    enc = {s.name: s for s in plan(_config(tmp_path, settings=["7,5"]), "mnist")}["encoder_n7_k5"].argv
+    assert enc[-len(DEFAULT_ENCODER_RECIPE) - 2 : -2] == DEFAULT_ENCODER_RECIPE
 
 
 def _write_outputs(tmp_path: Path, classifier_hash: str, other_hash: str) -> None:
