@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Collection, Mapping
+import json
+import logging
+import sys
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 C = TypeVar("C")
@@ -41,3 +44,28 @@ def config_from_args(config_cls: type[C], presets: Mapping[str, Mapping[str, Any
     values = dict(presets[args.preset]) if args.preset else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
     return config_cls(**values)
+
+
+def run_command(
+    name: str,
+    argv: list[str] | None,
+    parser: argparse.ArgumentParser,
+    make_config: Callable[[argparse.Namespace], C],
+    run: Callable[..., dict[str, Any]],
+    summary: Callable[[dict[str, Any]], dict[str, Any]],
+) -> int:
+    """The `main` of a trainer command: flags -> config -> run(config, command=...) -> one JSON line.
+
+    Bad input (any ValueError: a config, checkpoint, ideal-data cache or dataset error) is
+    reported as one log line naming the problem, with exit code 2 instead of a traceback.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    try:
+        result = run(make_config(args), command=["python", "-m", "trainer", name, *argv])
+    except ValueError as exc:
+        logging.getLogger(f"trainer.{name}").error("%s", exc)
+        return 2
+    print(json.dumps(summary(result)))  # noqa: T201 - the command's result line
+    return 0

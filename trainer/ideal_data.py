@@ -265,12 +265,6 @@ def config_from_args(args: argparse.Namespace) -> IdealDataConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    config = config_from_args(_parser().parse_args(argv))
-    meta = run(config, command=["python", "-m", "trainer", "ideal-data", *argv])
-    summary = {key: meta[key] for key in ("groups_kept", "dropped_fraction", "residual_max_all", "elapsed_s")}
-    print(json.dumps(summary))  # noqa: T201 - the CLI's result line
-    return 0
+    keys = ("groups_kept", "dropped_fraction", "residual_max_all", "elapsed_s")
+    return flags.run_command("ideal-data", argv, _parser(), config_from_args, run,
+                             lambda meta: {key: meta[key] for key in keys})

@@ -17,10 +17,8 @@ import argparse
 import dataclasses
 import functools
 import itertools
-import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,7 +314,7 @@ def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[
                    "distill": config.distill_weight}
         loss = sum(weights[name] * value for name, value in terms.items())
         if not torch.isfinite(loss):
-            values = {name: float(v) for name, v in terms.items()}
+            values = {name: float(v.detach()) for name, v in terms.items()}
             raise EncoderTrainError(f"non-finite generator loss at step {step}: {values}; lower --lr")
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
@@ -324,12 +322,12 @@ def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[
         for sched in scheds:
             sched.step()
         if step % 50 == 0:
-            bar.set_postfix({name: f"{float(v):.3g}" for name, v in terms.items()})
+            bar.set_postfix({name: f"{float(v.detach()):.3g}" for name, v in terms.items()})
         if step % config.eval_every == 0 or step == config.steps:
             res = evaluate_coded(f, head, encoders, images, labels, val_groups)
             history.append({"step": step, "val_acc_labels": res.acc_labels, "val_acc_base": res.acc_base,
                             "elapsed_s": time.perf_counter() - t0,
-                            **{f"loss_{name}": float(v) for name, v in terms.items()}})
+                            **{f"loss_{name}": float(v.detach()) for name, v in terms.items()}})
             logger.info("step %d: val degraded acc %.4f (labels) %.4f (base)", step, res.acc_labels, res.acc_base)
             best.update(res.acc_labels, encoders, step=step, val_acc_base=res.acc_base)
     train_time_s = time.perf_counter() - t0
@@ -386,9 +384,5 @@ def config_from_args(args: argparse.Namespace) -> EncoderTrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    config = config_from_args(_parser().parse_args(argv))
-    metrics = train(config, command=["python", "-m", "trainer", "encoder", *argv])
-    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))  # noqa: T201 - CLI result line
-    return 0 if math.isfinite(metrics["val_acc_labels"]) else 1
+    return flags.run_command("encoder", argv, _parser(), config_from_args, train,
+                             lambda metrics: {k: v for k, v in metrics.items() if k != "history"})

@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import logging
-import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,10 +167,10 @@ def train(config: ParMTrainConfig, command: list[str] | None = None) -> dict[str
         opt.step()
         sched.step()
         if step % 50 == 0:
-            bar.set_postfix(mse=f"{float(loss):.3g}")
+            bar.set_postfix(mse=f"{float(loss.detach()):.3g}")
         if step % config.eval_every == 0 or step == config.steps:
             res = evaluate_parm(base, parm, images, labels, val_groups)
-            history.append({"step": step, "loss_mse": float(loss), "val_acc_labels": res["acc_labels"],
+            history.append({"step": step, "loss_mse": float(loss.detach()), "val_acc_labels": res["acc_labels"],
                             "val_acc_base": res["acc_base"], "elapsed_s": time.perf_counter() - t0})
             logger.info("step %d: val degraded acc %.4f (labels) %.4f (base)", step, res["acc_labels"], res["acc_base"])
     train_time_s = time.perf_counter() - t0
@@ -224,9 +221,5 @@ def config_from_args(args: argparse.Namespace) -> ParMTrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    config = config_from_args(_parser().parse_args(argv))
-    metrics = train(config, command=["python", "-m", "trainer", "parm", *argv])
-    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))  # noqa: T201 - CLI result line
-    return 0 if math.isfinite(metrics["val_acc_labels"]) else 1
+    return flags.run_command("parm", argv, _parser(), config_from_args, train,
+                             lambda metrics: {k: v for k, v in metrics.items() if k != "history"})

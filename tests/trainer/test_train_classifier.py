@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -21,23 +20,6 @@ pytestmark = pytest.mark.skipif(
     not (DEFAULT_DATA_ROOT / "mnist").is_dir(),
     reason=f"shipped MNIST not present at {DEFAULT_DATA_ROOT}",
 )
-
-
-def _write_idx(path: Path, array: np.ndarray, magic: int) -> None:
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb", compresslevel=1) as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def small_mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real-MNIST data dir cut down to 200 train / 100 test images."""
-    root = tmp_path_factory.mktemp("mnist-small")
-    for split, prefix, n in (("train", "train", 200), ("test", "t10k", 100)):
-        x, y = load_split("mnist", split)
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", x[:n, 0], 2051)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", y[:n], 2049)
-    return root
 
 
 def test_loss_falls_on_a_few_hundred_samples(small_mnist_dir: Path) -> None:
