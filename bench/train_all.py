@@ -12,6 +12,8 @@ its log in RUNS/<dataset>/logs/<step>.log:
 A step whose output exists and was trained against the current classifier (same f_hash)
 is skipped, so an interrupted run resumes where it stopped; a stale output (another f) is
 re-trained. `--force` re-trains everything, `--dry-run` prints the plan without running.
+From scratch it takes about 4 h on an idle 2-core CPU (two classifiers of ~30 min, ten
+encoders of 5-25 min, six ParM models and ten ideal-data caches of a few minutes each).
 
 The budgets in RECIPES are exactly those the committed table was produced with on a 2-core
 CPU (bench/results/accuracy.md): every encoder shares one recipe and differs only in its
