@@ -49,7 +49,7 @@ ENCODER_RECIPES: dict[tuple[str, int, int], tuple[str, ...]] = {
     ("mnist", 4, 2): ("--steps", "1500", *COSINE),
     ("mnist", 6, 4): ("--steps", "1500", *COSINE),
     ("fashion-mnist", 3, 2): ("--steps", "1000"),
-    ("fashion-mnist", 5, 4): ("--steps", "500", *COSINE),
+    ("fashion-mnist", 5, 4): ("--steps", "250", "--eval-every", "125"),
     ("fashion-mnist", 11, 10): ("--steps", "1500"),
     ("fashion-mnist", 4, 2): ("--steps", "1000"),
     ("fashion-mnist", 6, 4): ("--steps", "1500"),
