@@ -1,4 +1,5 @@
-"""Test tiers: the default tier runs on a 2-core CPU; `slow` needs --run-slow; `gpu` needs CUDA."""
+"""Test tiers: the default tier runs on a 2-core CPU; `slow` needs --run-slow; `gpu` needs CUDA;
+`mnist` needs the shipped MNIST files beside the checkout (../shared/data/mnist)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     run_slow = config.getoption("--run-slow")
     gpu_reason: str | None = None
     gpu_checked = False
+    from trainer.data import DEFAULT_DATA_ROOT
+
+    mnist_missing = not (DEFAULT_DATA_ROOT / "mnist").is_dir()
     for item in items:
+        if "mnist" in item.keywords and mnist_missing:
+            item.add_marker(pytest.mark.skip(reason=f"shipped MNIST not present at {DEFAULT_DATA_ROOT / 'mnist'}"))
         if "slow" in item.keywords and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow test: pass --run-slow to run it"))
         if "gpu" in item.keywords:

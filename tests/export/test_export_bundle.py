@@ -19,6 +19,8 @@ from export.numerics import run_ort
 from export.sources import load_sources
 from runtime.manifest import Manifest, ManifestError, sha256_file, verify_checksums
 
+pytestmark = pytest.mark.mnist  # builds or reads bundles verified on real MNIST test images
+
 # ORT vs PyTorch on CPU in fp32: only reduction order differs (measured ~2e-7 here).
 ATOL, RTOL = 1e-5, 1e-5
 

@@ -15,6 +15,8 @@ from export.config import ExportConfig, TrtConfig
 from export.errors import ExportConfigError
 from runtime.manifest import Manifest
 
+pytestmark = pytest.mark.mnist  # builds or reads bundles verified on real MNIST test images
+
 
 def test_help_lists_the_verbs() -> None:
     result = subprocess.run([sys.executable, "-m", "export", "--help"], capture_output=True, text=True, timeout=120)

@@ -22,6 +22,8 @@ from export.config import TrtConfig
 from export.errors import TensorRTBuildError
 from runtime.manifest import Manifest, verify_checksums
 
+pytestmark = pytest.mark.mnist  # builds or reads bundles verified on real MNIST test images
+
 
 class _Tensor:
     def __init__(self, name: str, shape: tuple[int, ...]) -> None:

@@ -18,6 +18,8 @@ from export.layout import REFERENCE_FILE, reference_key
 from export.verify import verify_bundle
 from runtime.manifest import sha256_file
 
+pytestmark = pytest.mark.mnist  # builds or reads bundles verified on real MNIST test images
+
 
 def _rehash(bundle: Path, rel: str) -> None:
     """Update the manifest's checksum for `rel`, as an attacker or a careless edit would."""

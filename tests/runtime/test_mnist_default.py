@@ -15,6 +15,8 @@ from runtime_harness import ServerThread, server_config
 
 from runtime.manifest import Manifest
 
+pytestmark = pytest.mark.mnist  # builds or reads bundles verified on real MNIST test images
+
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "mnist-default"
 MNIST = REPO.parent / "shared" / "data" / "mnist"  # the datasets shipped beside the checkout

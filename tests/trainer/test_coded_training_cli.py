@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from trainer.checkpoint import load_classifier
-from trainer.data import DEFAULT_DATA_ROOT
 from trainer.ideal_data import load_ideal_data
 from trainer.ideal_data import main as ideal_main
 from trainer.train_classifier import main as classifier_main
@@ -21,10 +20,7 @@ from trainer.train_encoder import main as encoder_main
 from trainer.train_parm import load_parm
 from trainer.train_parm import main as parm_main
 
-pytestmark = pytest.mark.skipif(
-    not (DEFAULT_DATA_ROOT / "mnist").is_dir(),
-    reason=f"shipped MNIST not present at {DEFAULT_DATA_ROOT}",
-)
+pytestmark = pytest.mark.mnist  # trains on real MNIST images
 
 
 def _classifier(data: Path, out: Path, seed: int) -> Path:

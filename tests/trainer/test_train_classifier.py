@@ -10,16 +10,13 @@ import pytest
 import torch
 
 from trainer.checkpoint import load_checkpoint, load_classifier
-from trainer.data import DATASETS, DEFAULT_DATA_ROOT, load_split, normalize
+from trainer.data import DATASETS, load_split, normalize
 from trainer.evaluate import main as evaluate_main
 from trainer.models import Classifier, ClassifierConfig, ConfigError, IResNetConfig, default_heads
 from trainer.train_classifier import TrainConfig, resolve, train_epoch
 from trainer.train_classifier import main as train_main
 
-pytestmark = pytest.mark.skipif(
-    not (DEFAULT_DATA_ROOT / "mnist").is_dir(),
-    reason=f"shipped MNIST not present at {DEFAULT_DATA_ROOT}",
-)
+pytestmark = pytest.mark.mnist  # trains on real MNIST images
 
 
 def test_loss_falls_on_a_few_hundred_samples(small_mnist_dir: Path) -> None:
