@@ -15,16 +15,16 @@ re-trained. `--force` re-trains everything, `--dry-run` prints the plan without 
 From scratch it takes about 4 h on an idle 2-core CPU (two classifiers of ~30 min, ten
 encoders of 5-25 min, six ParM models and ten ideal-data caches of a few minutes each).
 
-The budgets in RECIPES are exactly those the committed table was produced with on a 2-core
-CPU (bench/results/accuracy.md): every encoder shares one recipe and differs only in its
-step count and learning-rate decay.
+The budgets in ENCODER_RECIPES, PARM_FLAGS and CLASSIFIER_FLAGS are exactly those the
+committed table was produced with on a 2-core CPU (bench/results/accuracy.md): every encoder
+shares ENCODER_FLAGS and differs only in its step count, learning-rate decay and, for one
+setting, its evaluation interval.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import subprocess
 import sys
@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.accuracy import DEFAULT_SETTINGS, encoder_path, parm_path, parse_setting
-
-logger = logging.getLogger(__name__)
 
 ENCODER_FLAGS = ("--preset", "cpu", "--l1-weight", "10", "--latent-weight", "10", "--distill-weight", "1",
                  "--lr", "5e-4", "--eval-every", "250")
@@ -101,11 +99,11 @@ def plan(config: TrainAllConfig, dataset: str) -> list[Step]:
                   ("classifier", "--dataset", dataset,
                    *CLASSIFIER_FLAGS.get(dataset, DEFAULT_CLASSIFIER_FLAGS), "--out", str(run)), needs_f=False)]
     for n, k in (parse_setting(s) for s in config.settings):
-        tag = f"k{k}" if n == k + 1 else f"n{n}_k{k}"
+        enc = encoder_path(Path(config.runs_dir), dataset, n, k)
+        tag = enc.stem.removeprefix("encoder_")  # k4 or n6_k4, as `bench accuracy` names them
         ideal = run / f"ideal_{tag}.npz"
         steps.append(Step(f"ideal_{tag}", ideal, ("ideal-data", "--classifier", str(classifier), "--n", str(n),
                                                    "--k", str(k), *IDEAL_FLAGS, "--out", str(ideal))))
-        enc = encoder_path(Path(config.runs_dir), dataset, n, k)
         steps.append(Step(f"encoder_{tag}", enc, ("encoder", "--classifier", str(classifier), "--ideal-data",
                                                    str(ideal), *ENCODER_FLAGS, *encoder_recipe(dataset, n, k),
                                                    "--out", str(enc))))
@@ -180,7 +178,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = _parser().parse_args(argv)
     try:
         config = TrainAllConfig(**vars(args))

@@ -52,9 +52,10 @@ def run_command(
     parser: argparse.ArgumentParser,
     make_config: Callable[[argparse.Namespace], C],
     run: Callable[..., dict[str, Any]],
-    summary: Callable[[dict[str, Any]], dict[str, Any]],
+    summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> int:
-    """The `main` of a trainer command: flags -> config -> run(config, command=...) -> one JSON line.
+    """The `main` of a trainer command: flags -> config -> run(config, command=...) -> one JSON line
+    (`summary` of the result; by default the result without its "history").
 
     Bad input (any ValueError: a config, checkpoint, ideal-data cache or dataset error) is
     reported as one log line naming the problem, with exit code 2 instead of a traceback.
@@ -67,5 +68,9 @@ def run_command(
     except ValueError as exc:
         logging.getLogger(f"trainer.{name}").error("%s", exc)
         return 2
-    print(json.dumps(summary(result)))  # noqa: T201 - the command's result line
+    if summary is None:  # training metrics: everything but the per-evaluation history
+        result = {key: value for key, value in result.items() if key != "history"}
+    else:
+        result = summary(result)
+    print(json.dumps(result))  # noqa: T201 - the command's result line
     return 0

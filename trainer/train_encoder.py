@@ -384,5 +384,4 @@ def config_from_args(args: argparse.Namespace) -> EncoderTrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return flags.run_command("encoder", argv, _parser(), config_from_args, train,
-                             lambda metrics: {k: v for k, v in metrics.items() if k != "history"})
+    return flags.run_command("encoder", argv, _parser(), config_from_args, train)
