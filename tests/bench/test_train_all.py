@@ -93,3 +93,15 @@ def test_force_reruns_current_outputs(tmp_path: Path, monkeypatch) -> None:
                         lambda command, **kw: ran.append(command[3]) or subprocess.CompletedProcess(command, 0))
     train_all.run(_config(tmp_path, force=True))
     assert ran == ["classifier", "ideal-data", "encoder", "parm", "ideal-data", "encoder"]
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
+def test_the_tables_f_is_pinned_whatever_the_cpu_preset_says(dataset: str, tmp_path: Path) -> None:
+    from trainer.train_classifier import TrainConfig, build_parser, resolve
+
+    step = plan(TrainAllConfig(datasets=[dataset], runs_dir=str(tmp_path), settings=["3,2"]), dataset)[0]
+    args = build_parser().parse_args(list(step.argv[1:]))  # drop the "classifier" sub-command
+    model_cfg, cfg = resolve(TrainConfig(**vars(args)))
+    # the committed accuracy table's f: 2 + 4 blocks, widths 16 / 64, 6 epochs, alpha 1, no shift
+    assert model_cfg.f.blocks_per_stage == (2, 4) and model_cfg.f.hidden_channels == (16, 64)
+    assert (cfg.epochs, cfg.mixup_alpha, cfg.augment_shift, cfg.batch_size, cfg.lr) == (6, 1.0, 0, 128, 2e-3)

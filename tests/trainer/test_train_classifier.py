@@ -13,7 +13,7 @@ from trainer.checkpoint import load_checkpoint, load_classifier
 from trainer.data import DATASETS, load_split, normalize
 from trainer.evaluate import main as evaluate_main
 from trainer.models import Classifier, ClassifierConfig, ConfigError, IResNetConfig, default_heads
-from trainer.train_classifier import TrainConfig, resolve, train_epoch
+from trainer.train_classifier import TrainConfig, _same_flags, resolve, train_epoch
 from trainer.train_classifier import main as train_main
 
 pytestmark = pytest.mark.mnist  # trains on real MNIST images
@@ -83,12 +83,23 @@ def test_train_config_validation() -> None:
         TrainConfig(dataset="mnist", out="x", preset="gpu")
     with pytest.raises(ConfigError, match=r"--dataset must be one of"):
         TrainConfig(dataset="svhn", out="x")
+    with pytest.raises(ConfigError, match=r"--augment-shift must be >= 0"):
+        TrainConfig(dataset="mnist", out="x", augment_shift=-1)
     model_cfg, cfg = resolve(TrainConfig(dataset="mnist", out="x", epochs=3))
-    assert cfg.epochs == 3 and cfg.batch_size is not None and cfg.mixup_alpha == 1.0
+    assert cfg.epochs == 3 and cfg.batch_size is not None and cfg.augment_shift == 0
+    assert 0 < cfg.mixup_alpha <= 1
     assert model_cfg.f.embedding_shape == (16, 7, 7)
     paper, paper_cfg = resolve(TrainConfig(dataset="mnist", out="x", preset="paper"))
     assert paper.f.blocks_per_stage == (7, 7) and paper_cfg.epochs == 200
+    assert paper_cfg.mixup_alpha == 1.0 and paper_cfg.augment_shift == 0
     deep, _ = resolve(TrainConfig(dataset="mnist", out="x", blocks_per_stage=[2, 8]))
     assert deep.f.blocks_per_stage == (2, 8) and deep.f.hidden_channels == model_cfg.f.hidden_channels
     with pytest.raises(ConfigError, match=r"one entry per stage"):
         resolve(TrainConfig(dataset="mnist", out="x", hidden_channels=[8]))
+
+
+def test_files_written_before_a_flag_existed_resume_as_its_old_behaviour() -> None:
+    # A last.pt from before --augment-shift trained without augmentation.
+    assert _same_flags({"lr": 0.1}, {"lr": 0.1, "augment_shift": 0})
+    assert not _same_flags({"lr": 0.1}, {"lr": 0.1, "augment_shift": 2})
+    assert not _same_flags({"lr": 0.1, "augment_shift": 0}, {"lr": 0.2, "augment_shift": 0})
