@@ -193,6 +193,8 @@ def train_epoch(
     augment_shift > 0 translates each training image by up to that many pixels first, with
     `fill` (C,) (the normalised blank pixel) shifted in.
     """
+    if augment_shift and fill is None:
+        raise ValueError("augment_shift needs fill, the normalised value of a blank pixel")
     model.train()
     steps = math.ceil(len(y_train) / batch_size)
     perm = torch.randperm(len(y_train), generator=generator)
