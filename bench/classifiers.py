@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,8 +82,6 @@ def summarize(path: str, train_samples: int, data_dir: str | None) -> dict:
         "threads": cfg["threads"],
         "train_wall_time_s": metrics["train_wall_time_s"],
         "test_accuracy": metrics["test_accuracy"],
-        "best_val_accuracy": max((h["val_accuracy"] for h in metrics.get("history", []) if "val_accuracy" in h),
-                                 key=lambda v: next(iter(v.values())), default=None),
         "command": ckpt.get("command"),
         "git_commit": ckpt.get("git_commit"),
     }
@@ -147,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=defaults.threads)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    command = "python -m bench classifiers " + " ".join(argv if argv is not None else [])
+    command = " ".join(["python -m bench classifiers", *(sys.argv[1:] if argv is None else argv)])
     try:
-        run(ClassifiersConfig(**vars(args)), command.strip())
+        run(ClassifiersConfig(**vars(args)), command)
     except ClassifiersBenchError as exc:
         logger.error("error: %s", exc)
         return 2
