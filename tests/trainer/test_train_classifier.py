@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from trainer.checkpoint import load_checkpoint, load_classifier
 from trainer.data import DATASETS, load_split, normalize
 from trainer.evaluate import main as evaluate_main
 from trainer.models import Classifier, ClassifierConfig, ConfigError, IResNetConfig, default_heads
-from trainer.train_classifier import TrainConfig, _same_flags, resolve, train_epoch
+from trainer.train_classifier import CPU_RECIPES, TrainConfig, _same_flags, resolve, train_epoch
 from trainer.train_classifier import main as train_main
 
 pytestmark = pytest.mark.mnist  # trains on real MNIST images
@@ -103,3 +104,13 @@ def test_files_written_before_a_flag_existed_resume_as_its_old_behaviour() -> No
     assert _same_flags({"lr": 0.1}, {"lr": 0.1, "augment_shift": 0})
     assert not _same_flags({"lr": 0.1}, {"lr": 0.1, "augment_shift": 2})
     assert not _same_flags({"lr": 0.1, "augment_shift": 0}, {"lr": 0.2, "augment_shift": 0})
+
+
+@pytest.mark.parametrize("dataset", sorted(CPU_RECIPES))
+def test_every_cpu_preset_resolves_to_its_recipe_and_keeps_the_input_dimension(dataset: str) -> None:
+    model_cfg, cfg = resolve(TrainConfig(dataset=dataset, out="x"))
+    blocks, hidden, recipe = CPU_RECIPES[dataset]
+    assert model_cfg.f.blocks_per_stage == blocks and model_cfg.f.hidden_channels == hidden
+    assert {key: getattr(cfg, key) for key in recipe} == recipe
+    # No injective padding: f is a bijection, so the embedding has the input's dimension.
+    assert math.prod(model_cfg.f.embedding_shape) == math.prod(model_cfg.f.in_shape)
