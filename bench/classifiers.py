@@ -80,6 +80,7 @@ def summarize(path: str, train_samples: int, data_dir: str | None) -> dict:
         "mixup_alpha": cfg["mixup_alpha"],
         "augment_shift": cfg.get("augment_shift", 0),
         "threads": cfg["threads"],
+        "seed": cfg["seed"],
         "train_wall_time_s": metrics["train_wall_time_s"],
         "test_accuracy": metrics["test_accuracy"],
         "command": ckpt.get("command"),
@@ -97,9 +98,9 @@ def render_markdown(result: dict) -> str:
         f"Machine: {result['machine_label']}. Command: `{result['command']}`.",
         "Train accuracy: the first examples of each run's own train part (eval mode, no Mixup).",
         "Wall time: as the trainer recorded it, with the thread count it ran with.", "",
-        "| dataset | blocks | hidden | epochs | Mixup α | shift | threads | train time | "
+        "| dataset | blocks | hidden | epochs | Mixup α | shift | seed | threads | train time | "
         "train acc | test acc | checkpoint |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         primary = next(iter(r["test_accuracy"]))
@@ -107,7 +108,7 @@ def render_markdown(result: dict) -> str:
         lines.append(
             f"| {r['dataset']} | {'+'.join(map(str, r['blocks_per_stage']))} | "
             f"{'/'.join(map(str, r['hidden_channels']))} | {r['epochs']} | {r['mixup_alpha']:g} | "
-            f"{r['augment_shift']} | {r['threads']} | {r['train_wall_time_s'] / 60:.1f} min | "
+            f"{r['augment_shift']} | {r['seed']} | {r['threads']} | {r['train_wall_time_s'] / 60:.1f} min | "
             f"{'–' if train is None else f'{100 * train:.2f} %'} | "
             f"**{100 * r['test_accuracy'][primary]:.2f} %** | `{r['checkpoint']}` |"
         )

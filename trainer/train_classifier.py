@@ -100,7 +100,8 @@ class TrainConfig:
 # with 3,000 steps), which serves worse once more than ~3 % of answers are rebuilt.
 # Fashion-MNIST: 2 + 20 blocks for 12 epochs give 90.41 % clean / 84.3 % rebuilt against
 # 87.83 % / 87.2 % for 2 + 4 blocks, which serves better at any rate an n = k + 1 code reaches.
-# Times (bench/results/classifiers.md): MNIST 24 min on one thread beside another job;
+# Times (bench/results/classifiers.md): MNIST 13.2 min with the default 2 threads on an idle
+# machine (24 min on one thread beside another job);
 # Fashion-MNIST 24.7 min with the default 2 threads on an idle machine (32 min on one thread
 # beside another job).
 CPU_RECIPES: dict[str, tuple[tuple[int, ...], tuple[int, ...], dict]] = {
