@@ -94,16 +94,10 @@ class TrainConfig:
 
 # cpu preset per dataset: (blocks per stage, hidden channels, training flags), chosen by the
 # accuracy served when a worker fails (clean and rebuilt answers together), not by clean
-# accuracy alone: bench/results/classifier-tradeoff.md, (5,4), 1,500 encoder steps.
-# MNIST: 2 + 8 blocks with Mixup alpha 0.3 give 98.85 % clean / 95.6 % rebuilt; the deeper
-# 2 + 16 blocks of width 32 with --augment-shift 2 give 99.07 % clean but 86.1 % rebuilt (88.2 %
-# with 3,000 steps), which serves worse once more than ~3 % of answers are rebuilt.
-# Fashion-MNIST: 2 + 20 blocks for 12 epochs give 90.41 % clean / 84.3 % rebuilt against
-# 87.83 % / 87.2 % for 2 + 4 blocks, which serves better at any rate an n = k + 1 code reaches.
-# Times (bench/results/classifiers.md): MNIST 13.2 min with the default 2 threads on an idle
-# machine (24 min on one thread beside another job);
-# Fashion-MNIST 24.7 min with the default 2 threads on an idle machine (32 min on one thread
-# beside another job).
+# accuracy alone (bench/results/classifier-tradeoff.md, (5,4)). MNIST keeps 2 + 8 blocks:
+# the 2 + 16 block f that reaches 99 % clean rebuilds erased answers ~7 points worse. For
+# Fashion-MNIST 2 + 20 blocks win at any failure rate an n = k + 1 code reaches. Both train
+# in <= 25 min with the default 2 threads on an idle 2-core machine (classifiers.md).
 CPU_RECIPES: dict[str, tuple[tuple[int, ...], tuple[int, ...], dict]] = {
     "mnist": ((2, 8), (16, 64), {"epochs": 8, "mixup_alpha": 0.3, "augment_shift": 0}),
     "fashion-mnist": ((2, 20), (16, 32), {"epochs": 12, "mixup_alpha": 0.3, "augment_shift": 0}),
