@@ -102,19 +102,26 @@ def plan(config: TrainAllConfig, dataset: str) -> list[Step]:
                   ("classifier", "--dataset", dataset,
                    *CLASSIFIER_FLAGS.get(dataset, DEFAULT_CLASSIFIER_FLAGS), "--out", str(run)), needs_f=False)]
     for n, k in (parse_setting(s) for s in config.settings):
-        enc = encoder_path(Path(config.runs_dir), dataset, n, k)
-        tag = enc.stem.removeprefix("encoder_")  # k4 or n6_k4, as `bench accuracy` names them
-        ideal = run / f"ideal_{tag}.npz"
-        steps.append(Step(f"ideal_{tag}", ideal, ("ideal-data", "--classifier", str(classifier), "--n", str(n),
-                                                   "--k", str(k), *IDEAL_FLAGS, "--out", str(ideal))))
-        steps.append(Step(f"encoder_{tag}", enc, ("encoder", "--classifier", str(classifier), "--ideal-data",
-                                                   str(ideal), *ENCODER_FLAGS, *encoder_recipe(dataset, n, k),
-                                                   "--out", str(enc))))
+        steps.extend(encoder_steps(Path(config.runs_dir), dataset, n, k, encoder_recipe(dataset, n, k)))
         if n == k + 1:  # ParM has a single parity model
             parm = parm_path(Path(config.runs_dir), dataset, k)
             steps.append(Step(f"parm_k{k}", parm, ("parm", "--classifier", str(classifier), "--k", str(k),
                                                    *PARM_FLAGS, "--out", str(parm))))
     return steps
+
+
+def encoder_steps(runs_dir: Path, dataset: str, n: int, k: int, recipe: tuple[str, ...]) -> list[Step]:
+    """Ideal data, then the (n, k) encoder trained on it, for RUNS/<dataset>/classifier.pt."""
+    classifier = runs_dir / dataset / "classifier.pt"
+    enc = encoder_path(runs_dir, dataset, n, k)
+    tag = enc.stem.removeprefix("encoder_")  # k4 or n6_k4, as `bench accuracy` names them
+    ideal = enc.parent / f"ideal_{tag}.npz"
+    return [
+        Step(f"ideal_{tag}", ideal, ("ideal-data", "--classifier", str(classifier), "--n", str(n), "--k", str(k),
+                                     *IDEAL_FLAGS, "--out", str(ideal))),
+        Step(f"encoder_{tag}", enc, ("encoder", "--classifier", str(classifier), "--ideal-data", str(ideal),
+                                     *ENCODER_FLAGS, *recipe, "--out", str(enc))),
+    ]
 
 
 def recorded_f_hash(path: Path) -> str | None:
@@ -139,33 +146,39 @@ def is_current(step: Step, f_hash: str | None) -> bool:
     return have is not None and (not step.needs_f or have == f_hash)
 
 
+def run_steps(label: str, steps: list[Step], force: bool = False, dry_run: bool = False,
+              f_hash: str | None = None) -> list[dict]:
+    """Run each step not already current as a `python -m trainer` subprocess, in order.
+
+    f_hash: the classifier the steps build on, when no step of `steps` trains it.
+    """
+    records = []
+    for step in steps:
+        command = [sys.executable, "-m", "trainer", *step.argv]
+        done = not force and is_current(step, f_hash)
+        record = {"dataset": label, "step": step.name, "output": str(step.output),
+                  "command": shlex.join(["python", "-m", "trainer", *step.argv]),
+                  "action": "skip (current)" if done else ("would run" if dry_run else "run")}
+        print(f"[{label}] {step.name}: {record['action']}\n    {record['command']}", flush=True)
+        if not done and not dry_run:
+            log = step.output.parent / "logs" / f"{step.name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            with open(log, "w") as out:
+                result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
+            record["elapsed_s"] = round(time.perf_counter() - t0, 1)
+            if result.returncode != 0:
+                raise TrainAllError(f"[{label}] {step.name} failed with exit code {result.returncode}; see {log}")
+        if not step.needs_f:
+            f_hash = recorded_f_hash(step.output)
+        records.append(record)
+    return records
+
+
 def run(config: TrainAllConfig) -> list[dict]:
     """Run (or with dry_run, list) every step; returns one record per step."""
-    records = []
-    for dataset in config.datasets:
-        steps = plan(config, dataset)
-        f_hash = None
-        for step in steps:
-            command = [sys.executable, "-m", "trainer", *step.argv]
-            done = not config.force and is_current(step, f_hash)
-            record = {"dataset": dataset, "step": step.name, "output": str(step.output),
-                      "command": shlex.join(["python", "-m", "trainer", *step.argv]),
-                      "action": "skip (current)" if done else ("would run" if config.dry_run else "run")}
-            print(f"[{dataset}] {step.name}: {record['action']}\n    {record['command']}", flush=True)
-            if not done and not config.dry_run:
-                log = step.output.parent / "logs" / f"{step.name}.log"
-                log.parent.mkdir(parents=True, exist_ok=True)
-                t0 = time.perf_counter()
-                with open(log, "w") as out:
-                    result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
-                record["elapsed_s"] = round(time.perf_counter() - t0, 1)
-                if result.returncode != 0:
-                    raise TrainAllError(f"[{dataset}] {step.name} failed with exit code {result.returncode}; "
-                                        f"see {log}")
-            if not step.needs_f:
-                f_hash = recorded_f_hash(step.output)
-            records.append(record)
-    return records
+    return [record for dataset in config.datasets
+            for record in run_steps(dataset, plan(config, dataset), config.force, config.dry_run)]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,97 @@
+"""bench codability: the served-accuracy model, the steps it runs, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench import codability
+from bench.accuracy import encoder_path
+from bench.codability import CodabilityConfig, CodabilityError, served_accuracy
+from bench.train_all import COSINE
+from trainer.train_classifier import main as train_main
+
+
+@pytest.mark.parametrize(("n", "k"), [(5, 4), (3, 2), (6, 4)])
+def test_one_lost_worker_per_group_rebuilds_one_answer_in_n(n: int, k: int) -> None:
+    """Simulate groups that each lose one of n workers at random; count rebuilt answers."""
+    rng = np.random.default_rng(0)
+    groups = 200_000
+    lost = rng.integers(0, n, size=groups)  # workers 0..k-1 carry the k queries, the rest parities
+    rebuilt_fraction = np.count_nonzero(lost < k) / (groups * k)
+    assert rebuilt_fraction == pytest.approx(1 / n, abs=0.003)
+    clean, degraded = 0.99, 0.9
+    expected = (1 - rebuilt_fraction) * clean + rebuilt_fraction * degraded
+    assert served_accuracy(clean, degraded, n) == pytest.approx(expected, abs=0.001)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(small_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-f")
+    argv = ["--dataset", "mnist", "--out", str(out), "--data-dir", str(small_mnist_dir),
+            "--train-subset", "64", "--epochs", "1", "--batch-size", "32", "--threads", "1",
+            "--blocks-per-stage", "1", "1", "--hidden-channels", "4", "8", "--val-fraction", "0.1",
+            "--refine-iterations", "5"]
+    assert train_main(argv) == 0
+    return out / "classifier.pt"
+
+
+@pytest.mark.mnist
+def test_trains_the_encoder_on_a_copy_and_scores_it(tiny_classifier: Path, tmp_path: Path, monkeypatch) -> None:
+    ran: list = []
+    monkeypatch.setattr(codability, "run_steps", lambda label, steps, force, dry_run, f_hash: ran.append(
+        (label, steps, f_hash)))
+    degraded = {"Coded-InvNet": 0.8, "ApproxIFER": 0.5}
+
+    def fake_accuracy(config, command):
+        assert config.runs_dir == str(tmp_path / "runs") and config.settings == ["3,2"]
+        rows = [{"method": m, "status": "ok", "acc_labels": a} for m, a in degraded.items()]
+        return {"machine": {}, "machine_label": "test", "rows": [*rows, {"method": "ParM", "status": "not run"}]}
+
+    monkeypatch.setattr("bench.accuracy.run", fake_accuracy)
+    out = tmp_path / "result.json"
+    config = CodabilityConfig(checkpoint=str(tiny_classifier), setting="3,2", encoder_steps=7,
+                              runs_dir=str(tmp_path / "runs"), out=str(out))
+    codability.run(config, "python -m bench codability ...")
+
+    ckpt = torch.load(tiny_classifier, weights_only=True)
+    placed = tmp_path / "runs" / "mnist" / "classifier.pt"
+    assert torch.load(placed, weights_only=True)["f_hash"] == ckpt["f_hash"]
+    ((label, steps, f_hash),) = ran
+    assert (label, f_hash) == ("mnist", ckpt["f_hash"])
+    assert [s.name for s in steps] == ["ideal_k2", "encoder_k2"]
+    assert steps[-1].output == encoder_path(tmp_path / "runs", "mnist", 3, 2)
+    enc = steps[-1].argv
+    assert enc[enc.index("--classifier") + 1] == str(placed)
+    assert enc[enc.index("--steps") + 1] == "7" and all(flag in enc for flag in COSINE)
+
+    result = json.loads(out.read_text())
+    clean = ckpt["metrics"]["test_accuracy"]["digit"]
+    assert result["clean_accuracy"] == clean
+    assert result["degraded_accuracy"] == degraded  # rows that did not run are left out
+    assert result["served_accuracy"]["Coded-InvNet"] == pytest.approx(2 / 3 * clean + 1 / 3 * 0.8)
+    assert result["classifier"]["blocks_per_stage"] == [1, 1]
+
+
+@pytest.mark.mnist
+def test_an_encoder_of_another_budget_is_not_reused(tiny_classifier: Path, tmp_path: Path) -> None:
+    enc = encoder_path(tmp_path, "mnist", 5, 4)
+    enc.parent.mkdir(parents=True)
+    torch.save({"train_config": {"steps": 500}}, enc)
+    config = CodabilityConfig(checkpoint=str(tiny_classifier), encoder_steps=1500, runs_dir=str(tmp_path))
+    with pytest.raises(CodabilityError, match="trained for 500 steps, not 1500; pass --force"):
+        codability.run(config, "")
+
+
+def test_bad_flags_exit_2_naming_the_problem(tmp_path: Path, caplog) -> None:
+    assert codability.main([str(tmp_path / "absent.pt")]) == 2
+    assert "no classifier checkpoint at" in caplog.text
+    (tmp_path / "c.pt").write_bytes(b"")
+    assert codability.main([str(tmp_path / "c.pt"), "--setting", "5-4"]) == 2
+    assert "a setting is 'n,k'" in caplog.text
+    assert codability.main([str(tmp_path / "c.pt"), "--encoder-steps", "0"]) == 2
+    assert "--encoder-steps must be >= 1" in caplog.text
