@@ -86,14 +86,16 @@ def test_train_config_validation() -> None:
     with pytest.raises(ConfigError, match=r"--augment-shift must be >= 0"):
         TrainConfig(dataset="mnist", out="x", augment_shift=-1)
     model_cfg, cfg = resolve(TrainConfig(dataset="mnist", out="x", epochs=3))
-    assert cfg.epochs == 3 and cfg.batch_size is not None and cfg.augment_shift == 0
+    assert cfg.epochs == 3 and cfg.batch_size is not None
+    assert cfg.augment_shift == CPU_RECIPES["mnist"][2]["augment_shift"]  # unset: the preset's
+    assert resolve(TrainConfig(dataset="mnist", out="x", augment_shift=0))[1].augment_shift == 0  # 0 is a value
     assert 0 < cfg.mixup_alpha <= 1
     assert model_cfg.f.embedding_shape == (16, 7, 7)
     paper, paper_cfg = resolve(TrainConfig(dataset="mnist", out="x", preset="paper"))
     assert paper.f.blocks_per_stage == (7, 7) and paper_cfg.epochs == 200
     assert paper_cfg.mixup_alpha == 1.0 and paper_cfg.augment_shift == 0
-    deep, _ = resolve(TrainConfig(dataset="mnist", out="x", blocks_per_stage=[2, 8]))
-    assert deep.f.blocks_per_stage == (2, 8) and deep.f.hidden_channels == model_cfg.f.hidden_channels
+    other, _ = resolve(TrainConfig(dataset="mnist", out="x", blocks_per_stage=[2, 6]))
+    assert other.f.blocks_per_stage == (2, 6) and other.f.hidden_channels == model_cfg.f.hidden_channels
     with pytest.raises(ConfigError, match=r"one entry per stage"):
         resolve(TrainConfig(dataset="mnist", out="x", hidden_channels=[8]))
 
