@@ -26,7 +26,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.accuracy import encoder_path, parse_setting
+from bench.accuracy import parse_setting
 from bench.train_all import COSINE, TrainAllError, encoder_steps, recorded_f_hash, run_steps
 
 logger = logging.getLogger(__name__)
@@ -85,11 +85,6 @@ def _recorded_encoder_steps(path: Path) -> int | None:
         return None
 
 
-def _primary(value):
-    """The first head's accuracy from a per-head dict (the fine 10-class task), else the value."""
-    return next(iter(value.values())) if isinstance(value, dict) else value
-
-
 def run(config: CodabilityConfig, command: str) -> dict | None:
     from bench.accuracy import AccuracyConfig
     from bench.accuracy import run as run_accuracy
@@ -103,15 +98,16 @@ def run(config: CodabilityConfig, command: str) -> dict | None:
     dataset, f_hash = recipe["dataset"], recipe["f_hash"]
     runs = Path(config.runs_dir or Path("runs/codability") / config.stem)
     placed = runs / dataset / "classifier.pt"
-    trained_steps = _recorded_encoder_steps(encoder_path(runs, dataset, n, k))
+    steps = encoder_steps(runs, dataset, n, k, ("--steps", str(config.encoder_steps), *COSINE,
+                                                "--threads", str(config.threads)))
+    encoder = steps[-1].output
+    trained_steps = _recorded_encoder_steps(encoder)
     if trained_steps not in (None, config.encoder_steps) and not config.force:
-        raise CodabilityError(f"{encoder_path(runs, dataset, n, k)} was trained for {trained_steps} steps, not "
-                              f"{config.encoder_steps}; pass --force to re-train it or another --runs-dir")
+        raise CodabilityError(f"{encoder} was trained for {trained_steps} steps, not {config.encoder_steps}; "
+                              "pass --force to re-train it or another --runs-dir")
     if recorded_f_hash(placed) != f_hash and not config.dry_run:
         placed.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(config.checkpoint, placed)
-    steps = encoder_steps(runs, dataset, n, k, ("--steps", str(config.encoder_steps), *COSINE,
-                                                "--threads", str(config.threads)))
     run_steps(dataset, steps, config.force, config.dry_run, f_hash=f_hash)
     if config.dry_run:
         return None
@@ -120,10 +116,10 @@ def run(config: CodabilityConfig, command: str) -> dict | None:
                                       out_dir=str(runs / "acc"), threads=config.threads),
                        ["python", "-m", "bench", "accuracy", "--datasets", dataset, "--settings", config.setting,
                         "--runs-dir", str(runs), "--out-dir", str(runs / "acc"), "--threads", str(config.threads)])
-    clean = _primary(recipe["test_accuracy"])
+    clean = next(iter(recipe["test_accuracy"].values()))  # the first head: the fine 10-class task
     degraded = {r["method"]: r["acc_labels"] for r in acc["rows"] if r["status"] == "ok"}
     if "Coded-InvNet" not in degraded:
-        raise CodabilityError(f"the encoder at {steps[-1].output} was not scored; see {runs / 'acc'}")
+        raise CodabilityError(f"the encoder at {encoder} was not scored; see {runs / 'acc'}")
     result = {
         "command": command,
         "config": asdict(config),

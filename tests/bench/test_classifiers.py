@@ -12,20 +12,8 @@ from bench.classifiers import main as classifiers_main
 from trainer.checkpoint import load_classifier
 from trainer.data import get_spec, load_split, train_val_split
 from trainer.evaluate import accuracy
-from trainer.train_classifier import main as train_main
 
 pytestmark = pytest.mark.mnist
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier(small_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-run")
-    argv = ["--dataset", "mnist", "--out", str(out), "--data-dir", str(small_mnist_dir),
-            "--train-subset", "64", "--epochs", "1", "--batch-size", "32", "--threads", "1",
-            "--blocks-per-stage", "1", "1", "--hidden-channels", "4", "8", "--augment-shift", "1",
-            "--mixup-alpha", "0.5", "--val-fraction", "0.1", "--refine-iterations", "5"]
-    assert train_main(argv) == 0
-    return out / "classifier.pt"
 
 
 def test_table_row_matches_the_checkpoint(tiny_classifier: Path, small_mnist_dir: Path, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from bench import codability
 from bench.accuracy import encoder_path
 from bench.codability import CodabilityConfig, CodabilityError, served_accuracy
 from bench.train_all import COSINE
-from trainer.train_classifier import main as train_main
 
 
 @pytest.mark.parametrize(("n", "k"), [(5, 4), (3, 2), (6, 4)])
@@ -27,17 +26,6 @@ def test_one_lost_worker_per_group_rebuilds_one_answer_in_n(n: int, k: int) -> N
     clean, degraded = 0.99, 0.9
     expected = (1 - rebuilt_fraction) * clean + rebuilt_fraction * degraded
     assert served_accuracy(clean, degraded, n) == pytest.approx(expected, abs=0.001)
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier(small_mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-f")
-    argv = ["--dataset", "mnist", "--out", str(out), "--data-dir", str(small_mnist_dir),
-            "--train-subset", "64", "--epochs", "1", "--batch-size", "32", "--threads", "1",
-            "--blocks-per-stage", "1", "1", "--hidden-channels", "4", "8", "--val-fraction", "0.1",
-            "--refine-iterations", "5"]
-    assert train_main(argv) == 0
-    return out / "classifier.pt"
 
 
 @pytest.mark.mnist
