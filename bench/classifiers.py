@@ -79,12 +79,10 @@ def summarize(path: str, train_samples: int, data_dir: str | None) -> dict:
         "epochs": cfg["epochs"],
         "mixup_alpha": cfg["mixup_alpha"],
         "augment_shift": cfg.get("augment_shift", 0),
-        "ema_decay": cfg.get("ema_decay", 0.0),
         "threads": cfg["threads"],
         "seed": cfg["seed"],
         "train_wall_time_s": metrics["train_wall_time_s"],
         "test_accuracy": metrics["test_accuracy"],
-        "test_accuracy_without_ema": metrics.get("test_accuracy_without_ema"),
         "command": ckpt.get("command"),
         "git_commit": ckpt.get("git_commit"),
     }
@@ -99,23 +97,18 @@ def render_markdown(result: dict) -> str:
         "# Classifier recipes (f + g)", "",
         f"Machine: {result['machine_label']}. Command: `{result['command']}`.",
         "Train accuracy: the first examples of each run's own train part (eval mode, no Mixup).",
-        "Wall time: as the trainer recorded it, with the thread count it ran with.",
-        "EMA: the decay of the weight average the run ships, and in brackets the test accuracy "
-        "of its last weights (same run, no average).", "",
-        "| dataset | blocks | hidden | epochs | Mixup α | shift | EMA | seed | threads | train time | "
+        "Wall time: as the trainer recorded it, with the thread count it ran with.", "",
+        "| dataset | blocks | hidden | epochs | Mixup α | shift | seed | threads | train time | "
         "train acc | test acc | checkpoint |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         primary = next(iter(r["test_accuracy"]))
         train = r.get("train_accuracy", {}).get(primary)
-        ema = "–"
-        if r["ema_decay"]:
-            ema = f"{r['ema_decay']:g} ({100 * r['test_accuracy_without_ema'][primary]:.2f} %)"
         lines.append(
             f"| {r['dataset']} | {'+'.join(map(str, r['blocks_per_stage']))} | "
             f"{'/'.join(map(str, r['hidden_channels']))} | {r['epochs']} | {r['mixup_alpha']:g} | "
-            f"{r['augment_shift']} | {ema} | {r['seed']} | {r['threads']} | {r['train_wall_time_s'] / 60:.1f} min | "
+            f"{r['augment_shift']} | {r['seed']} | {r['threads']} | {r['train_wall_time_s'] / 60:.1f} min | "
             f"{'–' if train is None else f'{100 * train:.2f} %'} | "
             f"**{100 * r['test_accuracy'][primary]:.2f} %** | `{r['checkpoint']}` |"
         )

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from trainer.augment import random_shift
@@ -61,7 +60,6 @@ class TrainConfig:
     weight_decay: float | None = None
     mixup_alpha: float | None = None
     augment_shift: int | None = None  # random translation of training images, in pixels
-    ema_decay: float | None = None  # exponential moving average of the weights; 0 = off
     val_fraction: float = 0.05
     pool_size: int | None = None
     blocks_per_stage: tuple[int, ...] | None = None  # override the preset's f depth
@@ -86,8 +84,6 @@ class TrainConfig:
             raise ConfigError(f"--augment-shift must be >= 0, got {self.augment_shift}")
         if self.mixup_alpha is not None and self.mixup_alpha <= 0:
             raise ConfigError(f"--mixup-alpha must be > 0, got {self.mixup_alpha}")
-        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         for name in ("blocks_per_stage", "hidden_channels"):
             value = getattr(self, name)
             if value is not None:
@@ -125,14 +121,14 @@ def preset_values(dataset: str, preset: str) -> tuple[IResNetConfig, dict]:
     if preset == "cpu":
         blocks, hidden, recipe = CPU_RECIPES[dataset]
         train = {"batch_size": 128, "lr": 2e-3, "weight_decay": 5e-5, "pool_size": 7 if stages == 2 else 4,
-                 "ema_decay": 0.0, **recipe}
+                 **recipe}
     else:
         depth = {"mnist": 7, "fashion-mnist": 9, "cifar10": 9}[dataset]
         blocks = (depth,) * stages
         hidden = (64, 128, 256)[:stages]
         train = {"epochs": {"mnist": 200, "fashion-mnist": 400, "cifar10": 600}[dataset],
                  "batch_size": 128, "lr": 1e-3, "weight_decay": 5e-5,
-                 "mixup_alpha": 1.0, "augment_shift": 0, "pool_size": 1, "ema_decay": 0.0}
+                 "mixup_alpha": 1.0, "augment_shift": 0, "pool_size": 1}
     f_cfg = IResNetConfig(in_shape=in_shape, stages=stages, blocks_per_stage=blocks,
                           hidden_channels=hidden, lipschitz_coeff=0.9, n_power_iterations=1)
     return f_cfg, train
@@ -159,7 +155,7 @@ def resolve(config: TrainConfig) -> tuple[ClassifierConfig, TrainConfig]:
 
 
 # What a flag added later meant before it existed: files written earlier trained this way.
-FLAG_DEFAULTS_OF_OLDER_FILES = {"augment_shift": 0, "ema_decay": 0.0}
+FLAG_DEFAULTS_OF_OLDER_FILES = {"augment_shift": 0}
 
 
 def _same_flags(saved: dict, current: dict) -> bool:
@@ -170,9 +166,8 @@ def _same_flags(saved: dict, current: dict) -> bool:
     return all(saved.get(k) == norm.get(k) for k in set(saved) | set(norm))
 
 
-def _train_state(optimizer, scheduler, generator, ema, epoch, history):
+def _train_state(model, optimizer, scheduler, generator, epoch, history):
     return {
-        "ema": None if ema is None else ema.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "generator": generator.get_state(),
@@ -193,13 +188,11 @@ def train_epoch(
     desc: str = "train",
     augment_shift: int = 0,
     fill: torch.Tensor | None = None,
-    ema: AveragedModel | None = None,
 ) -> float:
     """One shuffled pass with Manifold Mixup; returns the mean (summed over heads) loss.
 
     augment_shift > 0 translates each training image by up to that many pixels first, with
-    `fill` (C,) (the normalised blank pixel) shifted in. `ema`, if given, is updated after
-    every optimizer step.
+    `fill` (C,) (the normalised blank pixel) shifted in.
     """
     if augment_shift and fill is None:
         raise ValueError("augment_shift needs fill, the normalised value of a blank pixel")
@@ -220,8 +213,6 @@ def train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
         loss_sum += float(loss.detach()) * len(idx)
         n_seen += len(idx)
         if step % 20 == 0:
@@ -256,10 +247,6 @@ def train(config: TrainConfig) -> dict:
         optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
     generator = torch.Generator().manual_seed(cfg.seed)
-    # Buffers are averaged too: the heads' BatchNorm statistics must match the averaged
-    # weights, and the power-iteration vectors are re-converged by refine_spectral before use.
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-           if cfg.ema_decay else None)
     start_epoch, history, wall_before_s = 0, [], 0.0
 
     last_path = out / "last.pt"
@@ -274,8 +261,6 @@ def train(config: TrainConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
         wall_before_s = float(state["metrics"].get("train_wall_time_s", 0.0))
         logger.info("resuming from %s at epoch %d", last_path, start_epoch)
@@ -290,13 +275,12 @@ def train(config: TrainConfig) -> dict:
         train_loss = train_epoch(
             model, optimizer, scheduler, x_train, y_train, cfg.batch_size, cfg.mixup_alpha,
             generator, desc=f"epoch {epoch + 1}/{cfg.epochs}", augment_shift=cfg.augment_shift,
-            fill=blank_pixel, ema=ema,
+            fill=blank_pixel,
         )
-        shipped = model if ema is None else _settled(ema.module, iterations=5)
         wall_s = wall_before_s + time.perf_counter() - t_start
         record = {"epoch": epoch + 1, "train_loss": train_loss, "wall_time_s": round(wall_s, 1)}
         if len(val_idx):
-            record["val_accuracy"] = accuracy(shipped, val_images, val_labels, spec)
+            record["val_accuracy"] = accuracy(model, val_images, val_labels, spec)
         history.append(record)
         logger.info("epoch %d: %s", epoch + 1, record)
         metrics = {"train_wall_time_s": wall_s, "history": history, "final": False}
@@ -304,36 +288,27 @@ def train(config: TrainConfig) -> dict:
             last_path, schema=TRAIN_STATE_SCHEMA, model_config=model_cfg.to_dict(),
             state_dict=model.state_dict(), train_config=asdict(cfg), metrics=metrics,
             dataset=cfg.dataset,
-            extra=_train_state(optimizer, scheduler, generator, ema, epoch + 1, history),
+            extra=_train_state(model, optimizer, scheduler, generator, epoch + 1, history),
         )
-        _save_classifier(out / "classifier.pt", shipped, model_cfg, cfg, metrics)
+        _save_classifier(out / "classifier.pt", model, model_cfg, cfg, metrics)
 
     train_wall_s = wall_before_s + time.perf_counter() - t_start
+    model.f.refine_spectral(cfg.refine_iterations)
+    model.eval()
     test_images, test_labels = load_split(cfg.dataset, "test", cfg.data_dir)
-    shipped = _settled(model if ema is None else ema.module, cfg.refine_iterations)
     metrics = {
         "final": True,
-        "test_accuracy": accuracy(shipped, test_images, test_labels, spec),
+        "test_accuracy": accuracy(model, test_images, test_labels, spec),
         "train_wall_time_s": round(train_wall_s, 1),
         "train_examples": len(y_train),
-        "lipschitz_bounds": [round(b, 4) for b in shipped.f.lipschitz_bounds(100)],
+        "lipschitz_bounds": [round(b, 4) for b in model.f.lipschitz_bounds(100)],
         "history": history,
         "machine_threads": cfg.threads,
     }
-    if ema is not None:  # the last weights, for a paired measure of what the average adds
-        raw = _settled(model, cfg.refine_iterations)
-        metrics["test_accuracy_without_ema"] = accuracy(raw, test_images, test_labels, spec)
-    _save_classifier(out / "classifier.pt", shipped, model_cfg, cfg, metrics)
+    _save_classifier(out / "classifier.pt", model, model_cfg, cfg, metrics)
     logger.info("final metrics: test accuracy %s, wall %.0f s",
                 metrics["test_accuracy"], train_wall_s)
     return metrics
-
-
-def _settled(model: Classifier, iterations: int) -> Classifier:
-    """`model` in eval mode with every conv's sigma estimate re-converged on its current weight
-    (an averaged model's power-iteration vectors are averages, not singular vectors)."""
-    model.f.refine_spectral(iterations)
-    return model.eval()
 
 
 def _save_classifier(path: Path, model: Classifier, model_cfg: ClassifierConfig,
@@ -364,8 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixup-alpha", type=float, default=None)
     p.add_argument("--augment-shift", type=int, default=None,
                    help="translate training images by up to this many pixels (0 = off)")
-    p.add_argument("--ema-decay", type=float, default=None,
-                   help="keep an exponential moving average of the weights and ship it (0 = off)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--pool-size", type=int, default=None)
     p.add_argument("--blocks-per-stage", type=int, nargs="+", default=None)
