@@ -77,6 +77,7 @@ def summarize(path: str, train_samples: int, data_dir: str | None) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "preset": cfg["preset"],
         "epochs": cfg["epochs"],
+        "lr": cfg["lr"],
         "mixup_alpha": cfg["mixup_alpha"],
         "augment_shift": cfg.get("augment_shift", 0),
         "threads": cfg["threads"],
@@ -98,16 +99,17 @@ def render_markdown(result: dict) -> str:
         f"Machine: {result['machine_label']}. Command: `{result['command']}`.",
         "Train accuracy: the first examples of each run's own train part (eval mode, no Mixup).",
         "Wall time: as the trainer recorded it, with the thread count it ran with.", "",
-        "| dataset | blocks | hidden | epochs | Mixup α | shift | seed | threads | train time | "
-        "train acc | test acc | checkpoint |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | blocks | hidden | epochs | peak lr | Mixup α | shift | seed | threads | "
+        "train time | train acc | test acc | checkpoint |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         primary = next(iter(r["test_accuracy"]))
         train = r.get("train_accuracy", {}).get(primary)
         lines.append(
             f"| {r['dataset']} | {'+'.join(map(str, r['blocks_per_stage']))} | "
-            f"{'/'.join(map(str, r['hidden_channels']))} | {r['epochs']} | {r['mixup_alpha']:g} | "
+            f"{'/'.join(map(str, r['hidden_channels']))} | {r['epochs']} | {r['lr']:g} | "
+            f"{r['mixup_alpha']:g} | "
             f"{r['augment_shift']} | {r['seed']} | {r['threads']} | {r['train_wall_time_s'] / 60:.1f} min | "
             f"{'–' if train is None else f'{100 * train:.2f} %'} | "
             f"**{100 * r['test_accuracy'][primary]:.2f} %** | `{r['checkpoint']}` |"

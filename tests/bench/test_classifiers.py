@@ -25,6 +25,7 @@ def test_table_row_matches_the_checkpoint(tiny_classifier: Path, small_mnist_dir
     model, ckpt = load_classifier(tiny_classifier)
     assert row["blocks_per_stage"] == [1, 1] and row["hidden_channels"] == [4, 8]
     assert row["augment_shift"] == 1 and row["mixup_alpha"] == 0.5 and row["epochs"] == 1
+    assert row["lr"] == 0.003
     assert row["seed"] == ckpt["train_config"]["seed"] and row["threads"] == 1
     assert row["test_accuracy"] == ckpt["metrics"]["test_accuracy"]
     # The train accuracy is the model's own, on the first 50 examples of its train part.
@@ -33,7 +34,7 @@ def test_table_row_matches_the_checkpoint(tiny_classifier: Path, small_mnist_dir
     idx = np.sort(train_idx)[:50]
     assert row["train_accuracy"] == accuracy(model, images[idx], labels[idx], get_spec("mnist"))
     markdown = (tmp_path / "runs.md").read_text()
-    assert "| mnist | 1+1 | 4/8 | 1 | 0.5 | 1 | 0 | 1 |" in markdown
+    assert "| mnist | 1+1 | 4/8 | 1 | 0.003 | 0.5 | 1 | 0 | 1 |" in markdown
 
 
 def test_missing_or_wrong_files_and_bad_flags_are_refused(tiny_classifier: Path, tmp_path: Path) -> None:
