@@ -319,9 +319,7 @@ class InvertibleNet(nn.Module):
     def folded(self) -> InvertibleNet:
         """Copy in eval mode with every SpectralConv2d replaced by a plain Conv2d holding the
         scaled weight: same eval forward, no power-iteration buffers (for ONNX export)."""
-        # NCHW whatever layout training used: sigma's conv rounds differently per layout, and
-        # the fingerprint and the exported weights must not depend on it.
-        out = copy.deepcopy(self).to(memory_format=torch.contiguous_format)
+        out = copy.deepcopy(self)
         out.eval()
         for block in out.layers:
             if isinstance(block, ResidualBlock):
