@@ -10,7 +10,6 @@ from typing import Any
 
 from runtime.errors import ConfigError
 
-MODES = ("coded", "uncoded", "replication", "parm", "approxifer")
 ENGINES = ("onnxruntime", "torch", "tensorrt")
 DEVICES = ("cpu", "cuda")
 
@@ -59,7 +58,8 @@ class ServerConfig:
     http_port: int = 8000  # 0 picks a free port (tests)
     metrics_port: int = 8002  # 0 picks a free port; -1 disables the metrics endpoint
     workers: int = 0  # compute threads shared by all workers; 0 = min(n, cpu count)
-    mode: str = "coded"
+    mode: str = "coded"  # a name in runtime.modes.MODES
+    workers_backend: str = "thread"  # a name in runtime.worker.BACKENDS
     engine: str = "onnxruntime"
     device: str = "cpu"
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
@@ -81,7 +81,12 @@ class ServerConfig:
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
-        _check(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
+        from runtime.modes import MODES  # the registries own the names (imported late:
+        from runtime.worker import BACKENDS  # they import this module)
+
+        _check(self.mode in MODES, f"--mode must be one of {tuple(MODES)}, got {self.mode!r}")
+        _check(self.workers_backend in BACKENDS, f"--workers-backend must be one of "
+               f"{tuple(BACKENDS)}, got {self.workers_backend!r}")
         _check(self.engine in ENGINES, f"--engine must be one of {ENGINES}, got {self.engine!r}")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _check(not (self.engine == "onnxruntime" and self.device == "cuda"),

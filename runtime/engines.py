@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from runtime.errors import EngineUnavailable
+from runtime.manifest import ENGINES_DIR, F_FILE, F_IO, plan_file
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class ModelRunner(Protocol):
 
 
 class OrtRunner:
-    def __init__(self, path: Path, input_name: str = "x", output_name: str | None = None) -> None:
+    def __init__(self, path: Path, input_name: str = F_IO[0], output_name: str | None = None) -> None:
         import onnxruntime as ort  # imported here so `--help` and manifest tooling stay fast
 
         options = ort.SessionOptions()
@@ -123,7 +124,8 @@ class TensorRTRunner:
     decoder); that context is pushed around every call because workers run on threads.
     """
 
-    def __init__(self, plan: Path, worker: int, input_name: str = "x", output_name: str = "z") -> None:
+    def __init__(self, plan: Path, worker: int, input_name: str = F_IO[0],
+                 output_name: str = F_IO[1]) -> None:
         try:
             import pycuda.autoprimaryctx as primary
             import pycuda.driver as cuda
@@ -190,8 +192,9 @@ def find_tensorrt_plan(bundle_dir: Path, files: dict[str, str]) -> Path:
     except ImportError as exc:
         raise EngineUnavailable(f"--engine tensorrt needs tensorrt and pycuda: {exc}") from exc
     major, minor = cuda.Device(0).compute_capability()
-    wanted = f"engines/sm{major}{minor}_trt{trt.__version__}/f.plan"  # export.tensorrt_build
-    plans = sorted(p for p in files if p.startswith("engines/") and p.endswith("/f.plan"))
+    wanted = plan_file(F_FILE, (major, minor), trt.__version__)
+    plans = sorted(p for p in files if p.startswith(f"{ENGINES_DIR}/")
+                   and p.endswith("/" + Path(wanted).name))
     if wanted not in plans:
         raise EngineUnavailable(
             f"bundle has no TensorRT plan for this GPU and TensorRT ({wanted}); it has {plans}. "

@@ -1,8 +1,11 @@
-"""The bundle contract: `manifest.json`, read by the runtime and written by `export`.
+"""The bundle contract, in one place: `manifest.json`'s schema, the bundle's file layout,
+the ONNX tensor names, the TensorRT engine directories and the served output names.
 
-Pure Python + the standard library, so a torch-free serving install can load it.
-Every field is validated on load; unknown keys are errors, so a typo in a hand-edited
-manifest fails loudly instead of being ignored. See docs/ARCHITECTURE.md for the layout.
+Export writes bundles through it, the runtime reads them through it, and bench measures
+them through it; no other module spells one of these names. Pure Python + the standard
+library, so a torch-free serving install can load it. Every field is validated on load;
+unknown keys are errors, so a typo in a hand-edited manifest fails loudly instead of
+being ignored. docs/ARCHITECTURE.md shows the layout.
 """
 
 from __future__ import annotations
@@ -15,26 +18,64 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kernels.configs import check_keys
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ACCEPTED_DTYPES = ("UINT8", "FP32")
+
+# -- file layout (relative to the bundle directory) -----------------------------------------
+F_FILE = "f.onnx"
+PARM_FILE = "parm.onnx"
+TORCH_F_FILE = "torch/f.pt2"  # torch.export program of f (--engine torch)
+REFERENCE_FILE = "verification/reference.npz"  # export-time inputs and PyTorch outputs
+ENGINES_DIR = "engines"  # TensorRT plans, one directory per (GPU, TensorRT version)
+
+
+def head_file(task: str) -> str:
+    return f"heads/{task}.onnx"
+
+
+def encoder_file(row: int) -> str:
+    return f"encoders/enc_{row}.onnx"
+
+
+def engine_dir(capability: tuple[int, int], trt_version: str) -> str:
+    """`engines/sm90_trt10.13.0`: a plan only runs on the compute capability and TensorRT
+    version that built it."""
+    return f"{ENGINES_DIR}/sm{capability[0]}{capability[1]}_trt{trt_version}"
+
+
+def plan_file(onnx_file: str, capability: tuple[int, int], trt_version: str) -> str:
+    """The TensorRT plan built from a bundle ONNX file: same path under engine_dir, `.plan`."""
+    return f"{engine_dir(capability, trt_version)}/{Path(onnx_file).with_suffix('.plan').as_posix()}"
+
+
+# -- ONNX tensor names: (input, output) per kind of model file --------------------------------
+BATCH_DIM = "batch"  # the dynamic leading dimension of every tensor
+F_IO = ("x", "z")  # f: x [B, C, H, W] -> z [B, *embedding_shape]
+HEAD_IO = ("z", "logits")  # g: z -> logits [B, classes]
+ENCODER_IO = ("x", "x_parity")  # Enc_r: x [B, k, C, H, W] -> x_parity [B, C, H, W]
+PARM_IO = ("x", "logits_sum")  # ParM: x [B, k, C, H, W] -> logits_sum [B, classes]
+
+# -- served tensors (KServe v2 / Triton names) -------------------------------------------------
+RECONSTRUCTED_OUTPUT = "reconstructed"  # BOOL [B]: decoded from coded results
+
+
+def logits_output(task: str) -> str:
+    return f"{task}_logits"  # FP32 [B, classes]
+
+
+def class_output(task: str) -> str:
+    return f"{task}_class"  # INT64 [B], argmax; -1 where the head is unavailable
 
 
 class ManifestError(ValueError):
     """A bundle's manifest is missing, malformed, or does not match its files."""
 
 
-def _check_keys(where: str, data: Mapping[str, Any], required: set[str], optional: set[str]) -> None:
-    if not isinstance(data, Mapping):
-        raise ManifestError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    missing = required - data.keys()
-    unknown = data.keys() - required - optional
-    if missing:
-        raise ManifestError(f"{where}: missing required key(s) {sorted(missing)}")
-    if unknown:
-        raise ManifestError(
-            f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(required | optional)}"
-        )
+def _check_keys(where: str, data: Any, required: set[str], optional: set[str]) -> None:
+    check_keys(where, data, required | optional, required, ManifestError)
 
 
 def _positive_ints(where: str, values: Any) -> tuple[int, ...]:
@@ -278,6 +319,20 @@ class Manifest:
     @property
     def primary_head(self) -> HeadSpec:
         return self.heads[0]
+
+    def io_names(self) -> dict[str, tuple[str, str]]:
+        """(input, output) ONNX tensor names of every ONNX file in the bundle."""
+        names = {self.f: F_IO}
+        names.update({h.file: HEAD_IO for h in self.heads})
+        names.update({e.file: ENCODER_IO for e in self.encoders})
+        if self.parm is not None:
+            names[self.parm] = PARM_IO
+        return names
+
+    def output_names(self) -> list[str]:
+        """The served outputs, in the order responses list them."""
+        return [*(n for h in self.heads for n in (logits_output(h.task), class_output(h.task))),
+                RECONSTRUCTED_OUTPUT]
 
     def model_files(self) -> list[str]:
         """Every model file the manifest points at (each must have a checksum)."""

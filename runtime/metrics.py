@@ -94,5 +94,30 @@ class Metrics:
     def set_pending(self, queries: int) -> None:
         self._pending.labels(**self.labels).set(queries)
 
+    def snapshot(self) -> dict[str, float]:
+        """The engine's counters as plain numbers (for statistics endpoints and tests)."""
+        r, labels = self.registry, self.labels
+
+        def total(name: str, **extra: str) -> float:
+            return sum(s.value for m in r.collect() for s in m.samples
+                       if s.name == name and all(s.labels.get(k) == v for k, v in extra.items()))
+
+        return {
+            "request_success": total("nv_inference_request_success", **labels),
+            "request_failure": total("nv_inference_request_failure", **labels),
+            "inference_count": total("nv_inference_count", **labels),
+            "execution_count": total("nv_inference_exec_count", **labels),
+            "queue_us": total("nv_inference_queue_duration_us", **labels),
+            "compute_us": total("nv_inference_compute_infer_duration_us", **labels),
+            "request_us": total("nv_inference_request_duration_us", **labels),
+            "reconstructed": total("coded_reconstructed_responses_total", **labels),
+            "erasures": total("coded_erasures_total"),
+            "late_results_dropped": total("coded_late_results_dropped_total"),
+            "partial_groups": total("coded_partial_groups_total", **labels),
+            "padded_queries": total("coded_padded_queries_total", **labels),
+            "worker_failures": total("coded_worker_failures_total"),
+            "worker_restarts": total("coded_worker_restarts_total"),
+        }
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

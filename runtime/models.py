@@ -1,4 +1,7 @@
-"""Opens a bundle's model files as runners for the workers and the frontend."""
+"""Opens a bundle's model files as runners for the workers and the frontend.
+
+The names of the models a worker can run (what a mode asks a worker for) live here.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +21,18 @@ from runtime.engines import (
     find_tensorrt_plan,
 )
 from runtime.errors import EngineUnavailable
-from runtime.manifest import Manifest
+from runtime.manifest import ENCODER_IO, F_IO, HEAD_IO, PARM_IO, Manifest
 
 logger = logging.getLogger(__name__)
+
+WORKER_F = "f"  # x [G, C, H, W] -> z [G, *embedding_shape]
+WORKER_PARM = "parm"  # x [G, k, C, H, W] -> logits_sum [G, classes of the primary head]
+WORKER_F_HEADS = "f_heads"  # x [G, C, H, W] -> every head's logits side by side
+ENCODER_THEN_F = "enc_f/"  # + parity row: x [G, k, C, H, W] -> f(Enc_r(x)) (paper Remark 3)
+
+
+def encoder_then_f(row: int) -> str:
+    return f"{ENCODER_THEN_F}{row}"
 
 
 class ModelFactory:
@@ -33,17 +45,16 @@ class ModelFactory:
 
     # Frontend (always ONNX Runtime on the CPU: light models) -------------------------------
     def heads(self) -> dict[str, ModelRunner]:
-        return {h.task: OrtRunner(self.root / h.file, "z", "logits") for h in self.manifest.heads}
+        return {h.task: OrtRunner(self.root / h.file, *HEAD_IO) for h in self.manifest.heads}
 
     def encoders(self) -> dict[int, ModelRunner]:
-        return {e.row: OrtRunner(self.root / e.file, "x", "x_parity")
-                for e in self.manifest.encoders}
+        return {e.row: OrtRunner(self.root / e.file, *ENCODER_IO) for e in self.manifest.encoders}
 
     # Workers ---------------------------------------------------------------------------------
     def f(self, worker: int) -> ModelRunner:
         engine = self.config.engine
         if engine == "onnxruntime":
-            return OrtRunner(self.root / self.manifest.f, "x", "z")
+            return OrtRunner(self.root / self.manifest.f, *F_IO)
         if engine == "torch":
             rel = self.manifest.torch.get("f")
             if rel is None:
@@ -52,24 +63,24 @@ class ModelFactory:
             return TorchRunner(self.root / rel, self.config.device, worker,
                                keep_on_device=self.device_outputs)
         if engine == "tensorrt":
-            return TensorRTRunner(find_tensorrt_plan(self.root, self.manifest.files), worker, "x", "z")
+            return TensorRTRunner(find_tensorrt_plan(self.root, self.manifest.files), worker, *F_IO)
         raise EngineUnavailable(f"unknown engine {engine!r}")
 
     def worker_models(self, worker: int, names: list[str]) -> Mapping[str, ModelRunner]:
         models: dict[str, ModelRunner] = {}
         for name in names:
-            if name == "f":
+            if name == WORKER_F:
                 models[name] = self.f(worker)
-            elif name.startswith("enc_f/"):
-                row = int(name.split("/", 1)[1])
+            elif name.startswith(ENCODER_THEN_F):
+                row = int(name[len(ENCODER_THEN_F):])
                 enc = next(e for e in self.manifest.encoders if e.row == row)
-                models[name] = ChainRunner(OrtRunner(self.root / enc.file, "x", "x_parity"),
+                models[name] = ChainRunner(OrtRunner(self.root / enc.file, *ENCODER_IO),
                                            self.f(worker))
-            elif name == "parm":
+            elif name == WORKER_PARM:
                 if self.manifest.parm is None:
                     raise EngineUnavailable("this bundle has no parm model")
-                models[name] = OrtRunner(self.root / self.manifest.parm, "x", "logits_sum")
-            elif name == "f_heads":
+                models[name] = OrtRunner(self.root / self.manifest.parm, *PARM_IO)
+            elif name == WORKER_F_HEADS:
                 models[name] = ChainRunner(self.f(worker), *self.heads().values(),
                                            concat_rest=True)
             else:
@@ -81,7 +92,7 @@ class ModelFactory:
         chw = tuple(self.manifest.input.shape)
         k = self.manifest.coding.k
         return {
-            name: np.zeros((1, k, *chw) if name == "parm" or name.startswith("enc_f/")
+            name: np.zeros((1, k, *chw) if name == WORKER_PARM or name.startswith(ENCODER_THEN_F)
                            else (1, *chw), np.float32)
             for name in names
         }

@@ -217,14 +217,6 @@ def parse_infer_request(
     )
 
 
-def preprocess(raw: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """raw [B, C, H, W] uint8 (0..255) or float32 (0..1) -> normalised float32."""
-    x01 = raw.astype(np.float32) / 255.0 if raw.dtype == np.uint8 else raw.astype(np.float32)
-    mean = np.asarray(spec.preprocessing.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(spec.preprocessing.std, np.float32).reshape(1, -1, 1, 1)
-    return np.ascontiguousarray((x01 - mean) / std, dtype=np.float32)
-
-
 def encode_response(
     model_name: str,
     request_id: str | None,

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import signal
 import sys
 
-from runtime.config import DEVICES, ENGINES, MODES, FaultConfig, ServerConfig
+from kernels.configs import add_dataclass_flags
+from runtime.config import DEVICES, ENGINES, FaultConfig, ServerConfig
 from runtime.errors import ServingError
 from runtime.loops import loop_factory
 from runtime.manifest import ManifestError
@@ -26,6 +26,7 @@ HELP = {
     "metrics_port": "Prometheus /metrics port (0 = any free port, -1 = off)",
     "workers": "compute threads shared by all workers (0 = min(workers, CPU count))",
     "mode": "serving scheme",
+    "workers_backend": "where the n workers run: thread = threads of this process",
     "engine": "inference engine for f on the workers",
     "device": "cpu (onnxruntime) or cuda (torch, tensorrt)",
     "encoders_on_workers": "run each encoder on its backup worker instead of the frontend "
@@ -63,25 +64,12 @@ FAULT_HELP = {
     "kill_after_calls": "TEST ONLY: see --fault-kill-worker",
     "seed": "TEST ONLY: seed of the fault-injection random numbers",
 }
-CHOICES = {"mode": MODES, "engine": ENGINES, "device": DEVICES}
+def _choices() -> dict[str, tuple[str, ...]]:
+    from runtime.modes import MODES
+    from runtime.worker import BACKENDS
 
-
-def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, helps: dict[str, str],
-                skip: set[str]) -> None:
-    for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
-        flag = "--" + (prefix + field.name).replace("_", "-")
-        default = field.default
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, dest=prefix + field.name,
-                                action=argparse.BooleanOptionalAction, default=default,
-                                help=helps[field.name])
-            continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int}[str(field.type)]
-        parser.add_argument(flag, dest=prefix + field.name, type=kind, default=default,
-                            choices=CHOICES.get(field.name), help=helps[field.name]
-                            + (f" (default: {default})" if default is not None else ""))
+    return {"mode": tuple(MODES), "workers_backend": tuple(BACKENDS), "engine": ENGINES,
+            "device": DEVICES}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m runtime serve", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", help="bundle directory (manifest.json + ONNX files)")
-    _add_fields(parser, ServerConfig, "", HELP, {"bundle", "faults"})
-    _add_fields(parser, FaultConfig, "fault_", FAULT_HELP, set())
+    add_dataclass_flags(parser, ServerConfig, helps=HELP, skip={"bundle", "faults"},
+                        choices=_choices())
+    add_dataclass_flags(parser, FaultConfig, helps=FAULT_HELP, prefix="fault_")
     return parser
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from runtime.batcher import Batcher
 from runtime.errors import ServiceUnavailable
-from runtime.modes import _pad
+from runtime.modes.base import pad as _pad
 
 
 def _xs(count: int) -> np.ndarray:

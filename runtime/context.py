@@ -1,0 +1,22 @@
+"""What every part of one engine shares: options, bundle, models, metrics, threads."""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.config import ServerConfig
+from runtime.manifest import Manifest
+from runtime.metrics import Metrics
+from runtime.models import ModelFactory
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    config: ServerConfig
+    manifest: Manifest
+    bundle_dir: Path
+    metrics: Metrics
+    executor: Executor  # the compute threads shared by the frontend and thread workers
+    models: ModelFactory

@@ -1,0 +1,242 @@
+"""The engine: one bundle served in one mode, knowing nothing of any wire protocol.
+
+It composes the thread pool, the frontend models, the workers (a backend from
+runtime.worker, wrapped by runtime.faults when faults are configured), the supervising
+pool, the serving mode, the batcher and the scheduler. Protocols (runtime/http_server.py)
+call only `health()`, `infer()` and the read-only attributes; the server owns the
+lifecycle: `Engine(config)` (manifest + checksums) -> `start()` (load + warm up) ->
+`begin_drain()` / `drain(timeout_s)` -> `stop()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kernels.coding import CodingScheme
+from runtime.batcher import Batcher, QueryAnswer
+from runtime.config import ServerConfig
+from runtime.context import EngineContext
+from runtime.errors import RequestTimeout, ServiceUnavailable, ServingError
+from runtime.faults import with_faults
+from runtime.frontend import Frontend
+from runtime.gpu_decode import make_device_decoders
+from runtime.manifest import Manifest, verify_checksums
+from runtime.metrics import Metrics
+from runtime.model_io import InferenceResult, build_result, preprocess
+from runtime.models import ModelFactory
+from runtime.modes import MODES, Mode, ModeOptions
+from runtime.pool import WorkerPool
+from runtime.scheduler import Scheduler
+from runtime.worker import make_backend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Health:
+    live: bool
+    ready: bool
+    reason: str | None = None  # why not ready
+
+
+class Engine:
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.bundle_dir = Path(config.bundle)
+        self.manifest = Manifest.load(self.bundle_dir)
+        self.model_name = self.manifest.model_name
+        self.metrics = metrics or Metrics(self.model_name)
+        self.mode_cls: type[Mode] = MODES[config.mode]
+        self.pool_size = self.mode_cls.pool_size(self.manifest)
+        self.threads = config.workers or min(self.pool_size, os.cpu_count() or 1)
+        self.pool: WorkerPool | None = None
+        self.scheduler: Scheduler | None = None
+        self.frontend: Frontend | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._started = False
+        self._frontend_s = 0.0  # measured frontend time per group, at warm-up
+        self._draining = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def check_bundle(self) -> None:
+        """Every file's sha256 against the manifest (before anything is served)."""
+        if self.config.verify_checksums:
+            verify_checksums(self.bundle_dir, self.manifest)
+
+    async def start(self) -> None:
+        """prepare(), then start_workers()."""
+        await self.prepare()
+        await self.start_workers()
+
+    async def prepare(self) -> None:
+        """Load the frontend models, make the pool (no worker started) and start dispatching."""
+        config, manifest = self.config, self.manifest
+        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="coded-worker")
+        device_decoders = None
+        if (config.gpu_decode and config.mode == "coded" and config.engine == "torch"
+                and config.device == "cuda"):
+            device_decoders = make_device_decoders(
+                CodingScheme.from_dict(manifest.coding.to_dict()))
+        models = ModelFactory(self.bundle_dir, manifest, config,
+                              device_outputs=device_decoders is not None)
+        context = EngineContext(config, manifest, self.bundle_dir, self.metrics, self._executor,
+                                models)
+        self.frontend = await self._load_frontend(models)
+        backend = make_backend(config.workers_backend, context, lambda i: self.mode_cls.worker_models(
+            manifest, i, config.encoders_on_workers))
+        kill = config.faults.kill_worker
+        if kill is not None and not 0 <= kill < self.pool_size:
+            logger.warning("--fault-kill-worker %d is outside 0..%d; nothing will be killed",
+                           kill, self.pool_size - 1)
+        self.pool = WorkerPool(self.pool_size, with_faults(backend.make_worker, config.faults),
+                               deadline_s=config.worker_deadline_ms / 1000.0, metrics=self.metrics)
+        self._backend = backend
+        mode = self.mode_cls(manifest, self.pool, self.frontend, self.metrics, ModeOptions(
+            encoders_on_workers=config.encoders_on_workers,
+            systematic_grace_s=config.systematic_grace_ms / 1000.0,
+            new_decoder=device_decoders))
+        batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
+                          config.max_queue_size)
+        self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics,
+                                   config.max_groups_per_call)
+        await self.scheduler.start()
+
+    def summary(self) -> str:
+        """The key facts, for the one start-up log line."""
+        config, coding = self.config, self.manifest.coding
+        inline = self.frontend is not None and self.frontend.inline
+        return (f"bundle {self.bundle_dir}; mode={config.mode} n={coding.n} k={coding.k} "
+                f"workers={self.pool_size} ({config.workers_backend}) threads={self.threads} "
+                f"engine={config.engine} device={config.device} "
+                f"encoders_on_workers={config.encoders_on_workers} "
+                f"frontend={self._frontend_s * 1e3:.3f} ms "
+                f"({'event loop' if inline else 'thread pool'}) "
+                f"max_queue_delay_ms={config.max_queue_delay_ms:g} "
+                f"faults={config.faults if config.faults.active else 'none'}")
+
+    async def start_workers(self) -> None:
+        """Load and warm up every worker; ready only after."""
+        if self.pool is None:
+            raise RuntimeError("Engine.prepare() must run before start_workers()")
+        await self.pool.start()
+        self._started = True
+        logger.info("all %d workers warmed up; ready", self.pool_size)
+
+    async def _load_frontend(self, models: ModelFactory) -> Frontend:
+        config, manifest = self.config, self.manifest
+        loop = asyncio.get_running_loop()
+        wants_encoders = self.mode_cls.frontend_encoders(manifest, config.encoders_on_workers)
+        heads, encoders = await loop.run_in_executor(self._executor, lambda: (
+            models.heads(), models.encoders() if wants_encoders else {}))
+        frontend = Frontend(heads, encoders, self._executor)  # type: ignore[arg-type]
+        k, chw = manifest.coding.k, tuple(manifest.input.shape)
+        self._frontend_s = await loop.run_in_executor(self._executor, lambda: frontend.warm_up(
+            np.zeros((1, k, *chw), np.float32),
+            np.zeros((k, *manifest.embedding_shape), np.float32),
+            config.frontend_inline_ms / 1000.0))
+        return frontend
+
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (readiness turns false)."""
+        self._draining = True
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for in-flight requests; True when none is left."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def stop(self) -> None:
+        """Fail whatever is still queued, stop the workers and the threads."""
+        self._draining = True
+        if self.scheduler is not None:
+            await self.scheduler.stop(timeout_s=1.0)
+        if self.pool is not None:
+            await self.pool.stop()
+            await self._backend.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- serving -----------------------------------------------------------------------------
+    def health(self) -> Health:
+        if self._draining:
+            return Health(True, False, "server is shutting down")
+        if not self._started:
+            states = self.pool.states() if self.pool else []
+            return Health(True, False, f"workers are still warming up (states {states})")
+        return Health(True, True)
+
+    def statistics(self) -> dict[str, float]:
+        """Counters since start: requests, queries, executions, times (us), coded events."""
+        return self.metrics.snapshot()
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Admit one request (refused with 503 while warming up or draining); the drain
+        waits for every admitted request. Protocols read and parse a request's body inside
+        this, then call `infer`."""
+        if self._draining:
+            raise ServiceUnavailable("server is shutting down; send the request to another "
+                                     "replica", retry_after_s=5)
+        if not self._started or self.scheduler is None:
+            raise ServiceUnavailable("workers are still warming up; poll /v2/health/ready")
+        self._inflight += 1
+        self._idle.clear()
+        gauge = self.metrics.inflight_requests.labels(**self.metrics.labels)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            gauge.dec()
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def infer(self, raw: np.ndarray, timeout_s: float | None = None) -> InferenceResult:
+        """Answer raw images [B, C, H, W] (UINT8 or FP32 in [0, 1]), each query once; call
+        inside `admit()`.
+
+        Raises ServiceUnavailable (overloaded, too few workers) or RequestTimeout;
+        unanswered queries are abandoned, never computed twice."""
+        if self.scheduler is None or self._inflight == 0:
+            raise RuntimeError("Engine.infer() runs inside `async with engine.admit()`")
+        return await self._infer(raw, timeout_s or self.config.request_timeout_ms / 1000.0)
+
+    async def _infer(self, raw: np.ndarray, timeout_s: float) -> InferenceResult:
+        queries = self.scheduler.submit(  # type: ignore[union-attr] - checked by infer()
+            preprocess(raw, self.manifest.input))  # [B, C, H, W]
+        futures = [q.future for q in queries]
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*futures, return_exceptions=True), timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(f"request not answered within its {timeout_s * 1000:.0f} ms "
+                                 "timeout (parameter timeout_ms)") from None
+        finally:
+            for future in futures:  # anything unanswered is abandoned, never computed twice
+                future.cancel()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            if isinstance(errors[0], ServingError):
+                raise errors[0]
+            raise ServiceUnavailable(f"inference failed: {errors[0]}")
+        answers: list[QueryAnswer] = results  # type: ignore[assignment]
+        return build_result(self.manifest, answers)

@@ -1,0 +1,158 @@
+"""KServe v2 over HTTP (aiohttp): translates the wire format to engine calls and back.
+
+Nothing here knows how answers are computed: requests are parsed (runtime/protocol.py),
+handed to `Engine.infer`, and its `InferenceResult` is encoded. A second protocol (gRPC)
+is a second module like this one, registered in runtime/server.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from runtime.engine import Engine
+from runtime.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, ServingError
+from runtime.model_io import output_specs
+from runtime.protocol import HEADER_LENGTH, encode_response, parse_infer_request
+
+logger = logging.getLogger(__name__)
+
+SERVER_NAME = "coded-invnet-runtime"
+SERVER_VERSION = "0.1.0"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class HttpFrontend:
+    """The KServe v2 HTTP routes of one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.metrics = engine.metrics
+        self.model_name = engine.model_name
+        self.output_names = engine.manifest.output_names()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body_bytes,
+                              middlewares=[self._errors])
+        r = app.router
+        r.add_get("/v2/health/live", self._live)
+        r.add_get("/v2/health/ready", self._ready)
+        r.add_get("/v2", self._server_metadata)
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            r.add_get(prefix, self._model_metadata)
+            r.add_get(prefix + "/ready", self._model_ready)
+            r.add_post(prefix + "/infer", self._infer)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error leaves as {"error": ...}; infer failures are counted by reason."""
+        started = time.perf_counter()
+        try:
+            return await handler(request)
+        except ServingError as exc:
+            reason, status, message = type(exc).__name__, exc.status, str(exc)
+            headers = ({"Retry-After": str(exc.retry_after_s)}
+                       if isinstance(exc, ServiceUnavailable) else None)
+        except web.HTTPException as exc:  # aiohttp's own: unknown route, 405, body too large
+            if exc.status < 400:
+                raise
+            reason, status, headers = type(exc).__name__, exc.status, None
+            message = exc.text or exc.reason
+            if exc.status == 413:
+                message = (f"request body exceeds the {self.config.max_body_bytes}-byte limit "
+                           "(--max-body-bytes); send fewer images per request")
+            elif exc.status == 404:
+                message = f"no route {request.method} {request.path}; see GET /v2 and the KServe v2 API"
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 and is logged, not hidden
+            logger.exception("internal error on %s %s", request.method, request.path)
+            reason, status, headers = "InternalError", 500, None
+            message = f"internal server error: {type(exc).__name__}: {exc}"
+        if request.path.endswith("/infer"):
+            self.metrics.request_failure(reason, time.perf_counter() - started)
+        return _error(status, message, headers)
+
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        health = self.engine.health()
+        if not health.ready:
+            return _error(503, f"not ready: {health.reason}")
+        return web.json_response({"ready": True})
+
+    async def _server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": SERVER_NAME, "version": SERVER_VERSION,
+                                  "extensions": ["binary_tensor_data", "parameters"]})
+
+    def _check_model(self, request: web.Request) -> None:
+        name = request.match_info["name"]
+        version = request.match_info.get("version")
+        if name != self.model_name:
+            raise NotFound(f"unknown model {name!r}; this server serves {self.model_name!r}")
+        if version not in (None, "", "1"):
+            raise NotFound(f"model {name!r} has version '1' only, got {version!r}")
+
+    async def _model_ready(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        return await self._ready(request)
+
+    async def _model_metadata(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        manifest = self.engine.manifest
+        spec, coding = manifest.input, manifest.coding
+        return web.json_response({
+            "name": self.model_name,
+            "versions": ["1"],
+            "platform": "coded-invnet",
+            "inputs": [{"name": spec.name, "datatype": dt, "shape": [-1, *spec.shape]}
+                       for dt in spec.accepted_dtypes],
+            "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
+                        for o in output_specs(manifest)],
+            "parameters": {
+                "mode": self.config.mode, "n": coding.n, "k": coding.k,
+                "workers": self.engine.pool_size, "engine": self.config.engine,
+                "classes": {h.task: list(h.classes) for h in manifest.heads},
+                "preprocessing": {"mean": list(spec.preprocessing.mean),
+                                  "std": list(spec.preprocessing.std),
+                                  "raw": "UINT8 0..255 or FP32 in [0, 1]; the server normalises"},
+                "outputs": ("<task>_logits: FP32 [B, classes]; <task>_class: INT64 [B] argmax "
+                            "(-1 when the head is unavailable); reconstructed: BOOL [B], true "
+                            "when the answer was decoded from coded results. Response "
+                            "parameters: reconstructed (any), reconstructed_queries, mode, "
+                            "unavailable_heads (ParM)"),
+                "request_parameters": "timeout_ms (or Triton's timeout in us), "
+                                      "binary_data_output",
+            },
+        })
+
+    async def _infer(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        self._check_model(request)
+        async with self.engine.admit():  # refused (503) before the body is read
+            length = request.content_length
+            if length is not None and length > self.config.max_body_bytes:
+                raise PayloadTooLarge(f"request body of {length} bytes exceeds the "
+                                      f"{self.config.max_body_bytes}-byte limit (--max-body-bytes)")
+            body = await request.read()
+            if not body:
+                raise BadRequest("empty request body; send a KServe v2 JSON inference request")
+            parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH),
+                                         self.engine.manifest.input, self.output_names,
+                                         self.config.max_batch_size)
+            result = await self.engine.infer(parsed.raw, parsed.timeout_s)
+        parameters: dict[str, Any] = result.parameters(self.config.mode)
+        body, headers = encode_response(self.model_name, parsed.request_id, result.tensors,
+                                        parsed.outputs, parsed.binary_default, parameters)
+        content_type = headers.pop("Content-Type")
+        self.metrics.request_success(time.perf_counter() - started)
+        return web.Response(body=body, headers=headers, content_type=content_type)

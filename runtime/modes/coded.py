@@ -1,0 +1,101 @@
+"""Coded-InvNet: k systematic workers + n-k backup workers fed by learned encoders."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from kernels.coding import CodingScheme, OnlineDecoder
+from runtime.batcher import Query, QueryAnswer
+from runtime.errors import ConfigError, ServiceUnavailable
+from runtime.gpu_decode import to_host
+from runtime.manifest import Manifest
+from runtime.models import WORKER_F, encoder_then_f
+from runtime.modes.base import Arrivals, Mode, as_groups, fail, slot
+
+
+class CodedMode(Mode):
+    name = "coded"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scheme = CodingScheme.from_dict(self.manifest.coding.to_dict())
+        self.n = self.scheme.n
+        # shape -> decoder; runtime.gpu_decode provides a CUDA one for device results
+        self.new_decoder = self.options.new_decoder or (
+            lambda shape: OnlineDecoder(self.scheme, shape))
+
+    @classmethod
+    def pool_size(cls, manifest: Manifest) -> int:
+        if len(manifest.encoders) != manifest.coding.n - manifest.coding.k:
+            raise ConfigError(
+                f"--mode coded needs {manifest.coding.n - manifest.coding.k} encoder(s) in the "
+                f"bundle, it has {len(manifest.encoders)}; use --mode uncoded or re-export")
+        return manifest.coding.n
+
+    @classmethod
+    def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
+        if encoders_on_workers and index >= manifest.coding.k:
+            return [encoder_then_f(index - manifest.coding.k)]
+        return [WORKER_F]
+
+    @classmethod
+    def frontend_encoders(cls, manifest: Manifest, encoders_on_workers: bool) -> bool:
+        return not encoders_on_workers
+
+    async def execute(self, queries: list[Query]) -> None:
+        k, n, m = self.k, self.n, len(queries)
+        self.count_partial(m)
+        groups = as_groups(queries, k)  # [G, k, C, H, W]
+        calls = [(i, WORKER_F, slot(groups, i)) for i in range(k)]
+        if self.options.encoders_on_workers:
+            calls += [(k + r, encoder_then_f(r), groups) for r in range(n - k)]
+        else:
+            t0 = time.perf_counter()
+            parities = await self.frontend.encode(groups)  # n-k x [G, C, H, W]
+            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+            calls += [(k + r, WORKER_F, parities[r]) for r in range(n - k)]
+        arrivals = self.launch(calls, systematic=range(k))
+
+        # One decoder for all G groups: a worker's batch lands at once, so they share the
+        # erasure pattern and decode as one (G, *embedding_shape) result per worker.
+        decoder = self.new_decoder((len(groups), *self.manifest.embedding_shape))
+        if not await arrivals.until(decoder.add):
+            fail(queries, ServiceUnavailable(
+                f"only {len(decoder.received)} of {n} workers answered (workers "
+                f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
+                "workers are being restarted"))
+            return
+        systematic = await self._grace(arrivals, decoder.missing)
+        if systematic is not None:  # every missing systematic result came within the grace
+            zs, missing = np.stack([to_host(z) for z in systematic]), set()  # [k, G, *emb]
+            arrivals.finish(count_erasures=False)
+        else:
+            arrivals.finish()
+            t0 = time.perf_counter()
+            zs = decoder.finalize()  # [k, G, *embedding_shape]
+            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+            missing = set(decoder.missing)
+        zs = zs.swapaxes(0, 1).reshape(-1, *zs.shape[2:])[:m]  # [m, *embedding_shape]
+        logits = await self.frontend.classify(zs)  # padded slots are never classified
+        self.answer_all(queries, (QueryAnswer({t: v[q] for t, v in logits.items()}, q % k in missing)
+                                  for q in range(m)))
+
+    async def _grace(self, arrivals: Arrivals, missing: tuple[int, ...]) -> list[Any] | None:
+        """With --systematic-grace-ms > 0, wait that long for missing systematic results
+        (exact answers) before decoding; returns all k systematic results, or None."""
+        tasks = arrivals.tasks
+        waiting = {t for t in arrivals.pending if tasks[t] in missing}
+        if not missing or self.options.systematic_grace_s <= 0 or len(waiting) != len(missing):
+            return None
+        done, _ = await asyncio.wait(waiting, timeout=self.options.systematic_grace_s)
+        if len(done) != len(waiting) or any(t.exception() is not None for t in done):
+            return None
+        arrivals.pending -= done
+        arrivals.received |= {tasks[t] for t in done}
+        by_worker = {tasks[t]: t.result() for t in tasks if t.done() and not t.cancelled()
+                     and t.exception() is None}
+        return [by_worker[i] for i in range(self.k)]

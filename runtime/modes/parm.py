@@ -1,0 +1,72 @@
+"""ParM: k primaries run f (+ heads at the frontend); one parity worker runs parm.onnx.
+
+A missing query's PRIMARY head logits = parity - sum of the other k-1 primary logits;
+its other heads cannot be decoded and are reported as unavailable (NaN logits)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from runtime.batcher import Query, QueryAnswer
+from runtime.errors import ConfigError, ServiceUnavailable
+from runtime.manifest import Manifest
+from runtime.models import WORKER_F, WORKER_PARM
+from runtime.modes.base import Mode, as_groups, fail, slot
+
+
+class ParMMode(Mode):
+    name = "parm"
+
+    @classmethod
+    def pool_size(cls, manifest: Manifest) -> int:
+        if manifest.parm is None:
+            raise ConfigError("--mode parm needs a parity model; this bundle has none "
+                              "(manifest \"parm\": null)")
+        return manifest.coding.k + 1
+
+    @classmethod
+    def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
+        return [WORKER_PARM] if index == manifest.coding.k else [WORKER_F]
+
+    async def execute(self, queries: list[Query]) -> None:
+        k, m = self.k, len(queries)
+        self.count_partial(m)
+        groups = as_groups(queries, k)  # [G, k, C, H, W]
+        calls = [(i, WORKER_F, slot(groups, i)) for i in range(k)] + [(k, WORKER_PARM, groups)]
+        arrivals = self.launch(calls, systematic=range(k))
+        results: dict[int, np.ndarray] = {}  # primary: [G, *emb]; parity: [G, classes]
+
+        def add(worker: int, result: np.ndarray) -> bool:
+            results[worker] = result
+            primaries = sum(1 for i in results if i < k)
+            return primaries == k or (primaries == k - 1 and k in results)
+
+        if not await arrivals.until(add):
+            fail(queries, ServiceUnavailable(
+                f"ParM needs k={k} of the {k + 1} results, got workers {sorted(results)}; "
+                "retry shortly"))
+            return
+        arrivals.finish()
+        received = sorted(i for i in results if i < k)
+        zs = np.concatenate([results[i] for i in received])  # [r*G, *emb], worker-major
+        flat = await self.frontend.classify(zs)
+        G = len(groups)
+        logits = {t: v.reshape(len(received), G, -1) for t, v in flat.items()}  # [r, G, cls]
+        row = {i: j for j, i in enumerate(received)}
+        primary = self.tasks[0]
+        missing = next((i for i in range(k) if i not in row), None)
+        answers = []
+        for q in range(m):
+            g, j = divmod(q, k)
+            if j != missing:
+                answers.append(QueryAnswer({t: v[row[j], g] for t, v in logits.items()}, False))
+                continue
+            t0 = time.perf_counter()
+            decoded = results[k][g] - logits[primary][:, g].sum(axis=0)  # [classes]
+            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+            unavailable = {t: np.full(v.shape[2], np.nan, np.float32) for t, v in logits.items()}
+            unavailable[primary] = decoded.astype(np.float32)
+            answers.append(QueryAnswer(unavailable, True, tuple(self.tasks[1:])))
+        self.answer_all(queries, answers)

@@ -1,0 +1,89 @@
+"""The in-process worker backend: each worker's models run on the engine's thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+
+import numpy as np
+
+from runtime.context import EngineContext
+from runtime.engines import ModelRunner
+from runtime.errors import WorkerDead, WorkerError
+from runtime.worker import GroupTag, WorkerState
+
+
+class ThreadWorker:
+    """One compute node: named models, one call at a time (like one device)."""
+
+    def __init__(
+        self,
+        index: int,
+        load: Callable[[], Mapping[str, ModelRunner]],
+        warmup: Mapping[str, np.ndarray],
+        executor: Executor,
+        *,
+        incarnation: int = 0,
+    ) -> None:
+        self.index = index
+        self.incarnation = incarnation
+        self.state = WorkerState.NEW
+        self._load = load
+        self._warmup = dict(warmup)
+        self._executor = executor
+        self._models: Mapping[str, ModelRunner] = {}
+        self._lock = asyncio.Lock()  # one call at a time, as on a real device
+
+    def __repr__(self) -> str:
+        return f"ThreadWorker({self.index}, incarnation={self.incarnation}, {self.state.value})"
+
+    async def start(self) -> None:
+        if self.state is not WorkerState.NEW:
+            raise RuntimeError(f"{self!r}: start() needs a new worker")
+        self.state = WorkerState.STARTING
+        loop = asyncio.get_running_loop()
+        try:
+            self._models = await loop.run_in_executor(self._executor, self._load)
+            for name, batch in self._warmup.items():
+                await loop.run_in_executor(self._executor, self._models[name].run, batch)
+        except BaseException:
+            self.state = WorkerState.DEAD
+            raise
+        self.state = WorkerState.READY
+
+    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None
+                  ) -> np.ndarray:
+        if self.state is not WorkerState.READY:
+            raise WorkerDead(f"worker {self.index} is {self.state.value}")
+        runner = self._models.get(model)
+        if runner is None:
+            raise WorkerError(f"worker {self.index} has no model {model!r}; it has "
+                              f"{sorted(self._models)}")
+        async with self._lock:
+            if self.state is not WorkerState.READY:  # died while this call waited
+                raise WorkerDead(f"worker {self.index} is {self.state.value}")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, runner.run, batch)
+
+    async def stop(self) -> None:
+        self.state = WorkerState.STOPPED
+        self._models = {}
+
+
+class ThreadBackend:
+    """Workers as threads of this process, loading their models from the bundle."""
+
+    def __init__(self, context: EngineContext, worker_models: Callable[[int], list[str]]) -> None:
+        self._context = context
+        self._worker_models = worker_models
+
+    def make_worker(self, index: int, incarnation: int) -> ThreadWorker:
+        names = self._worker_models(index)
+        models = self._context.models
+        return ThreadWorker(index, lambda: models.worker_models(index, names),
+                            models.warmup_inputs(names), self._context.executor,
+                            incarnation=incarnation)
+
+    async def close(self) -> None:
+        """Nothing to release: the engine owns the thread pool."""
