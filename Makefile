@@ -38,11 +38,11 @@ clean:
 	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info
 
 # Re-train and re-export the shipped default bundle from scratch (2-core CPU: about 1 h
-# when the machine is otherwise idle). The MNIST (5,4) steps of `bench train-all` train it
-# with the exact flags of the accuracy table's f (bench/train_all.py: TABLE_F_FLAGS, pinned
+# when the machine is otherwise idle). The MNIST (5,4) steps of `trainer train-all` train it
+# with the exact flags of the accuracy table's f (trainer/pipeline.py: TABLE_F_FLAGS, pinned
 # so later cpu-preset changes cannot change it); current outputs are skipped, so an
 # interrupted rebuild resumes. The commands are also recorded in the manifest (provenance).
 RUNS ?= runs
 bundle: $(VENV)/.installed
-	$(VENV)/bin/python -m bench train-all --datasets mnist --settings 5,4 --runs-dir $(RUNS)
+	$(VENV)/bin/python -m trainer train-all --datasets mnist --settings 5,4 --runs-dir $(RUNS)
 	$(VENV)/bin/python -m export $(RUNS)/mnist/classifier.pt $(RUNS)/mnist/encoder_k4.pt $(RUNS)/mnist/parm_k4.pt --out $(BUNDLE) --model-name mnist-coded-invnet --overwrite

@@ -12,17 +12,18 @@ permutation) and every method is scored:
   the C(n, n-k) patterns is used and all k queries are rebuilt by Berrut interpolation
   (its "normal" row uses all n workers, which is still an approximation).
 
-Checkpoints are read from RUNS/<dataset>/{classifier,encoder_k<k>|encoder_n<n>_k<k>,parm_k<k>}.pt
-and must carry the classifier's f_hash; a missing or stale one is reported as "not run".
+The scoring itself is `trainer.coded_eval` (the same code the training commands validate
+with). Checkpoints are read from RUNS/<dataset>/{classifier,encoder_k<k>|encoder_n<n>_k<k>,
+parm_k<k>}.pt (`trainer.runs`; `python -m trainer train-all` writes them) and must carry the
+classifier's f_hash; a missing or stale one is reported as "not run".
 Writes accuracy.json, accuracy.md, accuracy.png (like the paper's Fig. 5) and
-encodings_<dataset>.png (like Fig. 4) into --out-dir.
+encodings_<dataset>.png (like Fig. 4) into --out-dir (default bench/results/accuracy/).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import logging
 import sys
@@ -33,9 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from bench.errors import BenchError
+from kernels.configs import add_dataclass_flags
+from trainer.errors import SettingError, TrainerError
+from trainer.runs import DEFAULT_SETTINGS, classifier_path, encoder_path, parm_path
+from trainer.runs import parse_setting as parse_run_setting
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_SETTINGS = ("3,2", "5,4", "11,10", "4,2", "6,4")
 METHODS = ("Coded-InvNet", "ParM", "ApproxIFER")
 # Degraded-mode accuracy (%) reported by Dinh & Lee (ICML 2021) for MNIST.
 PAPER = {
@@ -46,7 +52,7 @@ PAPER = {
 NOT_RUN = "not run (CPU budget)"
 
 
-class AccuracyBenchError(ValueError):
+class AccuracyBenchError(BenchError):
     """Bad benchmark configuration."""
 
 
@@ -55,7 +61,7 @@ class AccuracyConfig:
     datasets: list[str] = field(default_factory=lambda: ["mnist", "fashion-mnist"])
     settings: list[str] = field(default_factory=lambda: list(DEFAULT_SETTINGS))  # "n,k"
     runs_dir: str = "runs"
-    out_dir: str = "bench/results"
+    out_dir: str = "bench/results/accuracy"
     max_groups: int = 0  # test groups per setting; 0 = the whole test split
     figure_setting: str = "5,4"
     seed: int = 0
@@ -74,81 +80,25 @@ class AccuracyConfig:
 
 
 def parse_setting(text: str) -> tuple[int, int]:
+    """'n,k' -> (n, k) (`trainer.runs.parse_setting`), refused as this benchmark's error."""
     try:
-        n, k = (int(v) for v in text.split(","))
-    except ValueError as exc:
-        raise AccuracyBenchError(f"a setting is 'n,k' like '5,4', got {text!r}") from exc
-    if not n > k >= 2:
-        raise AccuracyBenchError(f"a setting needs n > k >= 2, got {text!r}")
-    return n, k
-
-
-def encoder_path(runs: Path, dataset: str, n: int, k: int) -> Path:
-    return runs / dataset / (f"encoder_k{k}.pt" if n == k + 1 else f"encoder_n{n}_k{k}.pt")
-
-
-def parm_path(runs: Path, dataset: str, k: int) -> Path:
-    return runs / dataset / f"parm_k{k}.pt"
-
-
-def evaluate_approxifer(base, images, labels, groups: np.ndarray, n: int, batch_size: int = 64) -> dict[str, Any]:
-    """ApproxIFER: Berrut-encode the k queries at n points, run the unmodified model on every
-    coded input, decode the logits of all k queries from each set of k surviving workers."""
-    import torch
-
-    from kernels.berrut import BerrutCode
-
-    k = groups.shape[1]
-    code = BerrutCode(n, k)
-    enc = torch.as_tensor(code.encoding_matrix(), dtype=torch.float32)  # (n, k)
-    patterns = list(itertools.combinations(range(n), n - k))
-    decs = {p: torch.as_tensor(code.decoding_matrix([i for i in range(n) if i not in p]), dtype=torch.float32)
-            for p in patterns}  # pattern -> (k, k)
-    dec_all = torch.as_tensor(code.decoding_matrix(list(range(n))), dtype=torch.float32)  # (k, n)
-    hits = {p: np.zeros(2, dtype=np.int64) for p in [(), *patterns]}
-    with torch.no_grad():
-        for start in range(0, len(groups), batch_size):
-            idx = torch.as_tensor(groups[start : start + batch_size])  # (B, k)
-            x = images[idx]  # (B, k, C, H, W)
-            B = x.shape[0]
-            base_pred = base(x.flatten(0, 1)).argmax(1).reshape(B, k)
-            coded = torch.einsum("nk,bkchw->bnchw", enc, x)  # (B, n, C, H, W)
-            y = base(coded.flatten(0, 1)).reshape(B, n, -1)  # (B, n, K)
-            for p in hits:
-                if p:
-                    avail = [i for i in range(n) if i not in p]
-                    logits = torch.einsum("km,bmc->bkc", decs[p], y[:, avail])  # (B, k, K)
-                else:
-                    logits = torch.einsum("kn,bnc->bkc", dec_all, y)
-                pred = logits.argmax(2)
-                hits[p] += [int((pred == labels[idx]).sum()), int((pred == base_pred).sum())]
-    total = len(groups) * k
-    degraded = [hits[p] / total for p in patterns]
-    return {
-        "acc_labels": float(np.mean([d[0] for d in degraded])),
-        "acc_base": float(np.mean([d[1] for d in degraded])),
-        "normal_acc_labels": float(hits[()][0] / total),
-        "patterns": len(patterns),
-    }
-
-
-def _base_model(model):
-    from trainer.train_parm import primary_logits_fn
-
-    return primary_logits_fn(model)
+        return parse_run_setting(text)
+    except SettingError as exc:
+        raise AccuracyBenchError(str(exc)) from exc
 
 
 def run_dataset(config: AccuracyConfig, dataset: str) -> list[dict[str, Any]]:
+    """One row per (setting, method) of one dataset; missing or stale checkpoints: 'not run'."""
     import torch
 
-    from trainer.checkpoint import load_classifier
+    from trainer.checkpoint import load_classifier, load_encoders, load_parm
+    from trainer.coded_eval import evaluate_approxifer, evaluate_coded, evaluate_parm, make_groups
     from trainer.data import get_spec, load_split, normalize
-    from trainer.train_encoder import evaluate_coded, load_encoders, make_groups
-    from trainer.train_parm import evaluate_parm, load_parm
+    from trainer.models import primary_logits_fn
 
     runs = Path(config.runs_dir)
     rows: list[dict[str, Any]] = []
-    cls_path = runs / dataset / "classifier.pt"
+    cls_path = classifier_path(runs, dataset)
 
     def row(n: int, k: int, method: str, **values: Any) -> dict[str, Any]:
         paper = PAPER.get((dataset, n, k), {}).get(method)
@@ -159,7 +109,7 @@ def run_dataset(config: AccuracyConfig, dataset: str) -> list[dict[str, Any]]:
         return [row(n, k, m, status=NOT_RUN) for n, k in config.setting_pairs for m in METHODS]
     model, ckpt = load_classifier(cls_path)
     f_hash = ckpt["f_hash"]
-    base = _base_model(model)
+    base = primary_logits_fn(model)
     f = base.f
     head = base.head
     images_u8, labels_np = load_split(dataset, "test", config.data_dir)
@@ -218,17 +168,18 @@ def encodings_figure(config: AccuracyConfig, dataset: str, path: Path) -> Path |
     """Fig. 4: x_1..x_k, ideal encoding, learned encoding, and x_hat_a = f^-1(decoded z_a)."""
     import torch
 
-    from trainer.checkpoint import load_classifier
+    from trainer.checkpoint import load_classifier, load_encoders
+    from trainer.coded_eval import decode_embeddings
     from trainer.data import get_spec, load_split, normalize
     from trainer.ideal_data import ideal_targets
-    from trainer.train_encoder import decode_embeddings, load_encoders
 
     n, k = parse_setting(config.figure_setting)
     runs = Path(config.runs_dir)
     enc_path = encoder_path(runs, dataset, n, k)
-    if not (runs / dataset / "classifier.pt").is_file() or not enc_path.is_file():
+    cls_path = classifier_path(runs, dataset)
+    if not cls_path.is_file() or not enc_path.is_file():
         return None
-    model, ckpt = load_classifier(runs / dataset / "classifier.pt")
+    model, ckpt = load_classifier(cls_path)
     encoders, ek = load_encoders(enc_path)
     if ek["f_hash"] != ckpt["f_hash"]:
         return None
@@ -374,25 +325,18 @@ def run(config: AccuracyConfig, command: list[str]) -> dict[str, Any]:
     return record
 
 
-def _parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench accuracy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = AccuracyConfig()
-    p.add_argument("--datasets", nargs="+", default=d.datasets)
-    p.add_argument("--settings", nargs="+", default=d.settings, help="'n,k' pairs")
-    p.add_argument("--runs-dir", default=d.runs_dir)
-    p.add_argument("--out-dir", default=d.out_dir)
-    p.add_argument("--max-groups", type=int, default=d.max_groups, help="test groups per setting (0 = all)")
-    p.add_argument("--figure-setting", default=d.figure_setting, help="'n,k' of the Fig. 4 picture")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--data-dir", default=d.data_dir)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
+    add_dataclass_flags(p, AccuracyConfig, helps={
+        "settings": "'n,k' pairs", "max_groups": "test groups per setting (0 = all)",
+        "figure_setting": "'n,k' of the Fig. 4 picture"})
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    config = AccuracyConfig(**vars(_parser().parse_args(argv)))
-    run(config, ["python", "-m", "bench", "accuracy", *argv])
+    try:
+        run(AccuracyConfig(**vars(args)), ["python", "-m", "bench", "accuracy", *argv])
+    except (BenchError, TrainerError) as exc:  # bad flags, or a checkpoint that cannot be read
+        logger.error("%s", exc)
+        return 2
     return 0

@@ -6,9 +6,6 @@ from kernels.commands import dispatch
 
 COMMANDS = {
     "accuracy": ("bench.accuracy", "degraded-mode accuracy: Coded-InvNet vs ParM vs ApproxIFER"),
-    "classifiers": ("bench.classifiers", "compare trained classifiers: recipe, train vs test accuracy, time"),
-    "train-all": ("bench.train_all", "re-train every checkpoint the accuracy table reads (resumable)"),
-    "codability": ("bench.codability", "one classifier's clean, degraded and served accuracy (trains its encoder)"),
     "latency": ("bench.latency", "end-to-end tail latency of the real server under stragglers"),
     "overhead": ("bench.overhead", "compute time of Enc, f, g and decode time against k"),
     "throughput": ("bench.throughput", "server requests/s against raw ONNX Runtime throughput"),

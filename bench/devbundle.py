@@ -23,9 +23,25 @@ from pathlib import Path
 
 import numpy as np
 
+from export.layout import INPUT_NAME, MIN_OPSET
+from runtime.manifest import (
+    ACCEPTED_DTYPES,
+    BATCH_DIM,
+    ENCODER_IO,
+    F_FILE,
+    F_IO,
+    HEAD_IO,
+    PARM_FILE,
+    PARM_IO,
+    SCHEMA_VERSION,
+    encoder_file,
+    head_file,
+)
+
 logger = logging.getLogger(__name__)
 
-OPSET = 18
+OPSET = MIN_OPSET
+TASK = "digit"  # the linear bundle's one head
 
 
 def _save(model: object, path: Path) -> None:
@@ -46,6 +62,25 @@ def _graph(nodes: list, name: str, inputs: list, outputs: list, inits: dict[str,
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=onnx.IR_VERSION)
 
 
+def _manifest_data(k: int, shape: tuple[int, ...], embedding_shape: list[int], mean: list[float],
+                   std: list[float], heads: list[dict], provenance: dict, files: dict[str, str]) -> dict:
+    """manifest.json of a dev bundle: n = k + 1, c = 1/k, one encoder and ParM."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_name": "mnist-iresnet",
+        "input": {"name": INPUT_NAME, "shape": list(shape), "accepted_dtypes": list(ACCEPTED_DTYPES),
+                  "preprocessing": {"mean": mean, "std": std}},
+        "embedding_shape": embedding_shape,
+        "f": F_FILE,
+        "heads": heads,
+        "coding": {"n": k + 1, "k": k, "coefficients": [[1.0 / k] * k]},
+        "encoders": [{"row": 0, "file": encoder_file(0)}],
+        "parm": PARM_FILE,
+        "files": files,
+        "provenance": provenance,
+    }
+
+
 def build_linear_bundle(out_dir: str | Path, k: int, shape: tuple[int, int, int] = (1, 28, 28),
                         num_classes: int = 10, seed: int = 0) -> Path:
     """Write a linear (n=k+1, c=1/k) bundle to `out_dir`; returns the directory."""
@@ -53,6 +88,7 @@ def build_linear_bundle(out_dir: str | Path, k: int, shape: tuple[int, int, int]
 
     from runtime.manifest import Manifest, sha256_file
 
+    (x_name, z_name), (_, logits), (_, x_parity), (_, logits_sum) = F_IO, HEAD_IO, ENCODER_IO, PARM_IO
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     d = math.prod(shape)
@@ -61,58 +97,48 @@ def build_linear_bundle(out_dir: str | Path, k: int, shape: tuple[int, int, int]
     w_h = (rng.standard_normal((d, num_classes)) / math.sqrt(d)).astype(np.float32)  # (D, classes)
     b_h = rng.standard_normal(num_classes).astype(np.float32)
     coeffs = np.full(k, 1.0 / k, dtype=np.float32)
-    x_img = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *shape])
-    x_grp = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k, *shape])
+    x_img = helper.make_tensor_value_info(x_name, TensorProto.FLOAT, [BATCH_DIM, *shape])
+    x_grp = helper.make_tensor_value_info(x_name, TensorProto.FLOAT, [BATCH_DIM, k, *shape])
+    z_val = helper.make_tensor_value_info(z_name, TensorProto.FLOAT, [BATCH_DIM, *shape])
     flat = np.array([-1, d], dtype=np.int64)
     emb = np.array([-1, *shape], dtype=np.int64)
 
     f = _graph(
-        [helper.make_node("Reshape", ["x", "flat"], ["xf"]),
+        [helper.make_node("Reshape", [x_name, "flat"], ["xf"]),
          helper.make_node("MatMul", ["xf", "w"], ["zf"]),
-         helper.make_node("Reshape", ["zf", "emb"], ["z"])],
-        "f", [x_img], [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", *shape])],
-        {"flat": flat, "w": w_f, "emb": emb},
+         helper.make_node("Reshape", ["zf", "emb"], [z_name])],
+        "f", [x_img], [z_val], {"flat": flat, "w": w_f, "emb": emb},
     )
     head = _graph(
-        [helper.make_node("Reshape", ["z", "flat"], ["zf"]),
-         helper.make_node("Gemm", ["zf", "w", "b"], ["logits"])],
-        "head", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", *shape])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
+        [helper.make_node("Reshape", [z_name, "flat"], ["zf"]),
+         helper.make_node("Gemm", ["zf", "w", "b"], [logits])],
+        "head", [z_val], [helper.make_tensor_value_info(logits, TensorProto.FLOAT, [BATCH_DIM, num_classes])],
         {"flat": flat, "w": w_h, "b": b_h},
     )
     enc = _graph(  # sum_j c_j x_j, exact for linear f
-        [helper.make_node("Mul", ["x", "c"], ["xc"]),
-         helper.make_node("ReduceSum", ["xc", "axis"], ["x_parity"], keepdims=0)],
-        "enc_0", [x_grp], [helper.make_tensor_value_info("x_parity", TensorProto.FLOAT, ["batch", *shape])],
+        [helper.make_node("Mul", [x_name, "c"], ["xc"]),
+         helper.make_node("ReduceSum", ["xc", "axis"], [x_parity], keepdims=0)],
+        "enc_0", [x_grp], [helper.make_tensor_value_info(x_parity, TensorProto.FLOAT, [BATCH_DIM, *shape])],
         {"c": coeffs.reshape(1, k, 1, 1, 1), "axis": np.array([1], dtype=np.int64)},
     )
     parm = _graph(  # sum_j head(f(x_j)) = (sum_j x_j) W_f W_h + k b
-        [helper.make_node("ReduceSum", ["x", "axis"], ["xs"], keepdims=0),
+        [helper.make_node("ReduceSum", [x_name, "axis"], ["xs"], keepdims=0),
          helper.make_node("Reshape", ["xs", "flat"], ["xsf"]),
-         helper.make_node("Gemm", ["xsf", "w", "b"], ["logits_sum"])],
-        "parm", [x_grp], [helper.make_tensor_value_info("logits_sum", TensorProto.FLOAT, ["batch", num_classes])],
+         helper.make_node("Gemm", ["xsf", "w", "b"], [logits_sum])],
+        "parm", [x_grp], [helper.make_tensor_value_info(logits_sum, TensorProto.FLOAT, [BATCH_DIM, num_classes])],
         {"axis": np.array([1], dtype=np.int64), "flat": flat, "w": (w_f @ w_h).astype(np.float32),
          "b": (k * b_h).astype(np.float32)},
     )
-    files = {"f.onnx": f, "heads/digit.onnx": head, "encoders/enc_0.onnx": enc, "parm.onnx": parm}
+    files = {F_FILE: f, head_file(TASK): head, encoder_file(0): enc, PARM_FILE: parm}
     for rel, model in files.items():
         _save(model, out / rel)
-    manifest = Manifest.from_dict({
-        "schema_version": 1,
-        "model_name": "mnist-iresnet",
-        "input": {"name": "INPUT", "shape": list(shape), "accepted_dtypes": ["UINT8", "FP32"],
-                  "preprocessing": {"mean": [0.1307] * shape[0], "std": [0.3081] * shape[0]}},
-        "embedding_shape": list(shape),
-        "f": "f.onnx",
-        "heads": [{"task": "digit", "file": "heads/digit.onnx",
-                   "classes": [str(i) for i in range(num_classes)]}],
-        "coding": {"n": k + 1, "k": k, "coefficients": [[1.0 / k] * k]},
-        "encoders": [{"row": 0, "file": "encoders/enc_0.onnx"}],
-        "parm": "parm.onnx",
-        "files": {rel: sha256_file(out / rel) for rel in files},
-        "provenance": {"commands": [f"python -m bench.devbundle --out {out} --k {k} --seed {seed}"],
-                       "note": "linear throwaway bundle for benchmark development; not a trained model"},
-    })
+    manifest = Manifest.from_dict(_manifest_data(
+        k, shape, list(shape), [0.1307] * shape[0], [0.3081] * shape[0],
+        [{"task": TASK, "file": head_file(TASK), "classes": [str(i) for i in range(num_classes)]}],
+        {"commands": [f"python -m bench.devbundle --out {out} --k {k} --seed {seed}"],
+         "note": "linear throwaway bundle for benchmark development; not a trained model"},
+        {rel: sha256_file(out / rel) for rel in files},
+    ))
     manifest.dump(out)
     logger.info("wrote linear dev bundle k=%d to %s", k, out)
     return out
@@ -129,7 +155,7 @@ def export_module(module, sample_shape: tuple[int, ...], path: Path, input_name:
         with torch.no_grad():
             torch.onnx.export(module.eval(), (torch.zeros(2, *sample_shape),), str(path),
                               input_names=[input_name], output_names=[output_name],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
+                              dynamic_shapes=({0: torch.export.Dim(BATCH_DIM)},), opset_version=OPSET,
                               dynamo=True, external_data=False)
         return path
     return export_onnx(module, sample_shape, path, input_name=input_name, output_name=output_name)
@@ -161,35 +187,25 @@ def build_iresnet_bundle(out_dir: str | Path, k: int, seed: int = 0,
     shape = tuple(spec.image_shape)
     emb = tuple(f_cfg.embedding_shape)
     f = model.f.folded()
-    files = {"f.onnx": export_module(f, shape, out / "f.onnx", "x", "z")}
+    files = {F_FILE: export_module(f, shape, out / F_FILE, *F_IO)}
     heads = []
     for h in cfg.heads:
-        rel = f"heads/{h.task}.onnx"
-        files[rel] = export_module(model.heads[h.task], emb, out / rel, "z", "logits")
+        rel = head_file(h.task)
+        files[rel] = export_module(model.heads[h.task], emb, out / rel, *HEAD_IO)
         heads.append({"task": h.task, "file": rel, "classes": list(h.class_names)})
     enc_cfg = EncoderConfig(in_channels=shape[0], image_size=list(shape[1:]), k=k, coefficients=[[1.0 / k] * k],
                             **(CPU_PRESET_ENCODER if encoder is None else encoder))
-    files["encoders/enc_0.onnx"] = export_module(UNetEncoder(enc_cfg, 0), (k, *shape),
-                                                 out / "encoders/enc_0.onnx", "x", "x_parity")
+    files[encoder_file(0)] = export_module(UNetEncoder(enc_cfg, 0), (k, *shape), out / encoder_file(0), *ENCODER_IO)
     parm = ParityModel(ParMConfig(k=k, classifier=cfg.to_dict()), Classifier(cfg)).eval()
     parm.f = parm.f.folded()
-    files["parm.onnx"] = export_module(parm, (k, *shape), out / "parm.onnx", "x", "logits_sum")
-    manifest = Manifest.from_dict({
-        "schema_version": 1,
-        "model_name": "mnist-iresnet",
-        "input": {"name": "INPUT", "shape": list(shape), "accepted_dtypes": ["UINT8", "FP32"],
-                  "preprocessing": {"mean": list(spec.mean), "std": list(spec.std)}},
-        "embedding_shape": list(emb),
-        "f": "f.onnx",
-        "heads": heads,
-        "coding": {"n": k + 1, "k": k, "coefficients": [[1.0 / k] * k]},
-        "encoders": [{"row": 0, "file": "encoders/enc_0.onnx"}],
-        "parm": "parm.onnx",
-        "files": {rel: sha256_file(out / rel) for rel in files},
-        "provenance": {"commands": [f"python -m bench.devbundle --arch iresnet --out {out} --k {k} --seed {seed}"],
-                       "note": "UNTRAINED real-architecture bundle (random init) for timing only",
-                       "f_config": f_cfg.to_dict(), "encoder_config": enc_cfg.to_dict()},
-    })
+    files[PARM_FILE] = export_module(parm, (k, *shape), out / PARM_FILE, *PARM_IO)
+    manifest = Manifest.from_dict(_manifest_data(
+        k, shape, list(emb), list(spec.mean), list(spec.std), heads,
+        {"commands": [f"python -m bench.devbundle --arch iresnet --out {out} --k {k} --seed {seed}"],
+         "note": "UNTRAINED real-architecture bundle (random init) for timing only",
+         "f_config": f_cfg.to_dict(), "encoder_config": enc_cfg.to_dict()},
+        {rel: sha256_file(out / rel) for rel in files},
+    ))
     manifest.dump(out)
     logger.info("wrote untrained i-ResNet dev bundle k=%d to %s", k, out)
     return out

@@ -9,13 +9,13 @@
 # 2. builds the fatbin with nvcc (sm_80/86/89/90 + compute_90 PTX) into a fresh cache,
 # 3. runs the GPU correctness tests: pytest -m gpu tests/kernels (kernels vs numpy reference),
 # 4. runs the kernel benchmark on the full grid and prints its table and the targets.
-# Results (log, JSON, PNG) go to $OUT when set, else bench/results/. Budget: well under 8 min
+# Results (log, JSON, PNG) go to $OUT when set, else bench/results/kernel/. Budget: well under 8 min
 # (build ~1 min, tests ~1 min, benchmark ~2 min on an H200); each step has its own timeout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-RESULTS="${OUT:-bench/results}"
+RESULTS="${OUT:-bench/results/kernel}"
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check.log"
 exec > >(tee "$LOG") 2>&1

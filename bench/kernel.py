@@ -18,13 +18,12 @@ elements per vector), and records:
 
 Without a GPU (or with --backend numpy) it times kernels.reference with time.perf_counter,
 labelled "numpy-reference (CPU)", on a smaller default grid. Writes
-bench/results/kernel_<device>.json and .png.
+bench/results/kernel/kernel_<device>.json and .png. The CUDA timing lives in bench.kernel_cuda.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import logging
@@ -38,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.errors import BenchError
 from bench.machine import machine_info, machine_label
+from kernels.configs import add_dataclass_flags, dataclass_values, strict_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ BANDWIDTH_TARGET_ELEMENTS = 16 * 2**20  # targets: >= 85% of copy bandwidth from
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
-class KernelBenchError(ValueError):
+class KernelBenchError(BenchError):
     """Invalid kernel-benchmark configuration, or a backend that cannot run here."""
 
 
@@ -66,7 +67,7 @@ class KernelBenchConfig:
     max_gib: float = 40.0  # skip grid points whose buffers need more device/host memory
     copy_mib: int = 1024  # buffer of the ceiling copy measurement
     seed: int = 0
-    out_dir: str = "bench/results"
+    out_dir: str = "bench/results/kernel"
     tag: str = ""
 
     def __post_init__(self) -> None:
@@ -92,11 +93,7 @@ class KernelBenchConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> KernelBenchConfig:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise KernelBenchError(f"unknown KernelBenchConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return strict_from_dict(cls, values, KernelBenchError)
 
     def grid(self, default: dict[str, tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
         return self.ds or default["ds"], self.batches or default["batches"], self.ks or default["ks"]
@@ -106,8 +103,31 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
-def _median_us(samples_s: list[float]) -> float:
+def median_us(samples_s: list[float]) -> float:
     return statistics.median(samples_s) * 1e6
+
+
+def decode_row(d: int, batch: int, k: int, itemsize: int, *, fused_us: float, fused_host_us: float | None,
+               unfused_us: float | None, copy_at_us: float, update_us: float, copy_gbps: float) -> dict[str, Any]:
+    """One grid point of the record; bandwidths count every byte read and written once."""
+    n = d * batch
+    moved = (k + 1) * n * itemsize
+    return {
+        "d": d,
+        "batch": batch,
+        "k": k,
+        "elements": n,
+        "bytes_per_decode": moved,
+        "fused_us": fused_us,
+        "fused_gbps": moved / fused_us / 1e3,
+        "fused_host_us": fused_host_us,
+        "unfused_us": unfused_us,
+        "speedup": None if unfused_us is None else unfused_us / fused_us,
+        "copy_us_at_size": copy_at_us,
+        "copy_gbps_at_size": 2 * n * itemsize / copy_at_us / 1e3,
+        "update_us": update_us,
+        "fraction_of_copy": moved / fused_us / 1e3 / copy_gbps,
+    }
 
 
 # ---- numpy reference (CPU) ------------------------------------------------------------------
@@ -121,7 +141,7 @@ def _time_host(fn: Callable[[], Any], iters: int, warmup: int) -> float:
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return _median_us(samples)
+    return median_us(samples)
 
 
 def run_numpy(config: KernelBenchConfig) -> dict[str, Any]:
@@ -152,239 +172,11 @@ def run_numpy(config: KernelBenchConfig) -> dict[str, Any]:
             for k in ks:
                 decode = functools.partial(ref.one_shot_decode, list(pool[1:k]), pool[0], float(k), out=out)
                 fused_us = _time_host(decode, config.iters, config.warmup)
-                moved = (k + 1) * n * itemsize
-                rows.append(
-                    {
-                        "d": d,
-                        "batch": batch,
-                        "k": k,
-                        "elements": n,
-                        "bytes_per_decode": moved,
-                        "fused_us": fused_us,
-                        "fused_gbps": moved / fused_us / 1e3,
-                        "fused_host_us": fused_us,
-                        "unfused_us": None,
-                        "speedup": None,
-                        "copy_us_at_size": copy_at_us,
-                        "copy_gbps_at_size": 2 * n * itemsize / copy_at_us / 1e3,
-                        "update_us": update_us,
-                        "fraction_of_copy": moved / fused_us / 1e3 / copy_gbps,
-                    }
-                )
+                rows.append(decode_row(d, batch, k, itemsize, fused_us=fused_us, fused_host_us=fused_us,
+                                       unfused_us=None, copy_at_us=copy_at_us, update_us=update_us,
+                                       copy_gbps=copy_gbps))
                 logger.info("d=%d batch=%d k=%d: %.1f us", d, batch, k, fused_us)
     return {"backend": CPU_LABEL, "device": "cpu", "copy_gbps": copy_gbps, "rows": rows, "skipped": skipped}
-
-
-# ---- CUDA -------------------------------------------------------------------------------------
-
-
-class _DeviceTimer:
-    """Per-launch CUDA-event timing with the stream pre-filled by a spin kernel."""
-
-    def __init__(self, kernels: Any, stream: Any, iters: int) -> None:
-        self.kernels, self.stream = kernels, stream
-        self.starts = [kernels.new_event() for _ in range(iters)]  # created once
-        self.ends = [kernels.new_event() for _ in range(iters)]
-
-    def __call__(self, fn: Callable[[], Any], warmup: int, host: bool = False) -> tuple[float, float | None]:
-        """(median device us per call, host wall-clock us per call incl. Python, if `host`)."""
-        iters = len(self.starts)
-        for _ in range(warmup):
-            fn()
-        self.kernels.synchronize(self.stream)
-        host_us = None
-        if host:
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            self.kernels.synchronize(self.stream)
-            host_us = (time.perf_counter() - start) / iters * 1e6
-        # Hold the stream long enough for Python to queue all (event, launch, event) triples.
-        enqueue_s = self._enqueue_estimate_s(fn)
-        self.kernels.spin_wait(int(min(2.0, 3 * enqueue_s * iters + 1e-3) * 1e9), self.stream)
-        for i in range(iters):
-            self.kernels.record(self.starts[i], self.stream)
-            fn()
-            self.kernels.record(self.ends[i], self.stream)
-        samples = [self.kernels.elapsed_ms(s, e) * 1e-3 for s, e in zip(self.starts, self.ends, strict=True)]
-        return _median_us(samples), host_us
-
-    def _enqueue_estimate_s(self, fn: Callable[[], Any]) -> float:
-        start = time.perf_counter()
-        for i in range(5):
-            self.kernels.record(self.starts[i % len(self.starts)], self.stream)
-            fn()
-            self.kernels.record(self.ends[i % len(self.ends)], self.stream)
-        elapsed = (time.perf_counter() - start) / 5
-        self.kernels.synchronize(self.stream)
-        return elapsed
-
-
-class _Arrays:
-    """Allocation, random data and the unfused chain in torch or CuPy, on our stream."""
-
-    def __init__(self, library: str, stream_handle: int, dtype: str) -> None:
-        self.library = library
-        if library == "torch":
-            import torch
-
-            self.lib = torch
-            self.stream = torch.cuda.ExternalStream(stream_handle)
-            self.dtype = getattr(torch, dtype)
-        else:
-            import cupy
-
-            self.lib = cupy
-            self.stream = cupy.cuda.ExternalStream(stream_handle)
-            if dtype == "bfloat16":
-                raise KernelBenchError("CuPy has no bfloat16: use --unfused torch or another --dtype")
-            self.dtype = getattr(cupy, dtype)
-
-    def randn(self, rows: int, n: int, seed: int) -> Any:
-        if self.library == "torch":
-            generator = self.lib.Generator(device="cuda").manual_seed(seed)
-            out = self.lib.randn(rows, n, device="cuda", generator=generator).to(self.dtype)
-            self.lib.cuda.synchronize()
-            return out
-        out = self.lib.random.default_rng(seed).standard_normal((rows, n), dtype=self.lib.float32).astype(self.dtype)
-        self.lib.cuda.Device().synchronize()
-        return out
-
-    def release(self) -> None:
-        """Hand cached blocks back so the next, larger pool can be allocated."""
-        if self.library == "torch":
-            self.lib.cuda.empty_cache()
-        else:
-            self.lib.get_default_memory_pool().free_all_blocks()
-
-    def empty(self, n: int) -> Any:
-        if self.library == "torch":
-            return self.lib.empty(n, device="cuda", dtype=self.dtype)
-        return self.lib.empty(n, dtype=self.dtype)
-
-    def unfused(self, out: Any, parity: Any, inputs: list[Any], k: int) -> Callable[[], None]:
-        def chain() -> None:
-            if self.library == "torch":
-                with self.lib.cuda.stream(self.stream):
-                    self.lib.mul(parity, k, out=out)
-                    for x in inputs:
-                        out.sub_(x)
-            else:
-                with self.stream:
-                    self.lib.multiply(parity, k, out=out)
-                    for x in inputs:
-                        self.lib.subtract(out, x, out=out)
-
-        return chain
-
-
-def _array_library(choice: str) -> str:
-    """torch or cupy (choice: auto | torch | cupy): allocates buffers, runs the unfused chain."""
-    if choice in ("auto", "torch"):
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return "torch"
-        except ImportError:
-            pass
-        if choice == "torch":
-            raise KernelBenchError("--unfused torch: torch with CUDA is not available")
-    try:
-        import cupy  # noqa: F401
-
-        return "cupy"
-    except ImportError as exc:
-        raise KernelBenchError("the CUDA benchmark allocates with torch or CuPy; neither is usable") from exc
-
-
-def run_cuda(config: KernelBenchConfig) -> dict[str, Any]:
-    from kernels.cuda_decoder import load_kernels
-
-    kernels = load_kernels()
-    library = _array_library("auto" if config.unfused == "none" else config.unfused)
-    stream = kernels.new_stream()  # created once; torch/CuPy join it through ExternalStream
-    arrays = _Arrays(library, int(stream.handle), config.dtype)
-    timer = _DeviceTimer(kernels, stream, config.iters)
-    itemsize = 2 if config.dtype != "float32" else 4
-
-    copy_n = config.copy_mib * 2**20 // itemsize
-    copy_src, copy_dst = arrays.randn(1, copy_n, config.seed)[0], arrays.empty(copy_n)
-    src_ptr, dst_ptr = _ptr(copy_src), _ptr(copy_dst)
-    copy_us, _ = timer(functools.partial(kernels.copy, dst_ptr, src_ptr, copy_n * itemsize, stream), config.warmup)
-    copy_gbps = 2 * copy_n * itemsize / copy_us / 1e3
-    del copy_src, copy_dst
-    logger.info("device-to-device copy of %d MiB: %.1f us, %.0f GB/s", config.copy_mib, copy_us, copy_gbps)
-
-    rows, skipped = [], []
-    ds, batches, ks = config.grid(GPU_GRID)
-    for d in ds:
-        for batch in batches:
-            n = d * batch
-            fitting = [k for k in ks if (k + 3) * n * itemsize <= config.max_gib * 2**30]
-            for k in sorted(set(ks) - set(fitting)):
-                skipped.append({"d": d, "batch": batch, "k": k, "reason": f"needs more than {config.max_gib} GiB"})
-            if not fitting:
-                continue
-            pool = arrays.randn(max(fitting), n, config.seed + d + batch)  # parity + up to k-1 results
-            out, out_unfused, est = arrays.empty(n), arrays.empty(n), arrays.empty(n if itemsize == 4 else 2 * n)
-            copy_at_size = functools.partial(kernels.copy, _ptr(out), _ptr(pool[0]), n * itemsize, stream)
-            copy_at = timer(copy_at_size, config.warmup)[0]
-            update = kernels.prepare_online_update(_ptr(est), pool[1], n, alpha=-1.0, dtype=config.dtype)
-            update_us = timer(functools.partial(update, stream), config.warmup)[0]
-            for k in fitting:
-                inputs = [pool[j] for j in range(1, k)]
-                fused = kernels.prepare_one_shot_decode(inputs, pool[0], out, n, float(k), dtype=config.dtype)
-                fused_us, fused_host_us = timer(functools.partial(fused, stream), config.warmup, host=True)
-                unfused_us = None
-                if config.unfused != "none":
-                    chain = arrays.unfused(out_unfused, pool[0], inputs, k)
-                    unfused_us = timer(chain, config.warmup)[0]
-                moved = (k + 1) * n * itemsize
-                rows.append(
-                    {
-                        "d": d,
-                        "batch": batch,
-                        "k": k,
-                        "elements": n,
-                        "bytes_per_decode": moved,
-                        "fused_us": fused_us,
-                        "fused_gbps": moved / fused_us / 1e3,
-                        "fused_host_us": fused_host_us,
-                        "unfused_us": unfused_us,
-                        "speedup": None if unfused_us is None else unfused_us / fused_us,
-                        "copy_us_at_size": copy_at,
-                        "copy_gbps_at_size": 2 * n * itemsize / copy_at / 1e3,
-                        "update_us": update_us,
-                        "fraction_of_copy": moved / fused_us / 1e3 / copy_gbps,
-                    }
-                )
-                logger.info(
-                    "d=%d batch=%d k=%d: fused %.2f us (%.0f GB/s), unfused %s us",
-                    d,
-                    batch,
-                    k,
-                    fused_us,
-                    moved / fused_us / 1e3,
-                    "-" if unfused_us is None else f"{unfused_us:.2f}",
-                )
-            inputs = chain = None  # views of the pool: drop them so its memory can go
-            del pool, out, out_unfused, est, update, copy_at_size
-            arrays.release()
-    return {
-        "backend": f"cuda ({library} for buffers and the unfused chain)",
-        "device": kernels.device_name,
-        "compute_capability": list(kernels.compute_capability),
-        "copy_gbps": copy_gbps,
-        "rows": rows,
-        "skipped": skipped,
-    }
-
-
-def _ptr(array: Any) -> int:
-    from kernels.cuda_decoder import device_pointer
-
-    return device_pointer(array)
 
 
 def evaluate_targets(record: dict[str, Any]) -> dict[str, Any]:
@@ -411,47 +203,12 @@ def evaluate_targets(record: dict[str, Any]) -> dict[str, Any]:
     return targets
 
 
-def plot(record: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = record["rows"]
-    ks = sorted({r["k"] for r in rows})
-    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(1, len(ks))))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for color, k in zip(colors, ks, strict=True):
-        mine = sorted((r for r in rows if r["k"] == k), key=lambda r: r["elements"])
-        x = [r["elements"] for r in mine]
-        left.plot(x, [r["fused_us"] for r in mine], "o-", color=color, label=f"fused k={k}")
-        if any(r["unfused_us"] is not None for r in mine):
-            left.plot(x, [r["unfused_us"] for r in mine], "x--", color=color, alpha=0.7, label=f"unfused k={k}")
-        right.plot(x, [r["fused_gbps"] for r in mine], "o-", color=color, label=f"k={k}")
-    copy_label = "host memory copy" if record["device"] == "cpu" else "device-to-device copy"
-    right.axhline(record["copy_gbps"], color="black", lw=1, label=copy_label)
-    right.axhline(0.85 * record["copy_gbps"], color="gray", lw=1, ls=":", label="85% of copy")
-    for axis, ylabel in ((left, "us per decode (median)"), (right, "achieved GB/s (read + write)")):
-        axis.set_xscale("log")
-        axis.set_xlabel("elements per vector (d x batch)")
-        axis.set_ylabel(ylabel)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7, ncol=2)
-    left.set_yscale("log")
-    fig.suptitle(f"one-shot decode, {record['backend']}: {record['device']}\n{record['machine_label']}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def run(config: KernelBenchConfig) -> dict[str, Any]:
     """Run the benchmark and write JSON + PNG; returns the record."""
     backend = config.backend
     if backend == "auto":
-        from kernels.build import KernelBuildError
-        from kernels.cuda_decoder import CudaUnavailableError, load_kernels
+        from kernels.cuda_kernels import load_kernels
+        from kernels.errors import CudaUnavailableError, KernelBuildError
 
         try:
             load_kernels()
@@ -461,7 +218,12 @@ def run(config: KernelBenchConfig) -> dict[str, Any]:
             backend = "numpy"
     logger.info("kernel benchmark: backend %s, config %s", backend, asdict(config))
     started = time.perf_counter()
-    result = run_cuda(config) if backend == "cuda" else run_numpy(config)
+    if backend == "cuda":
+        from bench.kernel_cuda import run_cuda  # imports torch / CuPy and pycuda
+
+        result = run_cuda(config)
+    else:
+        result = run_numpy(config)
     info = machine_info()
     record = {
         "benchmark": "kernel",
@@ -477,7 +239,9 @@ def run(config: KernelBenchConfig) -> dict[str, Any]:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    plot(record, out_dir / f"{name}.png")
+    from bench.plots import kernel_figure
+
+    kernel_figure(record, out_dir / f"{name}.png")
     logger.info("wrote %s.json and %s.png in %s", name, name, out_dir)
     return record
 
@@ -507,31 +271,29 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = KernelBenchConfig()
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench kernel", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default=defaults.backend, choices=("auto", "cuda", "numpy"))
-    parser.add_argument("--ds", type=_ints, default=(), help=f"comma list (GPU default {GPU_GRID['ds']})")
-    parser.add_argument("--batches", type=_ints, default=(), help=f"comma list (GPU default {GPU_GRID['batches']})")
-    parser.add_argument("--ks", type=_ints, default=(), help=f"comma list (GPU default {GPU_GRID['ks']})")
-    parser.add_argument("--iters", type=int, default=defaults.iters, help="timed launches per point (median)")
-    parser.add_argument("--warmup", type=int, default=defaults.warmup)
-    parser.add_argument("--dtype", default=defaults.dtype, choices=_DTYPES)
-    parser.add_argument("--unfused", default=defaults.unfused, choices=("auto", "torch", "cupy", "none"))
-    parser.add_argument("--max-gib", type=float, default=defaults.max_gib, help="skip points needing more memory")
-    parser.add_argument("--copy-mib", type=int, default=defaults.copy_mib, help="size of the ceiling copy")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--out-dir", default=defaults.out_dir)
-    parser.add_argument("--tag", default=defaults.tag, help="suffix for the output file names")
-    args = parser.parse_args(argv)
-    from kernels.build import KernelBuildError
-    from kernels.cuda_decoder import CudaDecoderError
+    grids = {name: f"comma list (GPU default {GPU_GRID[name]})" for name in ("ds", "batches", "ks")}
+    for name, text in grids.items():
+        parser.add_argument(f"--{name}", type=_ints, default=(), help=text)
+    add_dataclass_flags(
+        parser, KernelBenchConfig, skip=grids,
+        choices={"backend": ("auto", "cuda", "numpy"), "dtype": _DTYPES, "unfused": ("auto", "torch", "cupy", "none")},
+        helps={"iters": "timed launches per point (median)", "max_gib": "skip points needing more memory",
+               "copy_mib": "size of the ceiling copy", "tag": "suffix for the output file names"},
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kernels.errors import KernelsError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = KernelBenchConfig(**{k: v for k, v in vars(args).items()})
+        config = KernelBenchConfig(**dataclass_values(KernelBenchConfig, vars(args)))
         record = run(config)
-    except (KernelBenchError, KernelBuildError, CudaDecoderError) as exc:
+    except (KernelBenchError, KernelsError) as exc:
         logger.error("error: %s", exc)
         return 2
     print(summary(record))

@@ -24,15 +24,18 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.errors import BenchError
 from bench.loadgen import LoadConfig, LoadRecord, summarize_record
 from bench.machine import machine_info, machine_label
 from bench.serverproc import BenchProcessError, ServerProcess, install_sigterm_handler, run_loadgen
+from kernels.configs import add_dataclass_flags, dataclass_values, strict_from_dict
+from runtime.manifest import MANIFEST_NAME, PARM_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ QUANTILES = np.concatenate([np.linspace(0.0, 0.9, 10), np.linspace(0.91, 0.99, 9
                             np.linspace(0.991, 0.999, 9), [0.9995, 1.0]])  # tail-dense CDF grid
 
 
-class LatencyBenchError(ValueError):
+class LatencyBenchError(BenchError):
     """Invalid latency-benchmark configuration."""
 
 
@@ -61,7 +64,7 @@ class LatencyConfig:
     server_args: tuple[str, ...] = ()
     seed: int = 0
     ready_timeout_s: float = 180.0
-    out_dir: str = "bench/results"
+    out_dir: str = "bench/results/serving"
     run_dir: str = "runs/bench/latency"
     tag: str = ""
 
@@ -73,8 +76,8 @@ class LatencyConfig:
         if not self.bundles:
             raise LatencyBenchError("need at least one BUNDLE directory")
         for b in self.bundles:
-            if not (Path(b) / "manifest.json").is_file():
-                raise LatencyBenchError(f"{b}: not a bundle (no manifest.json); build one with "
+            if not (Path(b) / MANIFEST_NAME).is_file():
+                raise LatencyBenchError(f"{b}: not a bundle (no {MANIFEST_NAME}); build one with "
                                         "`python -m export` or `python -m bench.devbundle`")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
@@ -89,10 +92,7 @@ class LatencyConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyConfig:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise LatencyBenchError(f"unknown LatencyConfig keys {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d, LatencyBenchError)
 
 
 def server_args_for(mode: str, config: LatencyConfig) -> list[str]:
@@ -132,7 +132,7 @@ def bench_bundle(bundle: str, config: LatencyConfig, run_dir: Path) -> dict[str,
                               "modes": [], "skipped": {}}
     for mode in config.modes:
         if mode == "parm" and manifest.parm is None:
-            result["skipped"][mode] = "bundle has no parm.onnx"
+            result["skipped"][mode] = f"bundle has no {PARM_FILE}"
             continue
         args = server_args_for(mode, config)
         tag = f"k{k}-{mode}"
@@ -214,28 +214,31 @@ def run(config: LatencyConfig) -> dict[str, Any]:
     return record
 
 
+# Flags that take a comma (or, for server args, space) separated list; the rest map one-to-one.
+_LIST_FLAGS = ("bundles", "modes", "poisson_rates", "server_args")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = LatencyConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="python -m bench latency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="bundle directories (one per k)")
     p.add_argument("--modes", default=",".join(MODES), help="comma list (default %(default)s)")
-    p.add_argument("--num-queries", type=int, default=d["num_queries"].default,
-                   help="queries per mode in the paper setup (paper: 5000)")
-    p.add_argument("--delay-ms", type=float, default=d["delay_ms"].default,
-                   help="straggler delay, one worker per group (paper: 100)")
-    p.add_argument("--concurrency-per-k", type=int, default=d["concurrency_per_k"].default)
     p.add_argument("--poisson-rates", default="", help="comma list of queries/s, e.g. 20,50")
-    p.add_argument("--poisson-queries", type=int, default=d["poisson_queries"].default)
-    p.add_argument("--warmup-requests", type=int, default=d["warmup_requests"].default)
-    p.add_argument("--max-queue-delay-ms", type=float, default=d["max_queue_delay_ms"].default)
     p.add_argument("--server-args", default="", help="extra server flags, space separated")
-    p.add_argument("--seed", type=int, default=d["seed"].default)
-    p.add_argument("--ready-timeout-s", type=float, default=d["ready_timeout_s"].default)
-    p.add_argument("--out-dir", default=d["out_dir"].default)
-    p.add_argument("--run-dir", default=d["run_dir"].default)
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    add_dataclass_flags(p, LatencyConfig, skip=_LIST_FLAGS, helps={
+        "num_queries": "queries per mode in the paper setup (paper: 5000)",
+        "delay_ms": "straggler delay, one worker per group (paper: 100)",
+        "tag": "suffix of the result file names",
+    })
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> LatencyConfig:
+    return LatencyConfig(
+        bundles=tuple(args.bundles), modes=tuple(m for m in args.modes.split(",") if m),
+        poisson_rates=tuple(float(r) for r in args.poisson_rates.split(",") if r),
+        server_args=tuple(args.server_args.split()),
+        **dataclass_values(LatencyConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,17 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     # INFO for our own loggers only: torch.onnx / onnxscript are chatty at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
     try:
-        config = LatencyConfig(
-            bundles=tuple(args.bundles), modes=tuple(m for m in args.modes.split(",") if m),
-            num_queries=args.num_queries, delay_ms=args.delay_ms,
-            concurrency_per_k=args.concurrency_per_k,
-            poisson_rates=tuple(float(r) for r in args.poisson_rates.split(",") if r),
-            poisson_queries=args.poisson_queries, warmup_requests=args.warmup_requests,
-            max_queue_delay_ms=args.max_queue_delay_ms, server_args=tuple(args.server_args.split()),
-            seed=args.seed, ready_timeout_s=args.ready_timeout_s, out_dir=args.out_dir,
-            run_dir=args.run_dir, tag=args.tag)
+        config = config_from_args(build_parser().parse_args(argv))
     except (LatencyBenchError, ValueError) as exc:
         logger.error("%s", exc)
         return 2

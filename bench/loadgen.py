@@ -28,18 +28,23 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.errors import BenchError
+from export.layout import INPUT_NAME
+from kernels.configs import add_dataclass_flags, check_keys, field_names, strict_from_dict
+from runtime.manifest import RECONSTRUCTED_OUTPUT
 
 logger = logging.getLogger(__name__)
 
 PATTERNS = ("waves", "closed", "poisson")
 
 
-class LoadgenError(ValueError):
+class LoadgenError(BenchError):
     """Invalid load-generator configuration or unusable record."""
 
 
@@ -47,7 +52,7 @@ class LoadgenError(ValueError):
 class LoadConfig:
     url: str = "http://127.0.0.1:8000"
     model_name: str = "mnist-iresnet"
-    input_name: str = "INPUT"
+    input_name: str = INPUT_NAME
     input_shape: tuple[int, ...] = (1, 28, 28)  # C, H, W of one query
     pattern: str = "closed"
     num_requests: int = 1000
@@ -58,7 +63,7 @@ class LoadConfig:
     timeout_s: float = 30.0
     seed: int = 0
     num_images: int = 64
-    reconstructed_param: str = "reconstructed"
+    reconstructed_param: str = RECONSTRUCTED_OUTPUT  # the response parameter has the output's name
     binary_input: bool = True  # KServe binary tensor extension (as tritonclient sends it)
 
     def __post_init__(self) -> None:
@@ -85,11 +90,7 @@ class LoadConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoadConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise LoadgenError(f"unknown LoadConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, LoadgenError)
 
 
 @dataclass
@@ -108,9 +109,8 @@ class LoadRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoadRecord:
-        known = {f.name for f in fields(cls)}
-        if set(d) != known:
-            raise LoadgenError(f"load record keys {sorted(d)} != expected {sorted(known)}")
+        keys = field_names(cls)  # a record always has every field
+        check_keys("load record", d, keys, keys, LoadgenError)
         return cls(**d)
 
 
@@ -292,26 +292,14 @@ def _run(config: LoadConfig) -> LoadRecord:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = LoadConfig()
     p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=d.url, help="server base URL (127.0.0.1 only)")
-    p.add_argument("--model-name", default=d.model_name)
-    p.add_argument("--input-name", default=d.input_name)
-    p.add_argument("--input-shape", default=",".join(map(str, d.input_shape)),
+    p.add_argument("--input-shape", default=",".join(map(str, LoadConfig.input_shape)),
                    help="C,H,W of one query (default %(default)s)")
-    p.add_argument("--pattern", choices=PATTERNS, default=d.pattern)
-    p.add_argument("--num-requests", type=int, default=d.num_requests)
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--rate-per-s", type=float, default=d.rate_per_s)
-    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight)
-    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
-    p.add_argument("--timeout-s", type=float, default=d.timeout_s)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num-images", type=int, default=d.num_images)
-    p.add_argument("--reconstructed-param", default=d.reconstructed_param)
-    p.add_argument("--binary-input", action=argparse.BooleanOptionalAction, default=d.binary_input,
-                   help="send the image with the binary tensor extension (default) or as JSON")
+    add_dataclass_flags(p, LoadConfig, skip=("input_shape",), choices={"pattern": PATTERNS}, helps={
+        "url": "server base URL (127.0.0.1 only)",
+        "binary_input": "send the image with the binary tensor extension (default) or as JSON",
+    })
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON record")
     return p
 

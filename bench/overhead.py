@@ -30,12 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from bench.errors import BenchError
 from bench.machine import machine_info, machine_label, usable_cpu_count
+from kernels.configs import add_dataclass_flags, dataclass_values
+from runtime.manifest import BATCH_DIM, ENCODER_IO, F_FILE, F_IO, HEAD_IO, MANIFEST_NAME, PARM_IO
 
 logger = logging.getLogger(__name__)
 
 
-class OverheadBenchError(ValueError):
+class OverheadBenchError(BenchError):
     """Invalid overhead-benchmark configuration."""
 
 
@@ -57,14 +60,14 @@ class OverheadConfig:
     # Enc/f depends on how heavy f is, and the shipped CPU f is far lighter than the paper's.
     reference_f_presets: tuple[str, ...] = ()
     seed: int = 0
-    out_dir: str = "bench/results"
+    out_dir: str = "bench/results/overhead"
     tag: str = ""
 
     def __post_init__(self) -> None:
         self.ks = tuple(int(k) for k in self.ks)
         self.reference_f_presets = tuple(self.reference_f_presets)
-        if not (Path(self.bundle) / "manifest.json").is_file():
-            raise OverheadBenchError(f"{self.bundle}: not a bundle (no manifest.json)")
+        if not (Path(self.bundle) / MANIFEST_NAME).is_file():
+            raise OverheadBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
         for name in ("batch_size", "repeats", "decode_repeats"):
             if getattr(self, name) < 1:
                 raise OverheadBenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -116,11 +119,11 @@ def bundle_components(config: OverheadConfig, provider: str, threads: int) -> di
     xg = rng.standard_normal((B, k, *m.input.shape)).astype(np.float32)  # (B, k, C, H, W)
     z = rng.standard_normal((B, *m.embedding_shape)).astype(np.float32)  # (B, *emb)
     root = Path(config.bundle)
-    jobs: list[tuple[str, str, dict[str, np.ndarray]]] = [("f", m.f, {"x": x})]
-    jobs += [(f"enc_{e.row}", e.file, {"x": xg}) for e in m.encoders]
-    jobs += [(f"g_{h.task}", h.file, {"z": z}) for h in m.heads]
+    jobs: list[tuple[str, str, dict[str, np.ndarray]]] = [("f", m.f, {F_IO[0]: x})]
+    jobs += [(f"enc_{e.row}", e.file, {ENCODER_IO[0]: xg}) for e in m.encoders]
+    jobs += [(f"g_{h.task}", h.file, {HEAD_IO[0]: z}) for h in m.heads]
     if m.parm is not None:
-        jobs.append(("parm", m.parm, {"x": xg}))
+        jobs.append(("parm", m.parm, {PARM_IO[0]: xg}))
     out = {}
     for name, rel, feeds in jobs:
         stats = time_session(make_session(root / rel, provider, threads), feeds, config.repeats, config.warmup)
@@ -140,8 +143,8 @@ def export_encoder(k: int, config: OverheadConfig, shape: tuple[int, ...], path:
                                depth=config.encoder_depth, shared_levels=config.encoder_shared_levels)
     model = UNetEncoder(enc_config, 0).eval()
     x = torch.randn(2, k, *shape)
-    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["x_parity"],
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=18,
+    torch.onnx.export(model, (x,), str(path), input_names=[ENCODER_IO[0]], output_names=[ENCODER_IO[1]],
+                      dynamic_shapes={ENCODER_IO[0]: {0: torch.export.Dim(BATCH_DIM)}}, opset_version=18,
                       dynamo=True, external_data=False)
     params = sum(p.numel() for p in model.parameters())
     return {"encoder_config": enc_config.to_dict(), "parameters": int(params)}
@@ -155,7 +158,8 @@ def encoder_vs_k(config: OverheadConfig, shape: tuple[int, ...], provider: str, 
             path = Path(tmp) / f"enc_k{k}.onnx"
             info = export_encoder(k, config, shape, path)
             xg = rng.standard_normal((config.batch_size, k, *shape)).astype(np.float32)
-            stats = time_session(make_session(path, provider, threads), {"x": xg}, config.repeats, config.warmup)
+            stats = time_session(make_session(path, provider, threads), {ENCODER_IO[0]: xg}, config.repeats,
+                                 config.warmup)
             out.append({"k": k, **stats, "source": "UNetEncoder, random init, exported here", **info})
             logger.info("Enc k=%-3d median %8.2f ms per batch of %d", k, stats["median_ms"], config.batch_size)
     return out
@@ -174,8 +178,8 @@ def reference_f(config: OverheadConfig, preset: str, provider: str, threads: int
     f = InvertibleNet(f_cfg).eval().folded()
     x = np.random.default_rng(config.seed).standard_normal((config.batch_size, *f_cfg.in_shape)).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="bench-f-") as tmp:
-        path = export_module(f, tuple(f_cfg.in_shape), Path(tmp) / "f.onnx", "x", "z")
-        stats = time_session(make_session(path, provider, threads), {"x": x}, config.repeats, config.warmup)
+        path = export_module(f, tuple(f_cfg.in_shape), Path(tmp) / F_FILE, *F_IO)
+        stats = time_session(make_session(path, provider, threads), {F_IO[0]: x}, config.repeats, config.warmup)
     logger.info("f preset %-6s median %8.2f ms per batch of %d", preset, stats["median_ms"], config.batch_size)
     return {"preset": preset, "f_config": f_cfg.to_dict(), **stats}
 
@@ -299,38 +303,31 @@ def run(config: OverheadConfig) -> dict[str, Any]:
     return record
 
 
+_LIST_FLAGS = ("bundle", "ks", "reference_f_presets")  # a positional and comma lists; the rest map 1:1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = OverheadConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundle", nargs="?", default=d["bundle"].default)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"].default)
+    p.add_argument("bundle", nargs="?", default=OverheadConfig.bundle)
     p.add_argument("--ks", default="2,4,10", help="k values for Enc and decode vs k")
-    p.add_argument("--repeats", type=int, default=d["repeats"].default)
-    p.add_argument("--warmup", type=int, default=d["warmup"].default)
-    p.add_argument("--decode-repeats", type=int, default=d["decode_repeats"].default)
-    p.add_argument("--intra-op-threads", type=int, default=0)
-    p.add_argument("--encoder-base-channels", type=int, default=d["encoder_base_channels"].default)
-    p.add_argument("--encoder-depth", type=int, default=d["encoder_depth"].default)
-    p.add_argument("--encoder-shared-levels", type=int, default=d["encoder_shared_levels"].default)
-    p.add_argument("--skip-encoder-export", action="store_true")
     p.add_argument("--reference-f-presets", default="", help="e.g. paper: also time an untrained f of that preset")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=d["out_dir"].default)
-    p.add_argument("--tag", default="")
+    add_dataclass_flags(p, OverheadConfig, skip=_LIST_FLAGS)
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> OverheadConfig:
+    values = dataclass_values(OverheadConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS})
+    return OverheadConfig(bundle=args.bundle, ks=tuple(int(k) for k in args.ks.split(",") if k),
+                          reference_f_presets=tuple(p for p in args.reference_f_presets.split(",") if p), **values)
 
 
 def main(argv: list[str] | None = None) -> int:
     # INFO for our own loggers only: torch.onnx / onnxscript are chatty at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
-    values = vars(args)
     try:
-        values["ks"] = tuple(int(k) for k in args.ks.split(",") if k)
-        values["reference_f_presets"] = tuple(p for p in args.reference_f_presets.split(",") if p)
-        config = OverheadConfig(**values)
+        config = config_from_args(build_parser().parse_args(argv))
     except (OverheadBenchError, ValueError) as exc:
         logger.error("%s", exc)
         return 2

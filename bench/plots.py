@@ -145,3 +145,37 @@ def throughput_figure(record: dict[str, Any], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def kernel_figure(record: dict[str, Any], path: Path) -> Path:
+    """`python -m bench kernel`: us per decode and achieved bandwidth against vector size, per k."""
+    import numpy as np
+
+    plt = _plt()
+    rows = record["rows"]
+    ks = sorted({r["k"] for r in rows})
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(1, len(ks))))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for color, k in zip(colors, ks, strict=True):
+        mine = sorted((r for r in rows if r["k"] == k), key=lambda r: r["elements"])
+        x = [r["elements"] for r in mine]
+        left.plot(x, [r["fused_us"] for r in mine], "o-", color=color, label=f"fused k={k}")
+        if any(r["unfused_us"] is not None for r in mine):
+            left.plot(x, [r["unfused_us"] for r in mine], "x--", color=color, alpha=0.7, label=f"unfused k={k}")
+        right.plot(x, [r["fused_gbps"] for r in mine], "o-", color=color, label=f"k={k}")
+    copy_label = "host memory copy" if record["device"] == "cpu" else "device-to-device copy"
+    right.axhline(record["copy_gbps"], color="black", lw=1, label=copy_label)
+    right.axhline(0.85 * record["copy_gbps"], color="gray", lw=1, ls=":", label="85% of copy")
+    for axis, ylabel in ((left, "us per decode (median)"), (right, "achieved GB/s (read + write)")):
+        axis.set_xscale("log")
+        axis.set_xlabel("elements per vector (d x batch)")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7, ncol=2)
+    left.set_yscale("log")
+    fig.suptitle(f"one-shot decode, {record['backend']}: {record['device']}\n{record['machine_label']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from bench.errors import BenchError
 from bench.loadgen import LoadConfig, LoadRecord
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class BenchProcessError(RuntimeError):
+class BenchProcessError(BenchError, RuntimeError):
     """A server or load generator did not start, answer, or finish in time."""
 
 

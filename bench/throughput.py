@@ -26,15 +26,18 @@ from typing import Any
 
 import numpy as np
 
+from bench.errors import BenchError
 from bench.loadgen import LoadConfig, summarize_record
 from bench.machine import machine_info, machine_label, usable_cpu_count
 from bench.overhead import make_session
 from bench.serverproc import ServerProcess, install_sigterm_handler, run_loadgen
+from kernels.configs import add_dataclass_flags, dataclass_values
+from runtime.manifest import ENCODER_IO, F_IO, MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
 
-class ThroughputBenchError(ValueError):
+class ThroughputBenchError(BenchError):
     """Invalid throughput-benchmark configuration."""
 
 
@@ -50,7 +53,7 @@ class ThroughputConfig:
     max_queue_delay_ms: float = 2.0
     server_args: tuple[str, ...] = ()
     seed: int = 0
-    out_dir: str = "bench/results"
+    out_dir: str = "bench/results/serving"
     run_dir: str = "runs/bench/throughput"
     tag: str = ""
 
@@ -59,8 +62,8 @@ class ThroughputConfig:
         self.modes = tuple(self.modes)
         if not self.modes or set(self.modes) - {"coded", "uncoded"}:
             raise ThroughputBenchError(f"--modes must be a non-empty subset of coded,uncoded, got {list(self.modes)}")
-        if not (Path(self.bundle) / "manifest.json").is_file():
-            raise ThroughputBenchError(f"{self.bundle}: not a bundle (no manifest.json)")
+        if not (Path(self.bundle) / MANIFEST_NAME).is_file():
+            raise ThroughputBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
         for name in ("num_requests", "concurrency", "raw_batch_size"):
             if getattr(self, name) < 1:
                 raise ThroughputBenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -68,19 +71,18 @@ class ThroughputConfig:
             raise ThroughputBenchError("--raw-duration-s must be > 0 and --warmup-requests >= 0")
 
 
-def _images_per_s(sessions: list, x: np.ndarray, duration_s: float) -> float:
+def _images_per_s(sessions: list, feeds: dict[str, np.ndarray], duration_s: float) -> float:
     """Run each session in its own thread (ORT releases the GIL) for duration_s; images/s."""
     counts = [0] * len(sessions)
     stop = threading.Event()
 
     def loop(i: int) -> None:
-        feeds = {"x": x}
         while not stop.is_set():
             sessions[i].run(None, feeds)
             counts[i] += 1
 
     for s in sessions:  # warm-up
-        s.run(None, {"x": x})
+        s.run(None, feeds)
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(sessions))]
     t0 = time.perf_counter()
     for t in threads:
@@ -90,13 +92,13 @@ def _images_per_s(sessions: list, x: np.ndarray, duration_s: float) -> float:
     for t in threads:
         t.join(timeout=60)
     elapsed_s = time.perf_counter() - t0
-    return sum(counts) * x.shape[0] / elapsed_s
+    return sum(counts) * next(iter(feeds.values())).shape[0] / elapsed_s
 
 
-def _best_batch1(path: Path, x1: np.ndarray, cpus: int, duration_s: float) -> dict[str, float]:
+def _best_batch1(path: Path, feeds: dict[str, np.ndarray], cpus: int, duration_s: float) -> dict[str, float]:
     """Batch-1 runs/s of one ONNX file: one session x `cpus` threads vs one 1-thread session per CPU."""
-    one_session = _images_per_s([make_session(path, "CPUExecutionProvider", cpus)], x1, duration_s)
-    per_cpu = _images_per_s([make_session(path, "CPUExecutionProvider", 1) for _ in range(cpus)], x1,
+    one_session = _images_per_s([make_session(path, "CPUExecutionProvider", cpus)], feeds, duration_s)
+    per_cpu = _images_per_s([make_session(path, "CPUExecutionProvider", 1) for _ in range(cpus)], feeds,
                             duration_s)
     return {"one_session_per_s": one_session, "session_per_cpu_per_s": per_cpu,
             "best_per_s": max(one_session, per_cpu)}
@@ -112,9 +114,11 @@ def raw_throughput(config: ThroughputConfig) -> dict[str, Any]:
     x1 = rng.standard_normal((1, *m.input.shape)).astype(np.float32)  # (1, C, H, W)
     xg = rng.standard_normal((1, m.coding.k, *m.input.shape)).astype(np.float32)  # (1, k, C, H, W)
     xb = rng.standard_normal((config.raw_batch_size, *m.input.shape)).astype(np.float32)
-    f1 = _best_batch1(root / m.f, x1, cpus, config.raw_duration_s)
-    batched = _images_per_s([make_session(root / m.f, "CPUExecutionProvider", cpus)], xb, config.raw_duration_s)
-    encoders = {e.row: _best_batch1(root / e.file, xg, cpus, config.raw_duration_s) for e in m.encoders}
+    f1 = _best_batch1(root / m.f, {F_IO[0]: x1}, cpus, config.raw_duration_s)
+    batched = _images_per_s([make_session(root / m.f, "CPUExecutionProvider", cpus)], {F_IO[0]: xb},
+                            config.raw_duration_s)
+    encoders = {e.row: _best_batch1(root / e.file, {ENCODER_IO[0]: xg}, cpus, config.raw_duration_s)
+                for e in m.encoders}
     out = {"f_batch1": f1, f"f_batch{config.raw_batch_size}_images_per_s": batched,
            "encoder_batch1_groups": {str(r): v for r, v in encoders.items()},
            "images_per_s": f1["best_per_s"], "cpus": cpus}
@@ -200,36 +204,31 @@ def run(config: ThroughputConfig) -> dict[str, Any]:
     return result
 
 
+_LIST_FLAGS = ("bundle", "modes", "server_args")  # a positional and two list flags; the rest map 1:1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = ThroughputConfig.__dataclass_fields__
     p = argparse.ArgumentParser(prog="python -m bench throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundle", nargs="?", default=d["bundle"].default)
+    p.add_argument("bundle", nargs="?", default=ThroughputConfig.bundle)
     p.add_argument("--modes", default="coded,uncoded", help="server modes to measure (coded,uncoded)")
-    p.add_argument("--num-requests", type=int, default=d["num_requests"].default)
-    p.add_argument("--concurrency", type=int, default=d["concurrency"].default)
-    p.add_argument("--warmup-requests", type=int, default=d["warmup_requests"].default)
-    p.add_argument("--raw-duration-s", type=float, default=d["raw_duration_s"].default)
-    p.add_argument("--raw-batch-size", type=int, default=d["raw_batch_size"].default)
-    p.add_argument("--max-queue-delay-ms", type=float, default=d["max_queue_delay_ms"].default)
     p.add_argument("--server-args", default="", help="extra server flags, space separated")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=d["out_dir"].default)
-    p.add_argument("--run-dir", default=d["run_dir"].default)
-    p.add_argument("--tag", default="")
+    add_dataclass_flags(p, ThroughputConfig, skip=_LIST_FLAGS)
     return p
+
+
+def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
+    values = dataclass_values(ThroughputConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS})
+    return ThroughputConfig(bundle=args.bundle, modes=tuple(x for x in args.modes.split(",") if x),
+                            server_args=tuple(args.server_args.split()), **values)
 
 
 def main(argv: list[str] | None = None) -> int:
     install_sigterm_handler()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("bench").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
-    values = vars(args)
-    values["server_args"] = tuple(args.server_args.split())
-    values["modes"] = tuple(x for x in args.modes.split(",") if x)
     try:
-        config = ThroughputConfig(**values)
+        config = config_from_args(build_parser().parse_args(argv))
     except ThroughputBenchError as exc:
         logger.error("%s", exc)
         return 2

@@ -1,7 +1,7 @@
 """`build_bundle`: checkpoints -> a verified, self-describing bundle directory.
 
-Layout (docs/ARCHITECTURE.md): f.onnx, heads/<task>.onnx, encoders/enc_<r>.onnx, parm.onnx,
-torch/f.pt2, verification/reference.npz, manifest.json. Everything is written into a
+Layout (runtime.manifest, docs/ARCHITECTURE.md): f.onnx, heads/<task>.onnx, encoders/enc_<r>.onnx,
+parm.onnx, torch/f.pt2, verification/reference.npz, manifest.json. Everything is written into a
 temporary sibling directory and renamed into place only after every file exported, passed
 its ORT-vs-PyTorch check and the manifest validated, so BUNDLE_DIR never holds half a bundle.
 """
@@ -12,7 +12,6 @@ import copy
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,11 +23,30 @@ import torch
 
 from export.config import ExportConfig
 from export.errors import ExportError, ExportVerificationError
-from export.layout import INPUT_NAME, REFERENCE_FILE, TORCH_F_FILE, reference_key
+from export.layout import INPUT_NAME, reference_key
 from export.numerics import error_stats, run_ort
 from export.onnx_export import HalfCompute, export_onnx
+from export.provenance import provenance
 from export.sources import ExportSources, load_sources
-from runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file, verify_checksums
+from runtime.manifest import (
+    ACCEPTED_DTYPES,
+    ENCODER_IO,
+    F_FILE,
+    F_IO,
+    HEAD_IO,
+    MANIFEST_NAME,
+    PARM_FILE,
+    PARM_IO,
+    REFERENCE_FILE,
+    SCHEMA_VERSION,
+    TORCH_F_FILE,
+    Manifest,
+    ManifestError,
+    encoder_file,
+    head_file,
+    sha256_file,
+    verify_checksums,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +60,6 @@ class Artifact:
     output_name: str
     module: torch.nn.Module  # the FP32 PyTorch reference
     inputs: np.ndarray  # [N, ...] real inputs for the check
-
-
-def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
 
 
 @torch.no_grad()
@@ -83,15 +90,14 @@ def _real_inputs(sources: ExportSources, config: ExportConfig) -> tuple[np.ndarr
 def _artifacts(sources: ExportSources, x: np.ndarray, x_groups: np.ndarray) -> list[Artifact]:
     classifier = sources.classifier.eval()
     z = _torch_outputs(classifier.f, x)  # [N, *embedding_shape], from the unfolded f
-    arts = [Artifact("f.onnx", "x", "z", classifier.f, x)]
-    arts += [Artifact(f"heads/{task}.onnx", "z", "logits", head, z) for task, head in classifier.heads.items()]
+    arts = [Artifact(F_FILE, *F_IO, classifier.f, x)]
+    arts += [Artifact(head_file(task), *HEAD_IO, head, z) for task, head in classifier.heads.items()]
     if sources.encoders is not None:
         arts += [
-            Artifact(f"encoders/enc_{r}.onnx", "x", "x_parity", enc, x_groups)
-            for r, enc in enumerate(sources.encoders.encoders)
+            Artifact(encoder_file(r), *ENCODER_IO, enc, x_groups) for r, enc in enumerate(sources.encoders.encoders)
         ]
     if sources.parm is not None:
-        arts.append(Artifact("parm.onnx", "x", "logits_sum", sources.parm, x_groups))
+        arts.append(Artifact(PARM_FILE, *PARM_IO, sources.parm, x_groups))
     return arts
 
 
@@ -117,7 +123,7 @@ def _export_and_check(art: Artifact, root: Path, config: ExportConfig) -> tuple[
     )
     reference = _torch_outputs(art.module, art.inputs)
     actual = run_ort(path, art.inputs, input_name=art.input_name, output_name=art.output_name)
-    stats = error_stats(actual, reference)
+    stats = error_stats(actual, reference, what=art.file)
     atol, rtol = config.tolerance
     logger.info("%s: ORT vs PyTorch max abs %.3g, max rel %.3g on %d samples",
                 art.file, stats.max_abs_err, stats.max_rel_err, stats.samples)
@@ -137,7 +143,7 @@ def _export_torch_program(sources: ExportSources, root: Path, x: np.ndarray) -> 
 
     f = sources.classifier.f
     path = export_program(f.folded(), tuple(x.shape[1:]), root / TORCH_F_FILE)
-    stats = error_stats(run_program(path, x), _torch_outputs(f, x))
+    stats = error_stats(run_program(path, x), _torch_outputs(f, x), what=TORCH_F_FILE)
     atol, rtol = FP32_TOLERANCE  # the program is always fp32; the GPU engine may autocast
     if not stats.passes(atol, rtol):
         raise ExportVerificationError(
@@ -145,45 +151,6 @@ def _export_torch_program(sources: ExportSources, root: Path, x: np.ndarray) -> 
             f"{stats.max_abs_err:.3e} > atol {atol:g} + rtol {rtol:g} * {stats.ref_max_abs:.3g}"
         )
     return stats.to_dict(atol, rtol)
-
-
-def _provenance(sources: ExportSources, config: ExportConfig, command: list[str] | None) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
-
-    commands = [c for c in (ck.command_line() for ck in sources.checkpoints) if c]
-    if command:
-        import shlex
-
-        commands.append(shlex.join(command))
-    metrics = {f"{ck.schema.split('/')[-1]}": ck.data.get("metrics", {}) for ck in sources.checkpoints}
-    cls_ckpt = next(ck for ck in sources.checkpoints if ck.schema.endswith("classifier"))
-    atol, rtol = config.tolerance
-    return {
-        "commands": commands,
-        "dataset": sources.dataset,
-        "metrics": metrics,
-        "git_commit": cls_ckpt.data.get("git_commit"),
-        "f_hash": sources.f_hash,
-        "checkpoints": [
-            {"path": str(ck.path), "schema": ck.schema, "sha256": sha256_file(ck.path),
-             "git_commit": ck.data.get("git_commit")}
-            for ck in sources.checkpoints
-        ],
-        "export": {
-            "git_commit": _git_commit(),
-            "opset": config.opset,
-            "exporter": config.exporter,
-            "precision": "fp16" if config.fp16 else "fp32",
-            "criterion": f"max|ort - torch| <= {atol:g} + {rtol:g} * max|torch| per file",
-            "verification_inputs": f"{sources.dataset} test split, {config.verify_samples} samples "
-            f"(groups of k={sources.coding.k} for encoders/ParM), seed {config.seed}",
-            "reference_samples": config.reference_samples,
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-        },
-    }
 
 
 def _write_bundle(root: Path, sources: ExportSources, config: ExportConfig, command: list[str] | None) -> Manifest:
@@ -210,30 +177,30 @@ def _write_bundle(root: Path, sources: ExportSources, config: ExportConfig, comm
         p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
     )
     data = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "model_name": config.model_name or f"{sources.dataset}-iresnet",
         "input": {
             "name": INPUT_NAME,
             "shape": list(classifier.config.f.in_shape),
-            "accepted_dtypes": ["UINT8", "FP32"],
+            "accepted_dtypes": list(ACCEPTED_DTYPES),
             "preprocessing": {"mean": list(spec.mean), "std": list(spec.std)},
         },
         "embedding_shape": list(classifier.config.f.embedding_shape),
-        "f": "f.onnx",
+        "f": F_FILE,
         "heads": [
-            {"task": h.task, "file": f"heads/{h.task}.onnx", "classes": list(h.class_names)}
+            {"task": h.task, "file": head_file(h.task), "classes": list(h.class_names)}
             for h in classifier.config.heads
         ],
         "coding": sources.coding.to_dict(),
         "encoders": [
-            {"row": r, "file": f"encoders/enc_{r}.onnx"}
+            {"row": r, "file": encoder_file(r)}
             for r in range(len(sources.encoders.encoders) if sources.encoders is not None else 0)
         ],
-        "parm": "parm.onnx" if sources.parm is not None else None,
+        "parm": PARM_FILE if sources.parm is not None else None,
         "torch": torch_files,
         "files": {rel: sha256_file(root / rel) for rel in files},
         "verification": verification,
-        "provenance": _provenance(sources, config, command),
+        "provenance": provenance(sources, config, command),
     }
     try:
         manifest = Manifest.from_dict(data)

@@ -7,11 +7,12 @@ dataclasses, so `build_bundle(ExportConfig(...))` and the CLI behave identically
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
 from export.errors import ExportConfigError
 from export.layout import MIN_OPSET
+from kernels.configs import strict_from_dict
 
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -28,16 +29,16 @@ def default_tolerance(fp16: bool) -> tuple[float, float]:
     return FP16_TOLERANCE if fp16 else FP32_TOLERANCE
 
 
-def _from_mapping(cls: type, data: Mapping[str, Any]) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ExportConfigError(f"{cls.__name__}: unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
-    return cls(**data)
+class _StrictConfig:
+    """`from_dict`: unknown keys are ExportConfigError, never silently dropped."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        return strict_from_dict(cls, data, ExportConfigError)
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(_StrictConfig):
     """`python -m export CHECKPOINT... --out BUNDLE_DIR`."""
 
     checkpoints: tuple[str, ...]
@@ -90,13 +91,9 @@ class ExportConfig:
         atol, rtol = default_tolerance(self.fp16)
         return (atol if self.atol is None else self.atol, rtol if self.rtol is None else self.rtol)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ExportConfig:
-        return _from_mapping(cls, data)
-
 
 @dataclass(frozen=True)
-class VerifyConfig:
+class VerifyConfig(_StrictConfig):
     """`python -m export verify BUNDLE`."""
 
     bundle: str
@@ -106,13 +103,9 @@ class VerifyConfig:
         if not self.bundle:
             raise ExportConfigError("bundle: expected a bundle directory path")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> VerifyConfig:
-        return _from_mapping(cls, data)
-
 
 @dataclass(frozen=True)
-class TrtConfig:
+class TrtConfig(_StrictConfig):
     """`python -m export trt BUNDLE`: TensorRT engines for the GPU this runs on."""
 
     bundle: str
@@ -138,7 +131,3 @@ class TrtConfig:
             raise ExportConfigError(f"workspace_bytes must be >= 1 MiB, got {self.workspace_bytes}")
         if self.device < 0:
             raise ExportConfigError(f"device must be >= 0, got {self.device}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrtConfig:
-        return _from_mapping(cls, data)

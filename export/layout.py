@@ -1,7 +1,9 @@
-"""The bundle's fixed names and the structural ONNX check; no torch, so `verify` runs without it.
+"""Export-only bundle details: the minimum opset, the reference-file keys and the structural
+ONNX check; no torch, so `verify` runs without it.
 
-Paths and ONNX I/O names follow docs/ARCHITECTURE.md; `verification/reference.npz` holds,
-for every checked file, a few of the real inputs used at export and PyTorch's outputs on them.
+The bundle's file names and ONNX tensor names are runtime.manifest's (one owner);
+`verification/reference.npz` (manifest.REFERENCE_FILE) holds, for every checked file, a few
+of the real inputs used at export and PyTorch's outputs on them, under `reference_key`.
 """
 
 from __future__ import annotations
@@ -9,28 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from export.errors import ExportError
-from runtime.manifest import Manifest
+from runtime.manifest import BATCH_DIM
 
 MIN_OPSET = 18
-BATCH_DIM = "batch"
-INPUT_NAME = "INPUT"  # the served (KServe) input; ONNX files use x / z / logits / ...
-REFERENCE_FILE = "verification/reference.npz"
-TORCH_F_FILE = "torch/f.pt2"
+# The served (KServe) input name export writes into manifest["input"]["name"]; the runtime
+# reads it from there, so it is a default of export's, not part of the fixed contract.
+INPUT_NAME = "INPUT"
 
 
 def reference_key(file: str, what: str) -> str:
     """npz member name for a bundle file's stored input/output ('/' is not safe in npz keys)."""
     return f"{file.replace('/', '__')}::{what}"
-
-
-def io_names(manifest: Manifest) -> dict[str, tuple[str, str]]:
-    """ONNX input/output names of every ONNX file in a bundle (the contract's fixed names)."""
-    names = {manifest.f: ("x", "z")}
-    names.update({h.file: ("z", "logits") for h in manifest.heads})
-    names.update({e.file: ("x", "x_parity") for e in manifest.encoders})
-    if manifest.parm is not None:
-        names[manifest.parm] = ("x", "logits_sum")
-    return names
 
 
 def check_onnx(path: str | Path, *, input_name: str, output_name: str, opset: int = MIN_OPSET) -> None:

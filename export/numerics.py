@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from export.errors import ExportVerificationError
+
 _TINY = 1e-12
 _ORT_CHUNK = 64  # samples per ORT call: bounds memory, exercises the dynamic batch dim
 
@@ -37,9 +39,12 @@ class ErrorStats:
         }
 
 
-def error_stats(actual: np.ndarray, reference: np.ndarray) -> ErrorStats:
+def error_stats(actual: np.ndarray, reference: np.ndarray, what: str = "output") -> ErrorStats:
+    """Raises ExportVerificationError naming `what` when the shapes differ."""
     if actual.shape != reference.shape:
-        raise ValueError(f"output shape {actual.shape} differs from reference shape {reference.shape}")
+        raise ExportVerificationError(
+            f"{what}: output shape {actual.shape} differs from reference shape {reference.shape}"
+        )
     diff = np.abs(actual.astype(np.float64) - reference.astype(np.float64))
     max_abs = float(diff.max()) if diff.size else 0.0
     if diff.size and not np.all(np.isfinite(diff)):

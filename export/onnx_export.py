@@ -19,7 +19,8 @@ import torch
 
 from export.config import EXPORTERS
 from export.errors import ExportError
-from export.layout import BATCH_DIM, MIN_OPSET, check_onnx
+from export.layout import MIN_OPSET, check_onnx
+from runtime.manifest import BATCH_DIM
 
 logger = logging.getLogger(__name__)
 

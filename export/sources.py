@@ -9,7 +9,6 @@ work starts: the f every checkpoint was trained against (`f_hash`), k, and the d
 from __future__ import annotations
 
 import logging
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import torch
 
 from export.errors import CheckpointMismatchError, ExportError
-from kernels.coding import CodingError, CodingScheme
+from kernels.coding import CodingScheme
+from kernels.errors import CodingError
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,6 @@ class Checkpoint:
     @property
     def f_hash(self) -> str | None:
         return self.data.get("f_hash")
-
-    def command_line(self) -> str | None:
-        command = self.data.get("command")
-        if command is None:
-            return None
-        return shlex.join(str(c) for c in command) if isinstance(command, (list, tuple)) else str(command)
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """`python -m export trt BUNDLE`: TensorRT engines for the GPU this runs on.
 
-Engines go to engines/<sm>_trt<version>/<same path as the ONNX, .plan> (e.g.
-engines/sm90_trt10.13.0/f.plan), because a plan only runs on the compute capability and
-TensorRT version that built it. Each engine has one optimisation profile per concurrent
+Engines go to runtime.manifest.plan_file(): engines/<sm>_trt<version>/<same path as the
+ONNX, .plan> (e.g. engines/sm90_trt10.13.0/f.plan), because a plan only runs on the compute
+capability and TensorRT version that built it. Each engine has one optimisation profile per concurrent
 worker context (--workers): an execution context owns a profile, so N workers sharing an
 engine need N profiles. The timing cache is persisted next to the plans and reused by the
 next build. Precision comes from the ONNX (an fp16 bundle holds fp16 weights): the network
@@ -25,12 +25,20 @@ from typing import Any
 
 from export.config import TrtConfig
 from export.errors import ExportError, TensorRTBuildError, TensorRTUnavailableError
-from export.layout import io_names
-from runtime.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_file, verify_checksums
+from runtime.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    engine_dir,
+    plan_file,
+    sha256_file,
+    verify_checksums,
+)
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MAJOR = (10, 11)
+TIMING_CACHE_FILE = "timing.cache"  # inside the engine directory, reused by the next build
 
 
 @dataclass
@@ -104,10 +112,6 @@ def compute_capability(device: int) -> tuple[int, int]:
         raise TensorRTUnavailableError(f"no usable CUDA device {device}: {exc}") from exc
 
 
-def engine_dir_name(capability: tuple[int, int], trt_version: str) -> str:
-    return f"sm{capability[0]}{capability[1]}_trt{trt_version}"
-
-
 def _parse_onnx(trt: Any, builder: Any, logger_: Any, path: Path) -> Any:
     """The network for `path`; all parser errors are collected into one exception."""
     flags = 0
@@ -174,9 +178,10 @@ def build_engines(config: TrtConfig) -> TrtBuildReport:
         raise ExportError(f"not a valid bundle: {exc}") from exc
     trt = import_tensorrt()
     capability = compute_capability(config.device)
-    engine_rel = Path("engines") / engine_dir_name(capability, str(trt.__version__))
-    report = TrtBuildReport(engine_dir=engine_rel.as_posix())
-    cache_path = Path(config.timing_cache) if config.timing_cache else root / engine_rel / "timing.cache"
+    trt_version = str(trt.__version__)
+    engine_rel = engine_dir(capability, trt_version)
+    report = TrtBuildReport(engine_dir=engine_rel)
+    cache_path = Path(config.timing_cache) if config.timing_cache else root / engine_rel / TIMING_CACHE_FILE
     report.timing_cache = str(cache_path)
     logger_ = trt.Logger(trt.Logger.WARNING)
     scratch = trt.Builder(logger_).create_builder_config()
@@ -184,9 +189,9 @@ def build_engines(config: TrtConfig) -> TrtBuildReport:
     if cache is None:
         raise TensorRTBuildError(f"{cache_path}: cannot load the timing cache; delete it to start a fresh one")
     logger.info("TensorRT %s, sm%d%d: building %d engine(s) into %s with %d profile(s) each",
-                trt.__version__, *capability, len(io_names(manifest)), engine_rel, config.workers)
-    for onnx_file in io_names(manifest):
-        plan_rel = (engine_rel / onnx_file).with_suffix(".plan").as_posix()
+                trt_version, *capability, len(manifest.io_names()), engine_rel, config.workers)
+    for onnx_file in manifest.io_names():
+        plan_rel = plan_file(onnx_file, capability, trt_version)
         start_s = time.perf_counter()
         _build_one(trt, root / onnx_file, root / plan_rel, cache, config, logger_)
         report.engines[onnx_file] = plan_rel

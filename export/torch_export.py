@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from export.errors import ExportError
-from export.layout import BATCH_DIM
+from runtime.manifest import BATCH_DIM
 
 logger = logging.getLogger(__name__)
 

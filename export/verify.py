@@ -16,9 +16,9 @@ import numpy as np
 
 from export.config import VerifyConfig
 from export.errors import ExportError, ExportVerificationError
-from export.layout import REFERENCE_FILE, check_onnx, io_names, reference_key
+from export.layout import check_onnx, reference_key
 from export.numerics import error_stats, run_ort
-from runtime.manifest import Manifest, ManifestError, verify_checksums
+from runtime.manifest import REFERENCE_FILE, Manifest, ManifestError, verify_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def verify_bundle(config: VerifyConfig) -> VerifyReport:
         verify_checksums(root, manifest)
     except ManifestError as exc:
         raise ExportVerificationError(str(exc)) from exc
-    names = io_names(manifest)
+    names = manifest.io_names()
     report = VerifyReport(bundle=str(root))
     if not config.numerics:
         report.skipped.append("numerics: --no-numerics")
@@ -101,11 +101,8 @@ def verify_bundle(config: VerifyConfig) -> VerifyReport:
                 root / file, inputs, input_name=names[file][0], output_name=names[file][1]
             )
         if inputs is None or expected is None:
-            raise ExportVerificationError(f"{file}: verification/reference.npz lacks {key_in!r} / {key_out!r}")
-        try:
-            stats = error_stats(actual, expected)
-        except ValueError as exc:
-            raise ExportVerificationError(f"{file}: {exc}") from exc
+            raise ExportVerificationError(f"{file}: {REFERENCE_FILE} lacks {key_in!r} / {key_out!r}")
+        stats = error_stats(actual, expected, what=file)
         atol, rtol = float(recorded["atol"]), float(recorded["rtol"])
         ok = stats.passes(atol, rtol)
         report.checked.append(FileCheck(file, stats.max_abs_err, stats.max_rel_err, atol, rtol, ok))

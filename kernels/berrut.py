@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from kernels.coding import CodingError, _check_int, _output_dtype, _real_array, check_worker_indices
+from kernels.coding import _check_int, _output_dtype, _real_array, check_worker_indices
+from kernels.configs import strict_from_dict
+from kernels.errors import CodingError
 
 logger = logging.getLogger(__name__)
 
@@ -100,18 +102,7 @@ class BerrutCode:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BerrutCode:
         """Inverse of to_dict(); unknown or missing keys are errors."""
-        if not isinstance(data, Mapping):
-            raise CodingError(
-                f"Berrut code: expected a mapping with keys n, k, got {type(data).__name__}"
-            )
-        expected = {"n", "k"}
-        missing, unknown = expected - data.keys(), data.keys() - expected
-        if missing or unknown:
-            raise CodingError(
-                f"Berrut code: expected keys {sorted(expected)}, "
-                f"missing {sorted(missing)}, unknown {sorted(unknown)}"
-            )
-        return cls(n=data["n"], k=data["k"])
+        return strict_from_dict(cls, data, CodingError, where="Berrut code")
 
     def to_dict(self) -> dict[str, Any]:
         return {"n": self.n, "k": self.k}

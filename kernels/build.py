@@ -21,8 +21,13 @@ import shutil
 import struct
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from kernels.configs import strict_from_dict
+from kernels.errors import KernelBuildError, KernelConfigError, KernelsError
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +39,6 @@ NVCC_ENV = "NVCC"
 # Places nvcc lives when it is not on PATH (the CUDA images put it here).
 _NVCC_FALLBACKS = ("/usr/local/cuda/bin/nvcc",)
 _COMPILE_TIMEOUT_S = 600.0
-
-
-class KernelBuildError(RuntimeError):
-    """nvcc is missing, or compiling the decoder kernels failed."""
 
 
 @dataclass
@@ -54,22 +55,20 @@ class BuildConfig:
     def __post_init__(self) -> None:
         self.archs = tuple(self.archs)
         if not self.archs:
-            raise ValueError("BuildConfig.archs is empty: name at least one target such as 'sm_90'")
+            raise KernelConfigError("BuildConfig.archs is empty: name at least one target such as 'sm_90'")
         for arch in self.archs:
             if not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
-                raise ValueError(f"BuildConfig.archs: expected names like 'sm_90', got {arch!r}")
+                raise KernelConfigError(f"BuildConfig.archs: expected names like 'sm_90', got {arch!r}")
         if self.ptx_arch is not None and not (
             self.ptx_arch.startswith("compute_") and self.ptx_arch[8:].rstrip("a").isdigit()
         ):
-            raise ValueError(f"BuildConfig.ptx_arch: expected a name like 'compute_90' or None, got {self.ptx_arch!r}")
+            raise KernelConfigError(
+                f"BuildConfig.ptx_arch: expected a name like 'compute_90' or None, got {self.ptx_arch!r}"
+            )
 
     @classmethod
-    def from_dict(cls, values: dict[str, object]) -> BuildConfig:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown BuildConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)  # type: ignore[arg-type]
+    def from_dict(cls, values: Mapping[str, Any]) -> BuildConfig:
+        return strict_from_dict(cls, values, KernelConfigError)
 
 
 def default_cache_dir() -> Path:
@@ -223,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose=args.verbose,
         )
         path = build(config)
-    except (KernelBuildError, ValueError) as exc:
+    except KernelsError as exc:
         logger.error("error: %s", exc)
         return 1
     logger.info("kernels: fatbin targets %s", ", ".join(fatbin_contents(path)))

@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
+from kernels.configs import strict_from_dict
+from kernels.errors import CodingError
+
 logger = logging.getLogger(__name__)
 
 # A square minor of C whose condition number exceeds this is treated as singular: solving
@@ -33,10 +36,6 @@ logger = logging.getLogger(__name__)
 SINGULAR_CONDITION = 1e10
 # Upper bound on square minors / k-subsets we are willing to enumerate for a check.
 MAX_ENUMERATED_SUBMATRICES = 2_000_000
-
-
-class CodingError(ValueError):
-    """A coding scheme, or the results handed to a decoder, are invalid."""
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -193,19 +192,7 @@ class CodingScheme:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CodingScheme:
         """Inverse of to_dict(); unknown or missing keys are errors."""
-        if not isinstance(data, Mapping):
-            raise CodingError(
-                f"coding scheme: expected a mapping with keys n, k, coefficients, "
-                f"got {type(data).__name__}"
-            )
-        expected = {"n", "k", "coefficients"}
-        missing, unknown = expected - data.keys(), data.keys() - expected
-        if missing or unknown:
-            raise CodingError(
-                f"coding scheme: expected keys {sorted(expected)}, "
-                f"missing {sorted(missing)}, unknown {sorted(unknown)}"
-            )
-        return cls(n=data["n"], k=data["k"], coefficients=data["coefficients"])
+        return strict_from_dict(cls, data, CodingError, where="coding scheme")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe {"n", "k", "coefficients"} (coefficients as nested lists of floats)."""

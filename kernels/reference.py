@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.coding import CodingError, CodingScheme
+from kernels.coding import CodingScheme
+from kernels.errors import CodingError
 
 logger = logging.getLogger(__name__)
 

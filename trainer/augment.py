@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.errors import ModelInputError
+
 
 def random_shift(
     x: torch.Tensor, max_shift: int, fill: torch.Tensor, generator: torch.Generator | None = None
@@ -18,7 +20,7 @@ def random_shift(
     shifted digit sits on the same background as an unshifted one.
     """
     if max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+        raise ModelInputError(f"max_shift must be >= 0, got {max_shift}")
     if max_shift == 0:
         return x
     b, c, h, w = x.shape

@@ -4,6 +4,13 @@ Keys (docs/ARCHITECTURE.md): schema, schema_version, model_config, state_dict, t
 metrics, dataset, git_commit, command, plus per-schema extras (`f_hash`, `coding`, ...).
 Writes are atomic (temporary file + rename) so a reader polling the path never sees half a
 file, and a training run killed mid-save leaves the previous checkpoint intact.
+
+`command` is the command line as a user types it (`python -m trainer ...`, see
+`trainer.flags.run_command`), never the interpreter path of the machine that ran it, so
+a bundle's provenance can be pasted and re-run elsewhere.
+
+The loaders (`load_classifier`, `load_encoders`, `load_parm`) rebuild a model from the file
+alone, so export and the benchmarks need no training loop.
 """
 
 from __future__ import annotations
@@ -11,11 +18,17 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from trainer.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from trainer.models import Classifier
+    from trainer.models.encoder import ParityEncoders
+    from trainer.models.parm import ParityModel
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +43,6 @@ _REQUIRED_KEYS = (
     "metrics", "dataset", "git_commit", "command",
 )
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, of the wrong schema/version, or inconsistent."""
 
 
 def git_commit() -> str:
@@ -57,9 +66,12 @@ def save_checkpoint(
     train_config: dict,
     metrics: dict,
     dataset: str,
+    command: list[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the checkpoint dict atomically; `extra` keys go at the top level."""
+    """Write the checkpoint dict atomically; `extra` keys go at the top level.
+
+    `command`: the typed command that produced it (empty when called as a library)."""
     path = Path(path)
     ckpt: dict[str, Any] = {
         "schema": schema,
@@ -70,7 +82,7 @@ def save_checkpoint(
         "metrics": metrics,
         "dataset": dataset,
         "git_commit": git_commit(),
-        "command": list(sys.argv),
+        "command": list(command or []),
     }
     for key, value in (extra or {}).items():
         if key in ckpt:
@@ -122,7 +134,7 @@ def load_checkpoint(path: str | Path, expected_schema: str) -> dict:
     return ckpt
 
 
-def load_classifier(path: str | Path):
+def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild the Classifier (eval mode) from a classifier checkpoint; returns (model, ckpt).
 
     The stored f_hash must match the fingerprint of the loaded f, so a checkpoint whose
@@ -151,3 +163,23 @@ def load_classifier(path: str | Path):
             f"weights' fingerprint {actual[:12]}...; the file was modified or assembled wrongly"
         )
     return model, ckpt
+
+
+def load_encoders(path: str | Path) -> tuple[ParityEncoders, dict[str, Any]]:
+    """(ParityEncoders in eval mode, checkpoint dict) from an encoder checkpoint."""
+    from trainer.models.encoder import build_encoders
+
+    ckpt = load_checkpoint(path, ENCODER_SCHEMA)
+    encoders = build_encoders(ckpt["model_config"])
+    encoders.load_state_dict(ckpt["state_dict"])
+    return encoders.eval(), ckpt
+
+
+def load_parm(path: str | Path) -> tuple[ParityModel, dict[str, Any]]:
+    """(ParityModel in eval mode, checkpoint dict) from a ParM checkpoint."""
+    from trainer.models.parm import build_parm
+
+    ckpt = load_checkpoint(path, PARM_SCHEMA)
+    parm = build_parm(ckpt["model_config"])
+    parm.load_state_dict(ckpt["state_dict"])
+    return parm.eval(), ckpt

@@ -10,6 +10,7 @@ COMMANDS = {
     "ideal-data": ("trainer.ideal_data", "build cached ideal-encoding targets f^-1(sum c f(x))"),
     "encoder": ("trainer.train_encoder", "train the Coded-InvNet parity encoders"),
     "parm": ("trainer.train_parm", "train the ParM parity-model baseline"),
+    "train-all": ("trainer.pipeline", "re-train every checkpoint `bench accuracy` reads (resumable)"),
 }
 
 

@@ -18,16 +18,14 @@ from typing import Literal
 
 import numpy as np
 
+from trainer.errors import DatasetError
+
 logger = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_ROOT = _REPO_ROOT.parent / "shared" / "data"
 
 Split = Literal["train", "test"]
-
-
-class DatasetError(ValueError):
-    """A dataset is missing, truncated, corrupt or unknown."""
 
 
 @dataclass(frozen=True)

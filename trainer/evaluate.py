@@ -7,7 +7,6 @@ Coded-InvNet's encoders are trained to produce.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -19,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kernels.configs import add_dataclass_flags, dataclass_values
+from trainer import flags
 from trainer.data import DatasetSpec, get_spec, load_split, normalize
+from trainer.errors import EvaluateError
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +88,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.ks = tuple(int(k) for k in self.ks)
         if self.samples < 1 or min(self.ks, default=2) < 2:
-            raise ValueError(f"need --samples >= 1 and every k >= 2, got {self.samples}, {self.ks}")
+            raise EvaluateError(f"need --samples >= 1 and every k >= 2, got {self.samples}, {self.ks}")
         if self.tol <= 0 or self.max_iter < 1:
-            raise ValueError(f"need --tol > 0 and --max-iter >= 1, got {self.tol}, {self.max_iter}")
+            raise EvaluateError(f"need --tol > 0 and --max-iter >= 1, got {self.tol}, {self.max_iter}")
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig, command: list[str] | None = None) -> dict:
+    """Accuracy per head and inverse convergence of `cfg.checkpoint`; written to `cfg.out` if set."""
     from trainer.checkpoint import load_classifier
 
     torch.set_num_threads(cfg.threads)
@@ -127,6 +130,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         stats.pop("_x_hat")
         off[f"k={k}"] = stats
     result = {
+        "command": list(command or []),
         "checkpoint": str(cfg.checkpoint),
         "dataset": ckpt["dataset"],
         "f_hash": ckpt["f_hash"],
@@ -159,33 +163,19 @@ def evaluate(cfg: EvalConfig) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trainer evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="classifier checkpoint (classifier.pt)")
-    p.add_argument("--out", default=None, help="write the JSON report here")
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 10])
-    p.add_argument("--tol", type=float, default=1e-5)
-    p.add_argument("--max-iter", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-dir", default=None)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainer.checkpoint import CheckpointError
-
-    try:
-        result = evaluate(EvalConfig(**vars(args)))
-    except (CheckpointError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
-    summary = {
+def _summary(result: dict) -> dict:
+    keys = ("max_iterations", "max_rel_residual", "converged")
+    return {
         "test_accuracy": result["test_accuracy"],
-        "inverse_test": {k: result["inverse_test_embeddings"][k]
-                         for k in ("max_iterations", "max_rel_residual", "converged")},
-        "inverse_avg": {k: {m: v[m] for m in ("max_iterations", "max_rel_residual", "converged")}
-                        for k, v in result["inverse_averaged_embeddings"].items()},
+        "inverse_test": {k: result["inverse_test_embeddings"][k] for k in keys},
+        "inverse_avg": {name: {k: v[k] for k in keys} for name, v in result["inverse_averaged_embeddings"].items()},
     }
-    print(json.dumps(summary, indent=2))  # noqa: T201 - CLI output
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = flags.command_parser("evaluate", __doc__)
+    p.add_argument("checkpoint", help="classifier checkpoint (classifier.pt)")
+    add_dataclass_flags(p, EvalConfig, skip=("checkpoint",), helps={"out": "write the JSON report here"},
+                        unset_defaults=True)
+    return flags.run_command("evaluate", argv, p, lambda args: EvalConfig(**dataclass_values(EvalConfig, vars(args))),
+                             evaluate, _summary)

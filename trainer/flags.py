@@ -1,40 +1,42 @@
-"""Config dataclass <-> CLI flags with budget presets, shared by the trainer commands.
+"""Config dataclass -> CLI flags with budget presets, and the `main` of every trainer command.
 
-Every dataclass field except the required ones becomes `--field-name` with default None,
-so that `config_from_args` can tell "not given" from "given": a preset fills the fields
-the user did not set, and explicit flags always win.
+The flags come from `kernels.configs.add_dataclass_flags` (one `--field-name` per field)
+with every default None, so that `config_from_args` can tell "not given" from "given": a
+preset fills the fields the user did not set, and explicit flags always win.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
+from kernels.configs import add_dataclass_flags, dataclass_values
+from kernels.errors import CodingError
+from trainer.errors import TrainerError
+
 C = TypeVar("C")
 
 
-def add_config_flags(
+def command_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of `python -m trainer NAME`, its module docstring as the description."""
+    return argparse.ArgumentParser(prog=f"python -m trainer {name}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_preset_flags(
     parser: argparse.ArgumentParser,
-    defaults: Any,
-    skip: Collection[str],
+    config_cls: type,
     presets: Mapping[str, Mapping[str, Any]],
-    str_fields: Collection[str] = ("data_dir",),
+    skip: Collection[str] = (),
 ) -> argparse.ArgumentParser:
-    """Add `--preset` and one flag per field of the dataclass instance `defaults`."""
+    """Add `--preset` and one unset-by-default flag per field of `config_cls` not in `skip`."""
     parser.add_argument("--preset", choices=sorted(presets), default=None,
                         help="budget preset; explicit flags win")
-    for field in dataclasses.fields(defaults):
-        if field.name in skip:
-            continue
-        value = getattr(defaults, field.name)
-        kind = str if field.name in str_fields else type(value)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
-                            help=f"default {value}")
+    add_dataclass_flags(parser, config_cls, skip=skip, unset_defaults=True)
     return parser
 
 
@@ -42,8 +44,14 @@ def config_from_args(config_cls: type[C], presets: Mapping[str, Mapping[str, Any
                      args: argparse.Namespace) -> C:
     """The preset's values, overridden by every flag the user gave."""
     values = dict(presets[args.preset]) if args.preset else {}
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "preset"})
+    values.update(dataclass_values(config_cls, vars(args)))
     return config_cls(**values)
+
+
+def typed_command(*args: str) -> list[str]:
+    """`python -m trainer ARGS...` as a user types it (not this machine's interpreter path):
+    what checkpoints record as provenance."""
+    return ["python", "-m", "trainer", *args]
 
 
 def run_command(
@@ -57,15 +65,16 @@ def run_command(
     """The `main` of a trainer command: flags -> config -> run(config, command=...) -> one JSON line
     (`summary` of the result; by default the result without its "history").
 
-    Bad input (any ValueError: a config, checkpoint, ideal-data cache or dataset error) is
-    reported as one log line naming the problem, with exit code 2 instead of a traceback.
+    Bad input (a TrainerError: config, checkpoint, ideal-data cache or dataset; or a coding
+    error from kernels) is reported as one log line naming the problem, with exit code 2
+    instead of a traceback.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
-        result = run(make_config(args), command=["python", "-m", "trainer", name, *argv])
-    except ValueError as exc:
+        result = run(make_config(args), command=typed_command(name, *argv))
+    except (TrainerError, CodingError) as exc:
         logging.getLogger(f"trainer.{name}").error("%s", exc)
         return 2
     if summary is None:  # training metrics: everything but the per-evaluation history

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from trainer import flags
+from trainer.errors import IdealDataError
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"groups": 50_000},
     "cpu": {"groups": 6_000},
 }
-
-
-class IdealDataError(ValueError):
-    """Bad ideal-data configuration, or a cache that does not match the request."""
 
 
 @dataclass
@@ -203,6 +200,7 @@ def load_ideal_data(path: str | Path, f_hash: str | None = None) -> dict[str, An
 
 
 def run(config: IdealDataConfig, command: list[str] | None = None) -> dict[str, Any]:
+    """Build the cache for `config` and write it; returns its metadata."""
     from trainer.checkpoint import load_classifier
     from trainer.data import get_spec, load_split, normalize, train_val_split
 
@@ -249,15 +247,12 @@ def run(config: IdealDataConfig, command: list[str] | None = None) -> dict[str, 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer ideal-data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.command_parser("ideal-data", __doc__)
     p.add_argument("--classifier", required=True, help="classifier checkpoint (.pt)")
     p.add_argument("--out", required=True, help="output .npz (under runs/)")
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--k", type=int, required=True)
-    flags.add_config_flags(p, IdealDataConfig(classifier="", out="", n=2, k=1), skip=("classifier", "out", "n", "k"),
-                           presets=PRESETS, str_fields=("scheme", "data_dir"))
-    return p
+    return flags.add_preset_flags(p, IdealDataConfig, PRESETS, skip=("classifier", "out", "n", "k"))
 
 
 def config_from_args(args: argparse.Namespace) -> IdealDataConfig:

@@ -19,20 +19,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kernels.configs import add_dataclass_flags, dataclass_values
+from trainer import flags
 from trainer.augment import random_shift
-from trainer.checkpoint import (
-    CLASSIFIER_SCHEMA,
-    TRAIN_STATE_SCHEMA,
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-)
+from trainer.checkpoint import CLASSIFIER_SCHEMA, TRAIN_STATE_SCHEMA, load_checkpoint, save_checkpoint
 from trainer.data import DATASETS, get_spec, load_split, normalize, train_val_split
+from trainer.errors import CheckpointError, ClassifierTrainError
 from trainer.evaluate import accuracy
 from trainer.models import (
     Classifier,
     ClassifierConfig,
-    ConfigError,
     IResNetConfig,
     default_heads,
     fingerprint,
@@ -69,32 +65,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
-            raise ConfigError(f"--dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+            raise ClassifierTrainError(f"--dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
         if self.preset not in PRESETS:
-            raise ConfigError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
+            raise ClassifierTrainError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
         for name in ("epochs", "train_subset", "batch_size", "pool_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+                raise ClassifierTrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+            raise ClassifierTrainError(f"--threads must be >= 1, got {self.threads}")
         if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+            raise ClassifierTrainError(f"--lr must be > 0, got {self.lr}")
         if self.augment_shift is not None and self.augment_shift < 0:
-            raise ConfigError(f"--augment-shift must be >= 0, got {self.augment_shift}")
+            raise ClassifierTrainError(f"--augment-shift must be >= 0, got {self.augment_shift}")
         if self.mixup_alpha is not None and self.mixup_alpha <= 0:
-            raise ConfigError(f"--mixup-alpha must be > 0, got {self.mixup_alpha}")
+            raise ClassifierTrainError(f"--mixup-alpha must be > 0, got {self.mixup_alpha}")
         for name in ("blocks_per_stage", "hidden_channels"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, tuple(int(v) for v in value))
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+            raise ClassifierTrainError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
 
 
 # cpu preset per dataset: (blocks per stage, hidden channels, training flags), chosen by the
 # accuracy served when a worker fails (clean and rebuilt answers together), not by clean
-# accuracy alone (bench/results/classifier-tradeoff.md, (5,4); `python -m bench codability`).
+# accuracy alone (experiments/results/classifier-tradeoff.md, (5,4); `python -m experiments codability`).
 # MNIST keeps 2 + 8 blocks: deeper f are not more accurate across seeds (2 + 10 blocks:
 # 99.12 / 98.83 %) and rebuild erased answers 2-7 points worse. A one-pixel random shift, 16
 # epochs and Mixup alpha 0.15 bring this depth to 99.11-99.15 % clean (three runs; alpha 0.3
@@ -197,7 +193,7 @@ def train_epoch(
     `fill` (C,) (the normalised blank pixel) shifted in.
     """
     if augment_shift and fill is None:
-        raise ValueError("augment_shift needs fill, the normalised value of a blank pixel")
+        raise ClassifierTrainError("augment_shift needs fill, the normalised value of a blank pixel")
     model.train()
     steps = math.ceil(len(y_train) / batch_size)
     perm = torch.randperm(len(y_train), generator=generator)
@@ -223,8 +219,10 @@ def train_epoch(
     return loss_sum / max(n_seen, 1)
 
 
-def train(config: TrainConfig) -> dict:
-    """Train, write DIR/last.pt and DIR/classifier.pt; return the final metrics."""
+def train(config: TrainConfig, command: list[str] | None = None) -> dict:
+    """Train, write DIR/last.pt and DIR/classifier.pt; return the final metrics.
+
+    `command`: the typed command line, recorded in both files as provenance."""
     model_cfg, cfg = resolve(config)
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -289,10 +287,10 @@ def train(config: TrainConfig) -> dict:
         save_checkpoint(
             last_path, schema=TRAIN_STATE_SCHEMA, model_config=model_cfg.to_dict(),
             state_dict=model.state_dict(), train_config=asdict(cfg), metrics=metrics,
-            dataset=cfg.dataset,
+            dataset=cfg.dataset, command=command,
             extra=_train_state(model, optimizer, scheduler, generator, epoch + 1, history),
         )
-        _save_classifier(out / "classifier.pt", model, model_cfg, cfg, metrics)
+        _save_classifier(out / "classifier.pt", model, model_cfg, cfg, metrics, command)
 
     train_wall_s = wall_before_s + time.perf_counter() - t_start
     model.f.refine_spectral(cfg.refine_iterations)
@@ -307,55 +305,50 @@ def train(config: TrainConfig) -> dict:
         "history": history,
         "machine_threads": cfg.threads,
     }
-    _save_classifier(out / "classifier.pt", model, model_cfg, cfg, metrics)
+    _save_classifier(out / "classifier.pt", model, model_cfg, cfg, metrics, command)
     logger.info("final metrics: test accuracy %s, wall %.0f s",
                 metrics["test_accuracy"], train_wall_s)
     return metrics
 
 
 def _save_classifier(path: Path, model: Classifier, model_cfg: ClassifierConfig,
-                     cfg: TrainConfig, metrics: dict) -> None:
+                     cfg: TrainConfig, metrics: dict, command: list[str] | None) -> None:
     was_training = model.training
     model.eval()
     save_checkpoint(
         path, schema=CLASSIFIER_SCHEMA, model_config=model_cfg.to_dict(),
         state_dict=model.state_dict(), train_config=asdict(cfg), metrics=metrics,
-        dataset=cfg.dataset, extra={"f_hash": fingerprint(model.f)},
+        dataset=cfg.dataset, command=command, extra={"f_hash": fingerprint(model.f)},
     )
     model.train(was_training)
 
 
+_FROM_PRESET = "default: the preset's"
+_HELPS = {
+    **{name: _FROM_PRESET for name in ("epochs", "batch_size", "lr", "weight_decay", "mixup_alpha", "pool_size")},
+    "train_subset": "use only the first N shuffled training examples",
+    "augment_shift": f"translate training images by up to this many pixels (0 = off); {_FROM_PRESET}",
+    "blocks_per_stage": "residual blocks per stage of f (overrides the preset)",
+    "hidden_channels": "hidden width per stage of f (overrides the preset)",
+    "refine_iterations": "power iterations per conv before the final evaluation",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer classifier", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """`--dataset`, `--out`, then one flag per other TrainConfig field; a flag left unset is
+    None, so the config keeps its field default (None: `resolve` fills it from the preset)."""
+    p = flags.command_parser("classifier", __doc__)
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     p.add_argument("--out", required=True, help="output directory (last.pt, classifier.pt)")
-    p.add_argument("--preset", default="cpu", choices=PRESETS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--train-subset", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--mixup-alpha", type=float, default=None)
-    p.add_argument("--augment-shift", type=int, default=None,
-                   help="translate training images by up to this many pixels (0 = off)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--pool-size", type=int, default=None)
-    p.add_argument("--blocks-per-stage", type=int, nargs="+", default=None)
-    p.add_argument("--hidden-channels", type=int, nargs="+", default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--refine-iterations", type=int, default=200)
+    add_dataclass_flags(p, TrainConfig, skip=("dataset", "out"), helps=_HELPS, choices={"preset": PRESETS},
+                        unset_defaults=True)
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The flags the user gave; every other field keeps its dataclass default (None: the preset's)."""
+    return TrainConfig(**dataclass_values(TrainConfig, vars(args)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        train(TrainConfig(**vars(args)))
-    except (ConfigError, CheckpointError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
-    return 0
+    return flags.run_command("classifier", argv, build_parser(), config_from_args, train)

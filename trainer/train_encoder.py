@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +29,11 @@ from torch import nn
 
 from trainer import flags
 from trainer.best import BestWeights
+from trainer.checkpoint import ENCODER_SCHEMA, load_classifier, save_checkpoint
+from trainer.coded_eval import decode_embeddings, erasure_patterns, evaluate_coded, make_groups
+from trainer.data import get_spec, load_split, normalize, train_val_split
+from trainer.errors import EncoderTrainError
+from trainer.ideal_data import load_ideal_data
 from trainer.models.encoder import DiscriminatorConfig, EncoderConfig, ParityEncoders, PixelDiscriminator
 
 logger = logging.getLogger(__name__)
@@ -41,10 +44,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"steps": 250, "batch_size": 32, "d_steps": 1, "base_channels": 16, "shared_levels": 1,
             "eval_every": 125, "val_groups": 500, "threads": 1},
 }
-
-
-class EncoderTrainError(ValueError):
-    """Bad encoder-training configuration or inputs that do not belong together."""
 
 
 @dataclass
@@ -91,104 +90,6 @@ class EncoderTrainConfig:
             raise EncoderTrainError(f"lr_final_factor must be in (0, 1], got {self.lr_final_factor}")
 
 
-# -- decoding in torch (differentiable; same algebra as kernels.coding.CodingScheme.decode) ----
-
-
-def erasure_patterns(n: int, k: int) -> list[tuple[int, ...]]:
-    """Every set of n-k erased workers that hits at least one systematic worker (id < k)."""
-    return [e for e in itertools.combinations(range(n), n - k) if min(e) < k]
-
-
-def decode_embeddings(
-    coefficients: torch.Tensor, z: torch.Tensor, z_par: torch.Tensor, erased: tuple[int, ...]
-) -> tuple[list[int], torch.Tensor]:
-    """Rebuild the erased systematic embeddings from the k surviving workers.
-
-    coefficients C (R, k); z (B, k, D) systematic embeddings (erased ones are ignored);
-    z_par (B, R, D) parity embeddings f(Enc_r(x)). Returns (missing ids, (B, |missing|, D)).
-    """
-    k = coefficients.shape[1]
-    missing = [j for j in erased if j < k]
-    received = [j for j in range(k) if j not in erased]
-    parities = [p - k for p in range(k, k + coefficients.shape[0]) if p not in erased]
-    if len(parities) != len(missing):
-        raise EncoderTrainError(f"erasure set {erased} leaves {len(parities)} parities for {len(missing)} unknowns")
-    c = coefficients.to(z.dtype)
-    rhs = z_par[:, parities] - torch.einsum("pj,bjd->bpd", c[parities][:, received], z[:, received])  # (B, e, D)
-    system = c[parities][:, missing]  # (e, e)
-    return missing, torch.linalg.solve(system, rhs)  # (B, e, D)
-
-
-# -- evaluation ------------------------------------------------------------------------------
-
-
-@dataclass
-class DegradedResult:
-    acc_labels: float  # degraded-mode accuracy vs true labels, mean over erasure patterns
-    acc_base: float  # agreement with the base model's prediction, mean over erasure patterns
-    per_pattern: dict[str, dict[str, float]]
-    groups: int
-
-
-def make_groups(num_examples: int, k: int, max_groups: int | None, seed: int) -> np.ndarray:
-    """Disjoint k-tuples of a seeded permutation: (G, k) indices, G = min(N // k, max_groups)."""
-    perm = np.random.default_rng(seed).permutation(num_examples)
-    g = num_examples // k if max_groups is None else min(num_examples // k, max_groups)
-    return perm[: g * k].reshape(g, k)
-
-
-@torch.no_grad()
-def evaluate_coded(
-    f: nn.Module,
-    head: nn.Module,
-    encoders: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    groups: np.ndarray,
-    batch_size: int = 64,
-    coefficients: torch.Tensor | None = None,
-) -> DegradedResult:
-    """Degraded-mode accuracy of Coded-InvNet over every erasure pattern (see erasure_patterns).
-
-    encoders maps x (B, k, C, H, W) -> (B, R, C, H, W); coefficients C (R, k) defaults to a
-    ParityEncoders' config. images (N, C, H, W) normalised, labels (N,), groups (G, k) indices.
-    """
-    encoders.eval()
-    if coefficients is None:
-        coefficients = torch.tensor(encoders.config.coefficients, dtype=torch.float32)  # (R, k)
-    R, k = coefficients.shape
-    patterns = erasure_patterns(k + R, k)
-    hits = {p: [0, 0, 0] for p in patterns}  # pattern -> [correct vs labels, agree with base, count]
-    for start in range(0, len(groups), batch_size):
-        idx = torch.as_tensor(groups[start : start + batch_size])  # (B, k)
-        x = images[idx]  # (B, k, C, H, W)
-        B = x.shape[0]
-        z = f(x.flatten(0, 1))  # (B*k, *emb)
-        emb = z.shape[1:]
-        z = z.reshape(B, k, -1)  # (B, k, D)
-        base_pred = head(z.reshape(B * k, *emb)).argmax(1).reshape(B, k)
-        z_par = f(encoders(x).flatten(0, 1)).reshape(B, R, -1)  # (B, R, D)
-        y = labels[idx]  # (B, k)
-        for pattern in patterns:
-            missing, z_hat = decode_embeddings(coefficients, z, z_par, pattern)  # (B, e, D)
-            pred = head(z_hat.reshape(-1, *emb)).argmax(1).reshape(B, len(missing))
-            hits[pattern][0] += int((pred == y[:, missing]).sum())
-            hits[pattern][1] += int((pred == base_pred[:, missing]).sum())
-            hits[pattern][2] += pred.numel()
-    per = {
-        ",".join(map(str, p)): {"acc_labels": h[0] / h[2], "acc_base": h[1] / h[2]} for p, h in hits.items()
-    }
-    return DegradedResult(
-        acc_labels=float(np.mean([v["acc_labels"] for v in per.values()])),
-        acc_base=float(np.mean([v["acc_base"] for v in per.values()])),
-        per_pattern=per,
-        groups=len(groups),
-    )
-
-
-# -- training --------------------------------------------------------------------------------
-
-
 def cosine_factor(step: int, steps: int, final: float) -> float:
     """Learning-rate multiplier after `step` of `steps`: 1 at the start, `final` at the end."""
     progress = min(step, steps) / steps
@@ -202,10 +103,6 @@ def _soft_xent(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tenso
 def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[str, Any]:
     """Train, evaluate on validation groups, save the checkpoint; returns its metrics."""
     from tqdm import tqdm
-
-    from trainer.checkpoint import load_classifier, save_checkpoint
-    from trainer.data import get_spec, load_split, normalize, train_val_split
-    from trainer.ideal_data import load_ideal_data
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -346,37 +243,25 @@ def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[
     coding = {"n": n, "k": k, "coefficients": coeffs.tolist()}
     save_checkpoint(
         config.out,
-        schema="coded-invnet/encoder",
+        schema=ENCODER_SCHEMA,
         model_config=enc_config.to_dict(),
         state_dict=best.state_dict,
         train_config=dataclasses.asdict(config),
         metrics=metrics,
         dataset=dataset,
+        command=command,
         extra={"f_hash": f_hash, "coding": coding},
     )
     logger.info("saved %s (%.0f s)", config.out, train_time_s)
     return metrics
 
 
-def load_encoders(path: str | Path) -> tuple[ParityEncoders, dict[str, Any]]:
-    """(ParityEncoders in eval mode, checkpoint dict) from an encoder checkpoint."""
-    from trainer.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(path, expected_schema="coded-invnet/encoder")
-    encoders = ParityEncoders(EncoderConfig.from_dict(ckpt["model_config"]))
-    encoders.load_state_dict(ckpt["state_dict"])
-    return encoders.eval(), ckpt
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer encoder", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.command_parser("encoder", __doc__)
     p.add_argument("--classifier", required=True, help="classifier checkpoint (.pt)")
     p.add_argument("--ideal-data", required=True, help="cache from `python -m trainer ideal-data`")
     p.add_argument("--out", required=True, help="encoder checkpoint to write (under runs/)")
-    flags.add_config_flags(p, EncoderTrainConfig(classifier="", ideal_data="", out=""),
-                           skip=("classifier", "ideal_data", "out"), presets=PRESETS, str_fields=("data_dir",))
-    return p
+    return flags.add_preset_flags(p, EncoderTrainConfig, PRESETS, skip=("classifier", "ideal_data", "out"))
 
 
 def config_from_args(args: argparse.Namespace) -> EncoderTrainConfig:

@@ -15,16 +15,19 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from trainer import flags
-from trainer.models.parm import INPUT_MODES, ParityModel, ParMConfig, parm_decode
+from trainer.checkpoint import PARM_SCHEMA, load_classifier, save_checkpoint
+from trainer.coded_eval import evaluate_parm, make_groups
+from trainer.data import get_spec, load_split, normalize, train_val_split
+from trainer.errors import ParMTrainError
+from trainer.models import Classifier, ClassifierConfig, primary_logits_fn
+from trainer.models.parm import INPUT_MODES, ParityModel, ParMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +35,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"steps": 20_000},
     "cpu": {"steps": 250, "batch_size": 32, "eval_every": 125, "val_groups": 500, "threads": 1},
 }
-
-
-class ParMTrainError(ValueError):
-    """Bad ParM training configuration."""
 
 
 @dataclass
@@ -70,60 +69,9 @@ class ParMTrainConfig:
             raise ParMTrainError(f"lr must be > 0, got {self.lr}")
 
 
-@torch.no_grad()
-def evaluate_parm(
-    base: nn.Module,
-    parm: ParityModel,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    groups: np.ndarray,
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """Degraded-mode accuracy of ParM, averaged over every erased position a in 0..k-1.
-
-    base maps x (B, C, H, W) -> primary logits (B, K); images (N, C, H, W); groups (G, k).
-    """
-    parm.eval()
-    k = groups.shape[1]
-    hits = np.zeros((k, 2), dtype=np.int64)  # per erased position: [vs labels, vs base]
-    for start in range(0, len(groups), batch_size):
-        idx = torch.as_tensor(groups[start : start + batch_size])  # (B, k)
-        x = images[idx]  # (B, k, C, H, W)
-        B = x.shape[0]
-        logits = base(x.flatten(0, 1)).reshape(B, k, -1)  # (B, k, K)
-        base_pred = logits.argmax(2)  # (B, k)
-        parity = parm(x)  # (B, K)
-        y = labels[idx]
-        for a in range(k):
-            rest = [i for i in range(k) if i != a]
-            pred = parm_decode(parity, logits[:, rest]).argmax(1)  # (B,)
-            hits[a, 0] += int((pred == y[:, a]).sum())
-            hits[a, 1] += int((pred == base_pred[:, a]).sum())
-    total = len(groups)
-    return {"acc_labels": float(hits[:, 0].mean() / total), "acc_base": float(hits[:, 1].mean() / total)}
-
-
-def primary_logits_fn(model: nn.Module) -> nn.Module:
-    """x -> primary-head logits of a Classifier, as one module (eval, frozen)."""
-
-    class _Primary(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.f = model.f.folded()
-            self.head = model.heads[model.primary_task]
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.f(x))
-
-    return _Primary().eval().requires_grad_(False)
-
-
 def train(config: ParMTrainConfig, command: list[str] | None = None) -> dict[str, Any]:
+    """Train against the classifier's primary head, save the checkpoint; returns its metrics."""
     from tqdm import tqdm
-
-    from trainer.checkpoint import load_classifier, save_checkpoint
-    from trainer.data import get_spec, load_split, normalize, train_val_split
-    from trainer.train_encoder import make_groups
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -140,8 +88,6 @@ def train(config: ParMTrainConfig, command: list[str] | None = None) -> dict[str
     val_groups = val_idx[make_groups(len(val_idx), config.k, config.val_groups, config.seed + 1)]
 
     parm_config = ParMConfig(k=config.k, classifier=model.config.to_dict(), input_mode=config.input_mode)
-    from trainer.models import Classifier, ClassifierConfig
-
     body = Classifier(ClassifierConfig.from_dict(parm_config.classifier))
     if config.init == "base":
         body.load_state_dict(copy.deepcopy(model.state_dict()))
@@ -182,38 +128,25 @@ def train(config: ParMTrainConfig, command: list[str] | None = None) -> dict[str
         parm.f.refine_spectral()
     save_checkpoint(
         config.out,
-        schema="coded-invnet/parm",
+        schema=PARM_SCHEMA,
         model_config=parm_config.to_dict(),
         state_dict=parm.state_dict(),
         train_config=dataclasses.asdict(config),
         metrics=metrics,
         dataset=dataset,
+        command=command,
         extra={"f_hash": ckpt["f_hash"]},
     )
     logger.info("saved %s (%.0f s)", config.out, train_time_s)
     return metrics
 
 
-def load_parm(path: str | Path) -> tuple[ParityModel, dict[str, Any]]:
-    """(ParityModel in eval mode, checkpoint dict) from a ParM checkpoint."""
-    from trainer.checkpoint import load_checkpoint
-    from trainer.models.parm import build_parm
-
-    ckpt = load_checkpoint(path, expected_schema="coded-invnet/parm")
-    parm = build_parm(ckpt["model_config"])
-    parm.load_state_dict(ckpt["state_dict"])
-    return parm.eval(), ckpt
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer parm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.command_parser("parm", __doc__)
     p.add_argument("--classifier", required=True, help="base classifier checkpoint (.pt)")
     p.add_argument("--out", required=True, help="ParM checkpoint to write (under runs/)")
     p.add_argument("--k", type=int, required=True, help="queries per parity (n = k + 1)")
-    flags.add_config_flags(p, ParMTrainConfig(classifier="", out="", k=2), skip=("classifier", "out", "k"),
-                           presets=PRESETS, str_fields=("data_dir",))
-    return p
+    return flags.add_preset_flags(p, ParMTrainConfig, PRESETS, skip=("classifier", "out", "k"))
 
 
 def config_from_args(args: argparse.Namespace) -> ParMTrainConfig:

@@ -101,7 +101,7 @@ def test_config_validation_errors() -> None:
         LoadConfig(pattern="poisson")
     with pytest.raises(LoadgenError, match="pattern must be one of"):
         LoadConfig(pattern="burst")
-    with pytest.raises(LoadgenError, match="unknown LoadConfig keys"):
+    with pytest.raises(LoadgenError, match=r"LoadConfig: unknown key\(s\) \['rate'\]"):
         LoadConfig.from_dict({"rate": 3})
     args = build_parser().parse_args(["--input-shape", "3,32,32", "--out", "x.json"])
     assert config_from_args(args).input_shape == (3, 32, 32)

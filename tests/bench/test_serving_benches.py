@@ -68,7 +68,7 @@ def test_latency_config_errors(bundle: Path, tmp_path: Path) -> None:
         LatencyConfig(bundles=(str(bundle),), modes=("coded", "magic"))
     with pytest.raises(LatencyBenchError, match="poisson-rates must be > 0"):
         LatencyConfig(bundles=(str(bundle),), poisson_rates=(0.0,))
-    with pytest.raises(LatencyBenchError, match="unknown LatencyConfig keys"):
+    with pytest.raises(LatencyBenchError, match=r"LatencyConfig: unknown key\(s\) \['queries'\]"):
         LatencyConfig.from_dict({"bundles": [str(bundle)], "queries": 3})
 
 
@@ -147,3 +147,31 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     rec = {"servers": {"coded": srv}, "targets": {"mode": "coded", "ratio_vs_raw_x_k_over_n": 0.5}}
     png = throughput_figure(rec, tmp_path / "t.png", "t")
     assert png.stat().st_size > 1000
+
+
+def test_cli_flags_map_one_to_one_onto_the_configs(bundle: Path) -> None:
+    from bench import kernel, latency, overhead, throughput
+    from bench.errors import BenchError
+    from kernels.configs import dataclass_values
+
+    b = str(bundle)
+    cfg = latency.config_from_args(latency.build_parser().parse_args(
+        [b, "--modes", "coded,uncoded", "--poisson-rates", "10,30", "--server-args", "--workers 2",
+         "--num-queries", "7", "--delay-ms", "50", "--tag", "t"]))
+    assert cfg == LatencyConfig(bundles=(b,), modes=("coded", "uncoded"), poisson_rates=(10.0, 30.0),
+                                server_args=("--workers", "2"), num_queries=7, delay_ms=50.0, tag="t")
+    assert latency.config_from_args(latency.build_parser().parse_args([b])) == LatencyConfig(bundles=(b,))
+    cfg = overhead.config_from_args(overhead.build_parser().parse_args(
+        [b, "--ks", "2,3", "--skip-encoder-export", "--batch-size", "8", "--reference-f-presets", "paper"]))
+    assert cfg == OverheadConfig(bundle=b, ks=(2, 3), skip_encoder_export=True, batch_size=8,
+                                 reference_f_presets=("paper",))
+    assert overhead.config_from_args(overhead.build_parser().parse_args([b])) == OverheadConfig(bundle=b)
+    cfg = throughput.config_from_args(throughput.build_parser().parse_args(
+        [b, "--modes", "coded", "--concurrency", "4", "--raw-duration-s", "0.5"]))
+    assert cfg == ThroughputConfig(bundle=b, modes=("coded",), concurrency=4, raw_duration_s=0.5)
+    assert throughput.config_from_args(throughput.build_parser().parse_args([b])) == ThroughputConfig(bundle=b)
+    args = kernel.build_parser().parse_args(["--ds", "8,16", "--backend", "numpy", "--unfused", "none"])
+    assert kernel.KernelBenchConfig.from_dict(dataclass_values(kernel.KernelBenchConfig, vars(args))) == (
+        kernel.KernelBenchConfig(ds=(8, 16), backend="numpy", unfused="none"))
+    for error in (LatencyBenchError, OverheadBenchError, ThroughputBenchError, kernel.KernelBenchError):
+        assert issubclass(error, BenchError)

@@ -14,10 +14,20 @@ import torch
 from export.bundle import build_bundle
 from export.config import ExportConfig
 from export.errors import ExportError, ExportVerificationError
-from export.layout import REFERENCE_FILE, io_names
 from export.numerics import run_ort
 from export.sources import load_sources
-from runtime.manifest import Manifest, ManifestError, sha256_file, verify_checksums
+from runtime.manifest import (
+    F_FILE,
+    PARM_FILE,
+    REFERENCE_FILE,
+    TORCH_F_FILE,
+    Manifest,
+    ManifestError,
+    encoder_file,
+    head_file,
+    sha256_file,
+    verify_checksums,
+)
 
 pytestmark = pytest.mark.mnist  # builds or reads bundles verified on real MNIST test images
 
@@ -44,7 +54,7 @@ def test_bundle_layout_and_manifest(bundle: Path, checkpoints: dict[str, Path]) 
     assert REFERENCE_FILE in manifest.files
     assert all(manifest.files[rel] == sha256_file(bundle / rel) for rel in manifest.files)
     # every exported file was checked at export, on the requested number of real inputs
-    for file in [*io_names(manifest), "torch/f.pt2"]:
+    for file in [*manifest.io_names(), TORCH_F_FILE]:
         entry = manifest.verification[file]
         assert entry["samples"] == 16 and entry["max_abs_err"] <= entry["atol"] + 1e-3
     prov = manifest.provenance
@@ -57,7 +67,7 @@ def test_bundle_layout_and_manifest(bundle: Path, checkpoints: dict[str, Path]) 
 
 def test_onnx_files_have_contract_io_and_dynamic_batch(bundle: Path) -> None:
     manifest = Manifest.load(bundle)
-    for file, (input_name, output_name) in io_names(manifest).items():
+    for file, (input_name, output_name) in manifest.io_names().items():
         model = onnx.load(str(bundle / file))
         assert [i.name for i in model.graph.input] == [input_name]
         assert [o.name for o in model.graph.output] == [output_name]
@@ -78,13 +88,13 @@ def test_ort_matches_pytorch_on_fresh_inputs(bundle: Path, checkpoints: dict[str
         with torch.no_grad():
             z = clf.f(x)
             expected = {
-                "f.onnx": (x, z),
-                "heads/digit.onnx": (z, clf.heads["digit"](z)),
-                "heads/parity.onnx": (z, clf.heads["parity"](z)),
-                "encoders/enc_0.onnx": (groups, sources.encoders.encoders[0](groups)),
-                "parm.onnx": (groups, sources.parm(groups)),
+                F_FILE: (x, z),
+                head_file("digit"): (z, clf.heads["digit"](z)),
+                head_file("parity"): (z, clf.heads["parity"](z)),
+                encoder_file(0): (groups, sources.encoders.encoders[0](groups)),
+                PARM_FILE: (groups, sources.parm(groups)),
             }
-        names = io_names(Manifest.load(bundle))
+        names = Manifest.load(bundle).io_names()
         for file, (inp, out) in expected.items():
             actual = run_ort(bundle / file, inp.numpy(), input_name=names[file][0], output_name=names[file][1])
             np.testing.assert_allclose(actual, out.numpy(), atol=ATOL, rtol=RTOL, err_msg=file)

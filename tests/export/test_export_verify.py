@@ -14,9 +14,9 @@ import pytest
 from export.cli import main
 from export.config import VerifyConfig
 from export.errors import ExportVerificationError
-from export.layout import REFERENCE_FILE, reference_key
+from export.layout import reference_key
 from export.verify import verify_bundle
-from runtime.manifest import sha256_file
+from runtime.manifest import REFERENCE_FILE, sha256_file
 
 pytestmark = pytest.mark.mnist  # builds or reads bundles verified on real MNIST test images
 

@@ -14,7 +14,7 @@ from kernels.berrut import (
     chebyshev_first_kind,
     chebyshev_second_kind,
 )
-from kernels.coding import CodingError
+from kernels.errors import CodingError
 
 # Identities below hold up to float64 rounding of a k- or n-term weighted sum.
 RTOL = 1e-12
@@ -155,7 +155,7 @@ def test_errors() -> None:
         BerrutCode(n=1, k=1)
     with pytest.raises(CodingError, match=r"k must be >= 1, got 0"):
         BerrutCode(n=3, k=0)
-    with pytest.raises(CodingError, match=r"unknown \['c'\]"):
+    with pytest.raises(CodingError, match=r"unknown key\(s\) \['c'\]"):
         BerrutCode.from_dict({"n": 3, "k": 2, "c": 1})
     code = BerrutCode(n=5, k=3)
     with pytest.raises(CodingError, match=r"shape \(k=3, \.\.\.\), got \(2, 4\)"):

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from kernels.coding import CodingError, CodingScheme, OnlineDecoder
+from kernels.coding import CodingScheme, OnlineDecoder
+from kernels.errors import CodingError
 
 # float64 decode of exact parities: only rounding error, amplified by the worst submatrix
 # condition number (<= ~600 for the schemes below), so 1e-10 relative is a loose bound.
@@ -164,9 +165,9 @@ def test_coding_error_is_value_error() -> None:
 
 def test_from_dict_rejects_unknown_and_missing_keys() -> None:
     good = CodingScheme.average(2).to_dict()
-    with pytest.raises(CodingError, match=r"unknown \['extra'\]"):
+    with pytest.raises(CodingError, match=r"unknown key\(s\) \['extra'\]"):
         CodingScheme.from_dict({**good, "extra": 1})
-    with pytest.raises(CodingError, match=r"missing \['coefficients'\]"):
+    with pytest.raises(CodingError, match=r"missing required key\(s\) \['coefficients'\]"):
         CodingScheme.from_dict({"n": 3, "k": 2})
     with pytest.raises(CodingError, match=r"expected a mapping"):
         CodingScheme.from_dict([3, 2])  # type: ignore[arg-type]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from kernels import build
-from kernels.build import BuildConfig, KernelBuildError
+from kernels.build import BuildConfig
+from kernels.errors import KernelBuildError
 
 KERNEL_NAMES = (
     [f"ci_{kind}_{suffix}" for suffix in ("f32", "f16", "bf16") for kind in ("one_shot_decode", "online_update")]
@@ -84,21 +85,21 @@ def test_config_is_validated() -> None:
         BuildConfig(archs=("90",))
     with pytest.raises(ValueError, match="at least one target"):
         BuildConfig(archs=())
-    with pytest.raises(ValueError, match=r"unknown BuildConfig keys \['arch'\]"):
+    with pytest.raises(ValueError, match=r"BuildConfig: unknown key\(s\) \['arch'\]"):
         BuildConfig.from_dict({"arch": "sm_90"})
     assert BuildConfig(archs=("sm_90a",)).archs == ("sm_90a",)
 
 
 def test_param_struct_layout_matches_the_host_packing() -> None:
     """decoder.cu pins its parameter structs with static_asserts; the host must pack the same."""
-    from kernels import cuda_decoder
+    from kernels import cuda_params
 
     source = build.SOURCE.read_text()
     sizes = dict(re.findall(r"static_assert\(sizeof\((\w+)\) == (\d+)", source))
     assert {name: int(size) for name, size in sizes.items()} == {
-        "OneShotParams": cuda_decoder.ONE_SHOT_PARAMS.size,
-        "OnlineUpdateParams": cuda_decoder.ONLINE_UPDATE_PARAMS.size,
-        "GeneralParams": cuda_decoder.GENERAL_PARAMS_SIZE,
+        "OneShotParams": cuda_params.ONE_SHOT_PARAMS.size,
+        "OnlineUpdateParams": cuda_params.ONLINE_UPDATE_PARAMS.size,
+        "GeneralParams": cuda_params.GENERAL_PARAMS_SIZE,
     }
 
 

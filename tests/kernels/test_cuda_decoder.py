@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from kernels import cuda_decoder as cd
+from kernels import cuda_driver, cuda_kernels, cuda_params
 from kernels import reference as ref
-from kernels.coding import CodingError, CodingScheme, OnlineDecoder
+from kernels.coding import CodingScheme, OnlineDecoder
+from kernels.cuda_kernels import CudaKernels
+from kernels.errors import CodingError, CudaDecoderError, CudaUnavailableError
 
 RNG = np.random.default_rng(7)
 
@@ -20,28 +23,30 @@ RNG = np.random.default_rng(7)
 
 
 def test_one_shot_params_pack_like_the_cuda_struct() -> None:
-    blob = cd.pack_one_shot([0x1000, 0x2000], parity=0x3000, out=0x4000, n=784, parity_scale=4.0)
+    blob = cuda_params.pack_one_shot([0x1000, 0x2000], parity=0x3000, out=0x4000, n=784, parity_scale=4.0)
     assert len(blob) == 544
     assert struct.unpack_from("<2Q", blob, 0) == (0x1000, 0x2000)
     assert struct.unpack_from("<Q", blob, 16) == (0,)  # unused pointer slots are null
     assert struct.unpack_from("<QQqfi", blob, 512) == (0x3000, 0x4000, 784, 4.0, 2)
     with pytest.raises(CodingError, match="at most 64 inputs"):
-        cd.pack_one_shot([1] * 65, 1, 1, 1, 1.0)
+        cuda_params.pack_one_shot([1] * 65, 1, 1, 1, 1.0)
 
 
 def test_online_update_and_general_params_pack_like_the_cuda_structs() -> None:
-    blob = cd.pack_online_update(est=8, x=16, n=5, alpha=-1.0, beta=0.0, copy_out=24, final_out=0, final_scale=2.0)
+    blob = cuda_params.pack_online_update(
+        est=8, x=16, n=5, alpha=-1.0, beta=0.0, copy_out=24, final_out=0, final_scale=2.0
+    )
     assert struct.unpack("<QQQQqfffi", blob) == (8, 16, 24, 0, 5, -1.0, 0.0, 2.0, 0)
     coeffs = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=np.float32)
-    blob = cd.pack_general(coeffs, [16, 32, 48], [64, 80], n=9)
-    assert len(blob) == cd.GENERAL_PARAMS_SIZE == 2640
+    blob = cuda_params.pack_general(coeffs, [16, 32, 48], [64, 80], n=9)
+    assert len(blob) == cuda_params.GENERAL_PARAMS_SIZE == 2640
     table = np.frombuffer(blob, dtype="<f4", count=8 * 64, offset=576).reshape(8, 64)
     np.testing.assert_array_equal(table[:2, :3], coeffs)
     assert not table[2:].any() and not table[:, 3:].any()  # the kernel relies on zero rows
     assert struct.unpack_from("<qii", blob, 2624) == (9, 3, 2)
     assert struct.unpack_from("<2Q", blob, 512) == (64, 80)
     with pytest.raises(CodingError, match="2 coefficient rows for 3 outputs"):
-        cd.pack_general(coeffs, [16, 32, 48], [64, 80, 96], n=9)
+        cuda_params.pack_general(coeffs, [16, 32, 48], [64, 80, 96], n=9)
 
 
 class _FakeCudaArray:
@@ -56,27 +61,27 @@ class _FakeCudaArray:
 
 
 def test_device_pointer_accepts_cuda_arrays_and_checks_them() -> None:
-    assert cd.device_pointer(0x1000) == 0x1000
-    assert cd.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4"), nbytes=48, dtype="float32") == 0x2000
-    assert cd.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4", strides=(12, 4)), nbytes=48) == 0x2000
+    assert cuda_driver.device_pointer(0x1000) == 0x1000
+    assert cuda_driver.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4"), nbytes=48, dtype="float32") == 0x2000
+    assert cuda_driver.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4", strides=(12, 4)), nbytes=48) == 0x2000
     with pytest.raises(CodingError, match="expected at least 52 bytes, got 48"):
-        cd.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4"), nbytes=52)
+        cuda_driver.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4"), nbytes=52)
     with pytest.raises(CodingError, match="expected dtype float32, got float16"):
-        cd.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f2"), dtype="float32")
+        cuda_driver.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f2"), dtype="float32")
     with pytest.raises(CodingError, match=r"C-contiguous array, got strides \(4, 16\)"):
-        cd.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4", strides=(4, 16)))
+        cuda_driver.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4", strides=(4, 16)))
     with pytest.raises(CodingError, match="expected device memory, got ndarray"):
-        cd.device_pointer(np.zeros(3))
+        cuda_driver.device_pointer(np.zeros(3))
     with pytest.raises(CodingError, match="null device pointer"):
-        cd.device_pointer(0)
+        cuda_driver.device_pointer(0)
     with pytest.raises(CodingError, match="expected a device pointer"):
-        cd.device_pointer("0x1000")
+        cuda_driver.device_pointer("0x1000")
 
 
 def test_device_pointer_rejects_cpu_tensors() -> None:
     torch = pytest.importorskip("torch")
     with pytest.raises(CodingError, match="expected a CUDA tensor, got one on cpu"):
-        cd.device_pointer(torch.zeros(3))
+        cuda_driver.device_pointer(torch.zeros(3))
 
 
 def test_every_driver_error_becomes_one_error_type(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,27 +95,27 @@ def test_every_driver_error_becomes_one_error_type(monkeypatch: pytest.MonkeyPat
     def failing() -> None:
         raise FakeDriverError("cuModuleGetFunction failed: named symbol not found")
 
-    with pytest.raises(cd.CudaDecoderError, match="trying to find kernel x: cuModuleGetFunction failed") as info:
-        cd.check("find kernel x", failing)
+    with pytest.raises(CudaDecoderError, match="trying to find kernel x: cuModuleGetFunction failed") as info:
+        cuda_driver.check("find kernel x", failing)
     assert (info.value.routine, info.value.status) == ("cuModuleGetFunction", "named symbol not found")
-    assert cd.check("add", lambda a, b: a + b, 2, 3) == 5
+    assert cuda_driver.check("add", lambda a, b: a + b, 2, 3) == 5
     with pytest.raises(KeyError):  # non-driver errors pass through untouched
-        cd.check("look up", {}.__getitem__, "missing")
+        cuda_driver.check("look up", {}.__getitem__, "missing")
 
 
 def test_missing_pycuda_names_the_gpu_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pycuda", None)  # makes `import pycuda...` raise ImportError
     monkeypatch.setitem(sys.modules, "pycuda.driver", None)
-    with pytest.raises(cd.CudaUnavailableError, match=r"install the `gpu` extra"):
-        cd.CudaKernels()
+    with pytest.raises(CudaUnavailableError, match=r"install the `gpu` extra"):
+        CudaKernels()
 
 
 # ---- GPU: kernels vs kernels.reference ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def kernels() -> cd.CudaKernels:
-    return cd.load_kernels()
+def kernels() -> CudaKernels:
+    return cuda_kernels.load_kernels()
 
 
 def _torch():
@@ -136,7 +141,7 @@ def _random(torch, count: int, n: int, dtype: str, offset: int = 0):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("k", [2, 4, 10, 33])
-def test_one_shot_decode_matches_reference(kernels: cd.CudaKernels, dtype: str, k: int) -> None:
+def test_one_shot_decode_matches_reference(kernels: CudaKernels, dtype: str, k: int) -> None:
     torch = _torch()
     for n, offset in [(1, 0), (7, 0), (784, 0), (1001, 1), (65536 * 3 + 5, 0)]:
         vectors = _random(torch, k, n, dtype, offset)  # k-1 systematic results + a parity
@@ -151,7 +156,7 @@ def test_one_shot_decode_matches_reference(kernels: cd.CudaKernels, dtype: str, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_online_update_matches_reference(kernels: cd.CudaKernels, dtype: str) -> None:
+def test_online_update_matches_reference(kernels: CudaKernels, dtype: str) -> None:
     torch = _torch()
     for n, offset in [(5, 0), (4096 + 3, 0), (999, 1)]:
         x = _random(torch, 1, n, dtype, offset)[0]
@@ -177,7 +182,7 @@ def test_online_update_matches_reference(kernels: cd.CudaKernels, dtype: str) ->
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize(("rows", "inputs"), [(1, 1), (2, 5), (3, 4), (8, 64), (11, 13)])
-def test_general_decode_matches_reference(kernels: cd.CudaKernels, dtype: str, rows: int, inputs: int) -> None:
+def test_general_decode_matches_reference(kernels: CudaKernels, dtype: str, rows: int, inputs: int) -> None:
     torch = _torch()
     n = 3001
     coeffs = RNG.standard_normal((rows, inputs)).astype(np.float32)
@@ -207,7 +212,7 @@ def test_general_decode_matches_reference(kernels: cd.CudaKernels, dtype: str, r
     ids=repr,
 )
 def test_online_decoder_matches_reference_for_every_erasure(
-    kernels: cd.CudaKernels, scheme: CodingScheme, dtype: str
+    kernels: CudaKernels, scheme: CodingScheme, dtype: str
 ) -> None:
     torch = _torch()
     shape = (3, 1, 28, 28)  # (B, C, H, W) MNIST-sized
@@ -240,7 +245,7 @@ def test_online_decoder_matches_reference_for_every_erasure(
 
 
 @pytest.mark.gpu
-def test_online_decoder_owns_its_output_and_stream(kernels: cd.CudaKernels) -> None:
+def test_online_decoder_owns_its_output_and_stream(kernels: CudaKernels) -> None:
     torch = _torch()
     scheme = CodingScheme.average(2)
     decoder = cd.CudaOnlineDecoder(scheme, (16,), kernels=kernels)
@@ -261,7 +266,7 @@ def test_online_decoder_owns_its_output_and_stream(kernels: cd.CudaKernels) -> N
 
 
 @pytest.mark.gpu
-def test_cupy_arrays_are_accepted(kernels: cd.CudaKernels) -> None:
+def test_cupy_arrays_are_accepted(kernels: CudaKernels) -> None:
     cupy = pytest.importorskip("cupy")
     xs = [cupy.asarray(RNG.standard_normal(1000).astype(np.float32)) for _ in range(3)]
     out = cupy.empty(1000, dtype=cupy.float32)
@@ -273,8 +278,8 @@ def test_cupy_arrays_are_accepted(kernels: cd.CudaKernels) -> None:
 
 
 @pytest.mark.gpu
-def test_driver_errors_carry_the_cuda_status(kernels: cd.CudaKernels) -> None:
-    with pytest.raises(cd.CudaDecoderError, match="find kernel ci_no_such_kernel") as info:
+def test_driver_errors_carry_the_cuda_status(kernels: CudaKernels) -> None:
+    with pytest.raises(CudaDecoderError, match="find kernel ci_no_such_kernel") as info:
         kernels.function("ci_no_such_kernel", 8)
     assert info.value.routine == "cuModuleGetFunction"
     assert info.value.status
@@ -282,7 +287,7 @@ def test_driver_errors_carry_the_cuda_status(kernels: cd.CudaKernels) -> None:
 
 # ---- CPU: the host side of CudaKernels / CudaOnlineDecoder on an emulated driver -------------
 # A fake pycuda whose "device memory" is one numpy byte heap and whose kernels unpack the
-# parameter structs with the offsets written in decoder.cu (not with cuda_decoder's structs)
+# parameter structs with the offsets written in decoder.cu (not with cuda_params' structs)
 # and run kernels.reference. It checks the host logic (pointers, row offsets, packing, plan
 # execution, stream use) without a GPU; the real kernels are checked by the gpu tests above.
 
@@ -417,7 +422,7 @@ class _FakeFunction:
 
 
 @pytest.fixture
-def fake_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path) -> tuple[cd.CudaKernels, _FakeDriver]:
+def fake_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path) -> tuple[CudaKernels, _FakeDriver]:
     driver = _FakeDriver()
 
     class Device:
@@ -439,7 +444,7 @@ def fake_kernels(monkeypatch: pytest.MonkeyPatch, tmp_path) -> tuple[cd.CudaKern
         monkeypatch.setitem(sys.modules, name, module)
     fatbin = tmp_path / "fake.fatbin"
     fatbin.write_bytes(struct.pack("<IHHQ", 0xBA55ED50, 1, 16, 0))
-    return cd.CudaKernels(fatbin=fatbin), driver
+    return CudaKernels(fatbin=fatbin), driver
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -490,7 +495,7 @@ def test_cuda_kernels_functional_api_on_an_emulated_driver(fake_kernels) -> None
     assert kernels.grid(1003, 4, "ci_one_shot_decode_f32", 544) == (1, 1, 1)
     assert kernels.grid(10**8, 4, "ci_one_shot_decode_f32", 544) == (4 * 3, 1, 1)  # 4 SMs x 3 blocks at 78 regs
     assert kernels.grid(10**8, 4, "ci_online_update_f32", 56) == (4 * 8, 1, 1)  # 29 regs: a full SM
-    with pytest.raises(cd.CudaDecoderError, match="named symbol not found") as info:
+    with pytest.raises(CudaDecoderError, match="named symbol not found") as info:
         kernels.function("no_such_kernel", 8)
     assert info.value.routine == "cuModuleGetFunction"
 
@@ -509,10 +514,10 @@ def test_event_timing_and_spin_on_an_emulated_driver(fake_kernels) -> None:
 def test_load_kernels_uses_a_prebuilt_fatbin(fake_kernels, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     fatbin = tmp_path / "prebuilt.fatbin"
     fatbin.write_bytes(struct.pack("<IHHQ", 0xBA55ED50, 1, 16, 0))
-    monkeypatch.setenv(cd.FATBIN_ENV, str(fatbin))
-    monkeypatch.setattr(cd.build, "build", lambda *a, **k: pytest.fail("must not compile"))
-    cd.load_kernels.cache_clear()
+    monkeypatch.setenv(cuda_kernels.FATBIN_ENV, str(fatbin))
+    monkeypatch.setattr(cuda_kernels.build, "build", lambda *a, **k: pytest.fail("must not compile"))
+    cuda_kernels.load_kernels.cache_clear()
     try:
-        assert cd.load_kernels().device_name == "Fake GPU"
+        assert cuda_kernels.load_kernels().device_name == "Fake GPU"
     finally:
-        cd.load_kernels.cache_clear()
+        cuda_kernels.load_kernels.cache_clear()

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.coding import CodingError, CodingScheme, OnlineDecoder
+from kernels.coding import CodingScheme, OnlineDecoder
+from kernels.errors import CodingError
 
 SCHEMES = {
     "average_k2": CodingScheme.average(2),

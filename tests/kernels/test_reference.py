@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kernels import reference as ref
-from kernels.coding import CodingError, CodingScheme, OnlineDecoder
+from kernels.coding import CodingScheme, OnlineDecoder
+from kernels.errors import CodingError
 
 RNG = np.random.default_rng(20260611)
 

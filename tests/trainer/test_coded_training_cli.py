@@ -11,13 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.checkpoint import load_classifier
+from trainer.checkpoint import load_classifier, load_encoders, load_parm
 from trainer.ideal_data import load_ideal_data
 from trainer.ideal_data import main as ideal_main
 from trainer.train_classifier import main as classifier_main
-from trainer.train_encoder import load_encoders
 from trainer.train_encoder import main as encoder_main
-from trainer.train_parm import load_parm
 from trainer.train_parm import main as parm_main
 
 pytestmark = pytest.mark.mnist  # trains on real MNIST images
@@ -47,6 +45,8 @@ def test_ideal_data_is_converged_and_bound_to_f(tiny_run: dict[str, Path]) -> No
     cache = load_ideal_data(tiny_run["ideal"], f_hash=ckpt["f_hash"])
     assert cache["indices"].shape == (12, 2) and cache["targets"].shape == (12, 1, 1, 28, 28)
     assert cache["meta"]["dropped_fraction"] == 0.0
+    assert cache["meta"]["command"][:4] == ["python", "-m", "trainer", "ideal-data"]
+    assert ckpt["command"][:4] == ["python", "-m", "trainer", "classifier"]
     assert float(cache["residuals"].max()) <= cache["meta"]["config"]["max_residual"]
 
 
@@ -67,6 +67,8 @@ def test_encoder_cli_writes_best_weights_with_history(tiny_run: dict[str, Path])
     assert ckpt["metrics"]["val_acc_labels"] == best["val_acc_labels"]
     assert ckpt["metrics"]["best_step"] == best["step"]
     assert ckpt["train_config"]["lr_final_factor"] == 0.1
+    # provenance: the command as a user types it, never this machine's interpreter path
+    assert ckpt["command"] == ["python", "-m", "trainer", "encoder", *argv]
 
 
 def test_encoder_refuses_ideal_data_of_another_f(tiny_run: dict[str, Path], caplog) -> None:

@@ -7,13 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.models import (
-    ConfigError,
-    InverseNotConverged,
-    InvertibleNet,
-    IResNetConfig,
-    fingerprint,
-)
+from trainer.errors import InverseNotConverged, ModelConfigError
+from trainer.models import InvertibleNet, IResNetConfig, fingerprint
 from trainer.models.iresnet import ResidualBlock, Squeeze
 from trainer.models.spectral import SpectralConv2d, conv_operator_norm
 
@@ -149,14 +144,14 @@ def test_folded_forward_matches_and_fingerprint() -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ConfigError, match=r"lipschitz_coeff must be in \(0, 0.9\]"):
+    with pytest.raises(ModelConfigError, match=r"lipschitz_coeff must be in \(0, 0.9\]"):
         IResNetConfig(lipschitz_coeff=0.95)
-    with pytest.raises(ConfigError, match=r"divisible by 2\*\*stages = 8"):
+    with pytest.raises(ModelConfigError, match=r"divisible by 2\*\*stages = 8"):
         IResNetConfig(in_shape=(1, 28, 28), stages=3, blocks_per_stage=(1, 1, 1),
                       hidden_channels=(4, 4, 4))
-    with pytest.raises(ConfigError, match=r"one entry per stage"):
+    with pytest.raises(ModelConfigError, match=r"one entry per stage"):
         IResNetConfig(blocks_per_stage=(1,))
-    with pytest.raises(ConfigError, match=r"unknown keys \['hiden_channels'\]"):
+    with pytest.raises(ModelConfigError, match=r"IResNetConfig: unknown key\(s\) \['hiden_channels'\]"):
         IResNetConfig.from_dict({"hiden_channels": [8, 8]})
     cfg = IResNetConfig.from_dict(SMALL.to_dict())
     assert cfg == SMALL

@@ -7,11 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from trainer.coded_eval import evaluate_parm
+from trainer.errors import ParMConfigError, ParMTrainError
 from trainer.models.classifier import Classifier, ClassifierConfig
 from trainer.models.heads import HeadConfig
 from trainer.models.iresnet import IResNetConfig
-from trainer.models.parm import ParityModel, ParMConfig, ParMConfigError, build_parm, parm_decode
-from trainer.train_parm import ParMTrainConfig, ParMTrainError, evaluate_parm
+from trainer.models.parm import ParityModel, ParMConfig, build_parm, parm_decode
+from trainer.train_parm import ParMTrainConfig
 
 
 class _AffineBody(nn.Module):
@@ -71,7 +73,7 @@ def test_shapes_and_rebuild_from_config() -> None:
 def test_config_errors() -> None:
     with pytest.raises(ParMConfigError, match="input_mode must be one of"):
         ParMConfig(k=2, classifier={}, input_mode="max")
-    with pytest.raises(ParMConfigError, match="unknown ParMConfig keys \\['kk'\\]"):
+    with pytest.raises(ParMConfigError, match=r"ParMConfig: unknown key\(s\) \['kk'\]"):
         ParMConfig.from_dict({"k": 2, "classifier": {}, "kk": 1})
     with pytest.raises(ParMTrainError, match="k must be >= 2"):
         ParMTrainConfig(classifier="c.pt", out="p.pt", k=1)

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels.configs import strict_from_dict
+from trainer.errors import ModelConfigError
 from trainer.models.heads import Head, HeadConfig
-from trainer.models.iresnet import ConfigError, InvertibleNet, IResNetConfig, check_keys
+from trainer.models.iresnet import InvertibleNet, IResNetConfig
 from trainer.models.mixup import MixInfo, mix, sample_mix, soft_targets
 
 
@@ -25,15 +27,15 @@ class ClassifierConfig:
             self.f = IResNetConfig.from_dict(self.f)
         self.heads = [HeadConfig.from_dict(h) if isinstance(h, dict) else h for h in self.heads]
         if not self.heads:
-            raise ConfigError("ClassifierConfig needs at least one head (the primary task)")
+            raise ModelConfigError("ClassifierConfig needs at least one head (the primary task)")
         tasks = [h.task for h in self.heads]
         if len(set(tasks)) != len(tasks):
-            raise ConfigError(f"head tasks must be unique, got {tasks}")
+            raise ModelConfigError(f"head tasks must be unique, got {tasks}")
         if self.heads[0].label_map is not None:
-            raise ConfigError(f"the primary head {tasks[0]!r} must not have a label_map")
+            raise ModelConfigError(f"the primary head {tasks[0]!r} must not have a label_map")
         for h in self.heads[1:]:
             if h.label_map is None or len(h.label_map) != self.heads[0].num_classes:
-                raise ConfigError(
+                raise ModelConfigError(
                     f"head {h.task!r} needs a label_map with one entry per primary class "
                     f"({self.heads[0].num_classes})"
                 )
@@ -47,8 +49,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ClassifierConfig:
-        check_keys(cls, data)
-        return cls(**data)
+        return strict_from_dict(cls, data, ModelConfigError)
 
 
 class Classifier(nn.Module):
@@ -98,6 +99,22 @@ class Classifier(nn.Module):
             for task, lab in self.task_labels(labels).items()
         }
         return logits, targets, info
+
+
+def primary_logits_fn(model: Classifier) -> nn.Module:
+    """x -> primary-head logits of a Classifier, as one frozen eval-mode module (folded f):
+    the base model that ParM is trained against and that the coded evaluations score."""
+
+    class _Primary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.f = model.f.folded()
+            self.head = model.heads[model.primary_task]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.f(x))  # (B, K)
+
+    return _Primary().eval().requires_grad_(False)
 
 
 def fingerprint(f: InvertibleNet) -> str:

@@ -20,11 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels.configs import strict_from_dict
+from trainer.errors import EncoderConfigError, ModelInputError
+
 logger = logging.getLogger(__name__)
-
-
-class EncoderConfigError(ValueError):
-    """An encoder configuration is inconsistent or has unknown keys."""
 
 
 @dataclass
@@ -80,11 +79,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise EncoderConfigError(f"unknown EncoderConfig keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, EncoderConfigError)
 
 
 def _down(c_in: int, c_out: int) -> nn.Sequential:
@@ -170,7 +165,7 @@ class ParityEncoders(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.config.k or x.shape[2] != self.config.in_channels:
-            raise ValueError(
+            raise ModelInputError(
                 f"encoder input must be [B, k={self.config.k}, C={self.config.in_channels}, H, W], "
                 f"got {list(x.shape)}"
             )

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.iresnet import ConfigError, check_keys
+from kernels.configs import strict_from_dict
+from trainer.errors import ModelConfigError
 
 
 @dataclass
@@ -31,20 +32,20 @@ class HeadConfig:
         if self.label_map is not None:
             self.label_map = tuple(int(v) for v in self.label_map)
         if not self.task or not self.task.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"head task must be a non-empty identifier, got {self.task!r}")
+            raise ModelConfigError(f"head task must be a non-empty identifier, got {self.task!r}")
         if self.num_classes < 2:
-            raise ConfigError(f"head {self.task!r}: num_classes must be >= 2, got {self.num_classes}")
+            raise ModelConfigError(f"head {self.task!r}: num_classes must be >= 2, got {self.num_classes}")
         if len(self.class_names) != self.num_classes:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"head {self.task!r}: {len(self.class_names)} class_names for "
                 f"{self.num_classes} classes"
             )
         if self.pool_size < 1:
-            raise ConfigError(f"head {self.task!r}: pool_size must be >= 1, got {self.pool_size}")
+            raise ModelConfigError(f"head {self.task!r}: pool_size must be >= 1, got {self.pool_size}")
         if self.label_map is not None and (
             min(self.label_map) < 0 or max(self.label_map) >= self.num_classes
         ):
-            raise ConfigError(
+            raise ModelConfigError(
                 f"head {self.task!r}: label_map values must be in [0, {self.num_classes}), "
                 f"got {self.label_map}"
             )
@@ -57,8 +58,7 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> HeadConfig:
-        check_keys(cls, data)
-        return cls(**data)
+        return strict_from_dict(cls, data, ModelConfigError)
 
 
 class Head(nn.Module):
@@ -69,7 +69,7 @@ class Head(nn.Module):
         c, h, w = embedding_shape
         p = config.pool_size
         if h % p or w % p:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"head {config.task!r}: pool_size {p} must divide the embedding's H, W = {h}, {w}"
             )
         self.config = config
@@ -102,5 +102,5 @@ def default_heads(dataset: str, class_names: tuple[str, ...], pool_size: int) ->
             "kind", 2, ("vehicle", "animal"), pool_size, (0, 0, 1, 1, 1, 1, 1, 1, 0, 0)
         )
     else:
-        raise ConfigError(f"no default heads for dataset {dataset!r}")
+        raise ModelConfigError(f"no default heads for dataset {dataset!r}")
     return [HeadConfig(primary, len(class_names), class_names, pool_size), coarse]

@@ -15,26 +15,16 @@ import copy
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from kernels.configs import strict_from_dict
+from trainer.errors import InverseNotConverged, ModelConfigError, ModelInputError
 from trainer.models.spectral import SpectralConv2d, conv_operator_norm
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A model or training configuration is invalid."""
-
-
-def check_keys(cls: type, data: dict) -> None:
-    """Unknown keys are errors, not warnings: a typo must not silently fall back to a default."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown keys {unknown}; known keys are {sorted(known)}")
 
 
 @dataclass
@@ -52,30 +42,30 @@ class IResNetConfig:
         self.blocks_per_stage = tuple(int(b) for b in self.blocks_per_stage)
         self.hidden_channels = tuple(int(h) for h in self.hidden_channels)
         if len(self.in_shape) != 3 or min(self.in_shape) < 1:
-            raise ConfigError(f"in_shape must be (C, H, W) with positive sizes, got {self.in_shape}")
+            raise ModelConfigError(f"in_shape must be (C, H, W) with positive sizes, got {self.in_shape}")
         if self.stages < 1:
-            raise ConfigError(f"stages must be >= 1, got {self.stages}")
+            raise ModelConfigError(f"stages must be >= 1, got {self.stages}")
         if len(self.blocks_per_stage) != self.stages or len(self.hidden_channels) != self.stages:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"blocks_per_stage {self.blocks_per_stage} and hidden_channels "
                 f"{self.hidden_channels} must each have one entry per stage ({self.stages})"
             )
         if min(self.blocks_per_stage) < 0 or min(self.hidden_channels) < 1:
-            raise ConfigError("blocks_per_stage must be >= 0 and hidden_channels >= 1")
+            raise ModelConfigError("blocks_per_stage must be >= 0 and hidden_channels >= 1")
         _, h, w = self.in_shape
         if h % 2**self.stages or w % 2**self.stages:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"in_shape {self.in_shape}: H and W must be divisible by 2**stages = "
                 f"{2**self.stages} so every squeeze is exact; use fewer stages"
             )
         if not 0.0 < self.lipschitz_coeff <= 0.9:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"lipschitz_coeff must be in (0, 0.9] for a contractive G, got {self.lipschitz_coeff}"
             )
         if self.n_power_iterations < 1:
-            raise ConfigError(f"n_power_iterations must be >= 1, got {self.n_power_iterations}")
+            raise ModelConfigError(f"n_power_iterations must be >= 1, got {self.n_power_iterations}")
         if self.kernel_size < 1 or self.kernel_size % 2 != 1:
-            raise ConfigError(f"kernel_size must be odd and >= 1, got {self.kernel_size}")
+            raise ModelConfigError(f"kernel_size must be odd and >= 1, got {self.kernel_size}")
 
     @property
     def embedding_shape(self) -> tuple[int, int, int]:
@@ -89,8 +79,7 @@ class IResNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> IResNetConfig:
-        check_keys(cls, data)
-        return cls(**data)
+        return strict_from_dict(cls, data, ModelConfigError)
 
 
 @dataclass
@@ -102,15 +91,6 @@ class InverseReport:
     max_rel_residual: float = math.inf  # max over the batch
     converged: bool = False
     tol: float = 0.0
-
-
-class InverseNotConverged(RuntimeError):
-    """f.inverse did not reach the requested residual; `.report` and `.x` hold the attempt."""
-
-    def __init__(self, message: str, report: InverseReport, x: torch.Tensor) -> None:
-        super().__init__(message)
-        self.report = report
-        self.x = x
 
 
 class Squeeze(nn.Module):
@@ -227,7 +207,7 @@ class InvertibleNet(nn.Module):
     ) -> torch.Tensor:
         """Forward, applying `mix_fn` to the hidden state at `mix_point` (see num_mix_points)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.config.in_shape:
-            raise ValueError(
+            raise ModelInputError(
                 f"f expects input (B, {', '.join(map(str, self.config.in_shape))}), "
                 f"got {tuple(x.shape)}"
             )
@@ -260,11 +240,11 @@ class InvertibleNet(nn.Module):
         """
         emb = self.config.embedding_shape
         if z.dim() != 4 or tuple(z.shape[1:]) != emb:
-            raise ValueError(
+            raise ModelInputError(
                 f"f.inverse expects z of shape (B, {', '.join(map(str, emb))}), got {tuple(z.shape)}"
             )
         if tol <= 0 or max_iter < 1:
-            raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+            raise ModelInputError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
         was_training = self.training
         self.eval()  # no power-iteration updates: the function being inverted must stay fixed
         try:

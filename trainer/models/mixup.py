@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.errors import ModelInputError
+
 
 @dataclass
 class MixInfo:
@@ -25,7 +27,7 @@ def sample_mix(
 ) -> MixInfo:
     """Draw the layer uniformly, lam ~ Beta(alpha, alpha), and a random partner permutation."""
     if alpha <= 0:
-        raise ValueError(f"mixup alpha must be > 0, got {alpha}")
+        raise ModelInputError(f"mixup alpha must be > 0, got {alpha}")
     point = int(torch.randint(num_mix_points, (1,), generator=generator))
     # Beta(a, a) as G1 / (G1 + G2) with Gamma draws from the seeded generator.
     g = torch._standard_gamma(torch.full((2,), float(alpha)), generator=generator)

@@ -18,13 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels.configs import strict_from_dict
+from trainer.errors import ModelInputError, ParMConfigError
+
 logger = logging.getLogger(__name__)
 
 INPUT_MODES = ("mean", "sum")
-
-
-class ParMConfigError(ValueError):
-    """A ParM configuration is inconsistent or has unknown keys."""
 
 
 @dataclass
@@ -50,11 +49,7 @@ class ParMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ParMConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ParMConfigError(f"unknown ParMConfig keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data, ParMConfigError)
 
 
 class ParityModel(nn.Module):
@@ -76,7 +71,7 @@ class ParityModel(nn.Module):
     def combine(self, x: torch.Tensor) -> torch.Tensor:
         """The fixed linear encoder: [B, k, C, H, W] -> [B, C, H, W]."""
         if x.dim() != 5 or x.shape[1] != self.k:
-            raise ValueError(f"ParM input must be [B, k={self.k}, C, H, W], got {list(x.shape)}")
+            raise ModelInputError(f"ParM input must be [B, k={self.k}, C, H, W], got {list(x.shape)}")
         return x.mean(dim=1) if self.config.input_mode == "mean" else x.sum(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

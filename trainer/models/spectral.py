@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.errors import ModelConfigError
+
 
 def _normalize(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return t / t.norm().clamp_min(eps)
@@ -60,7 +62,7 @@ class SpectralConv2d(nn.Module):
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}")
+            raise ModelConfigError(f"kernel_size must be odd for 'same' padding, got {kernel_size}")
         self.padding = kernel_size // 2
         self.coeff = float(coeff)
         self.n_power_iterations = int(n_power_iterations)

@@ -1,18 +1,21 @@
-"""bench train-all: the plan matches what `bench accuracy` reads; resume and staleness rules."""
+"""trainer train-all: the plan matches what `bench accuracy` reads; resume and staleness rules."""
 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from bench import train_all
-from bench.accuracy import encoder_path, parm_path
-from bench.train_all import DEFAULT_ENCODER_RECIPE, TrainAllConfig, TrainAllError, is_current, plan, recorded_f_hash
+from trainer import pipeline
+from trainer.errors import PipelineError
+from trainer.pipeline import DEFAULT_ENCODER_RECIPE, TrainAllConfig, is_current, plan, recorded_f_hash
+from trainer.runs import encoder_path, parm_path
 
 
 def _config(tmp_path: Path, **kw) -> TrainAllConfig:
@@ -63,14 +66,15 @@ def test_current_outputs_skip_stale_and_unreadable_ones_rerun(tmp_path: Path) ->
     assert not is_current(steps["ideal_n6_k4"], "a" * 64)  # missing
 
 
-def test_dry_run_runs_nothing_and_reports_each_action(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_dry_run_runs_nothing_and_reports_each_action(tmp_path: Path, monkeypatch, caplog) -> None:
     _write_outputs(tmp_path, "a" * 64, "b" * 64)
+    caplog.set_level(logging.INFO, logger="trainer.pipeline")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("dry run started a process"))
-    records = train_all.run(_config(tmp_path, dry_run=True))
+    records = pipeline.run(_config(tmp_path, dry_run=True))
     actions = {r["step"]: r["action"] for r in records}
     assert actions == {"classifier": "skip (current)", "ideal_k2": "skip (current)", "encoder_k2": "would run",
                        "parm_k2": "would run", "ideal_n6_k4": "would run", "encoder_n6_k4": "would run"}
-    assert "python -m trainer encoder" in capsys.readouterr().out
+    assert "python -m trainer encoder" in caplog.text
 
 
 def test_failed_step_stops_the_run_naming_its_log(tmp_path: Path, monkeypatch) -> None:
@@ -81,8 +85,8 @@ def test_failed_step_stops_the_run_naming_its_log(tmp_path: Path, monkeypatch) -
         return subprocess.CompletedProcess(command, returncode=3)
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    with pytest.raises(TrainAllError, match=r"classifier failed with exit code 3; see .*logs/classifier.log"):
-        train_all.run(_config(tmp_path))
+    with pytest.raises(PipelineError, match=r"classifier failed with exit code 3; see .*logs/classifier.log"):
+        pipeline.run(_config(tmp_path))
     assert len(calls) == 1  # nothing downstream ran on a missing classifier
 
 
@@ -91,17 +95,35 @@ def test_force_reruns_current_outputs(tmp_path: Path, monkeypatch) -> None:
     ran = []
     monkeypatch.setattr(subprocess, "run",
                         lambda command, **kw: ran.append(command[3]) or subprocess.CompletedProcess(command, 0))
-    train_all.run(_config(tmp_path, force=True))
+    pipeline.run(_config(tmp_path, force=True))
     assert ran == ["classifier", "ideal-data", "encoder", "parm", "ideal-data", "encoder"]
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
 def test_the_tables_f_is_pinned_whatever_the_cpu_preset_says(dataset: str, tmp_path: Path) -> None:
-    from trainer.train_classifier import TrainConfig, build_parser, resolve
+    from trainer.train_classifier import build_parser, config_from_args, resolve
 
     step = plan(TrainAllConfig(datasets=[dataset], runs_dir=str(tmp_path), settings=["3,2"]), dataset)[0]
     args = build_parser().parse_args(list(step.argv[1:]))  # drop the "classifier" sub-command
-    model_cfg, cfg = resolve(TrainConfig(**vars(args)))
+    model_cfg, cfg = resolve(config_from_args(args))
     # the committed accuracy table's f: 2 + 4 blocks, widths 16 / 64, 6 epochs, alpha 1, no shift
     assert model_cfg.f.blocks_per_stage == (2, 4) and model_cfg.f.hidden_channels == (16, 64)
     assert (cfg.epochs, cfg.mixup_alpha, cfg.augment_shift, cfg.batch_size, cfg.lr) == (6, 1.0, 0, 128, 2e-3)
+
+
+def test_records_and_plan_lines_carry_the_typed_command(tmp_path: Path, monkeypatch, caplog) -> None:
+    # the step runs with this interpreter, but what is recorded is what a user would type
+    caplog.set_level(logging.INFO, logger="trainer.pipeline")
+    ran = []
+    monkeypatch.setattr(subprocess, "run",
+                        lambda command, **kw: ran.append(command) or subprocess.CompletedProcess(command, 0))
+    records = pipeline.run(_config(tmp_path, force=True))
+    assert ran[0][0] == sys.executable and ran[0][1:4] == ["-m", "trainer", "classifier"]
+    assert all(r["command"].startswith("python -m trainer ") for r in records)
+    assert "[mnist] classifier: run\n    python -m trainer classifier --dataset mnist" in caplog.text
+    assert sys.executable not in caplog.text
+
+
+def test_bad_setting_exits_2(tmp_path: Path, caplog) -> None:
+    assert pipeline.main(["--settings", "7-5", "--runs-dir", str(tmp_path)]) == 2
+    assert "a setting is 'n,k'" in caplog.text

@@ -1,31 +1,41 @@
-"""bench codability: the served-accuracy model, the steps it runs, and what it refuses."""
+"""experiments codability: the served-accuracy model, the steps it runs, and what it refuses."""
 
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from bench import codability
-from bench.accuracy import encoder_path
-from bench.codability import CodabilityConfig, CodabilityError, served_accuracy
-from bench.train_all import COSINE
+from experiments import codability
+from experiments.codability import CodabilityConfig, served_accuracy
+from experiments.errors import CodabilityError
+from trainer.pipeline import COSINE
+from trainer.runs import encoder_path
 
 
-@pytest.mark.parametrize(("n", "k"), [(5, 4), (3, 2), (6, 4)])
-def test_one_lost_worker_per_group_rebuilds_one_answer_in_n(n: int, k: int) -> None:
-    """Simulate groups that each lose one of n workers at random; count rebuilt answers."""
-    rng = np.random.default_rng(0)
-    groups = 200_000
-    lost = rng.integers(0, n, size=groups)  # workers 0..k-1 carry the k queries, the rest parities
-    rebuilt_fraction = np.count_nonzero(lost < k) / (groups * k)
-    assert rebuilt_fraction == pytest.approx(1 / n, abs=0.003)
-    clean, degraded = 0.99, 0.9
-    expected = (1 - rebuilt_fraction) * clean + rebuilt_fraction * degraded
-    assert served_accuracy(clean, degraded, n) == pytest.approx(expected, abs=0.001)
+def _served_by_enumeration(clean: Fraction, degraded: Fraction, n: int, k: int) -> Fraction:
+    """Expected accuracy over the k answers of a group when one of its n workers, uniformly at
+    random, is lost: workers 0..k-1 carry the queries (their answer is rebuilt when lost), the
+    rest parities (losing one rebuilds nothing)."""
+    total = Fraction(0)
+    for lost in range(n):  # each with probability 1/n
+        answers = [degraded if query == lost else clean for query in range(k)]
+        total += Fraction(1, n) * sum(answers, Fraction(0)) / k
+    return total
+
+
+@pytest.mark.parametrize(("n", "k"), [(5, 4), (3, 2), (6, 4), (11, 10)])
+def test_one_lost_worker_per_group_matches_every_erasure_event(n: int, k: int) -> None:
+    for clean, degraded in [(Fraction(99, 100), Fraction(9, 10)), (Fraction(1), Fraction(0)),
+                            (Fraction(7, 10), Fraction(7, 10))]:
+        expected = _served_by_enumeration(clean, degraded, n, k)
+        assert served_accuracy(float(clean), float(degraded), n) == pytest.approx(float(expected), rel=1e-12)
+    # limiting cases: perfect rebuilds serve clean accuracy; useless ones lose exactly 1/n of the answers
+    assert served_accuracy(0.98, 0.98, n) == pytest.approx(0.98, rel=1e-12)
+    assert served_accuracy(1.0, 0.0, n) == pytest.approx(1 - 1 / n, rel=1e-12)
 
 
 @pytest.mark.mnist
@@ -44,7 +54,7 @@ def test_trains_the_encoder_on_a_copy_and_scores_it(tiny_classifier: Path, tmp_p
     out = tmp_path / "result.json"
     config = CodabilityConfig(checkpoint=str(tiny_classifier), setting="3,2", encoder_steps=7,
                               runs_dir=str(tmp_path / "runs"), out=str(out))
-    codability.run(config, "python -m bench codability ...")
+    codability.run(config, "python -m experiments codability ...")
 
     ckpt = torch.load(tiny_classifier, weights_only=True)
     placed = tmp_path / "runs" / "mnist" / "classifier.pt"

@@ -1,4 +1,4 @@
-"""`python -m bench classifiers`: compare trained classifiers (f + g) side by side.
+"""`python -m experiments classifiers`: compare trained classifiers (f + g) side by side.
 
 For each classifier checkpoint: the f it trained (blocks, widths), the flags that shaped it
 (epochs, Mixup alpha, augmentation, threads), test accuracy and training wall time as the
@@ -6,8 +6,8 @@ trainer recorded them, plus accuracy on a fixed sample of the *training* split m
 here. Train vs test tells whether a recipe underfits (both low: more capacity, less
 regularisation) or overfits (a gap: augmentation), which is how the cpu presets were chosen.
 
-Writes classifiers.json and classifiers.md into --out-dir (the markdown is rendered from the
-JSON only).
+Writes classifiers.json and classifiers.md into --out-dir (default experiments/results/; the
+markdown is rendered from the JSON only).
 """
 
 from __future__ import annotations
@@ -16,34 +16,32 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from experiments.errors import ClassifiersError, ExperimentError
+from kernels.configs import add_dataclass_flags, dataclass_values
+
 logger = logging.getLogger(__name__)
-
-
-class ClassifiersBenchError(ValueError):
-    """Bad flags or an unreadable checkpoint."""
-
 
 @dataclass
 class ClassifiersConfig:
-    checkpoints: list[str] = field(default_factory=list)
+    checkpoints: tuple[str, ...] = ()
     train_samples: int = 6000  # training examples scored per checkpoint (0 = skip)
-    out_dir: str = "bench/results"
+    out_dir: str = "experiments/results"
     name: str = "classifiers"  # output file stem
     data_dir: str | None = None
     threads: int = 1
 
     def __post_init__(self) -> None:
         if not self.checkpoints:
-            raise ClassifiersBenchError("give at least one classifier checkpoint")
+            raise ClassifiersError("give at least one classifier checkpoint")
         if self.train_samples < 0:
-            raise ClassifiersBenchError(f"--train-samples must be >= 0, got {self.train_samples}")
+            raise ClassifiersError(f"--train-samples must be >= 0, got {self.train_samples}")
         if self.threads < 1:
-            raise ClassifiersBenchError(f"--threads must be >= 1, got {self.threads}")
+            raise ClassifiersError(f"--threads must be >= 1, got {self.threads}")
 
 
 def train_split_accuracy(model, ckpt: dict, samples: int, data_dir: str | None) -> dict[str, float]:
@@ -59,15 +57,17 @@ def train_split_accuracy(model, ckpt: dict, samples: int, data_dir: str | None) 
 
 
 def summarize(path: str, train_samples: int, data_dir: str | None) -> dict:
-    from trainer.checkpoint import CheckpointError, load_classifier
+    """The recipe, timings and accuracies of one finished classifier checkpoint."""
+    from trainer.checkpoint import load_classifier
+    from trainer.errors import CheckpointError
 
     try:
         model, ckpt = load_classifier(path)
     except (CheckpointError, OSError) as exc:
-        raise ClassifiersBenchError(str(exc)) from exc
+        raise ClassifiersError(str(exc)) from exc
     f_cfg, cfg, metrics = ckpt["model_config"]["f"], ckpt["train_config"], ckpt["metrics"]
     if not metrics.get("final"):
-        raise ClassifiersBenchError(f"{path}: training has not finished (metrics are not final)")
+        raise ClassifiersError(f"{path}: training has not finished (metrics are not final)")
     record = {
         "checkpoint": path,
         "dataset": ckpt["dataset"],
@@ -139,20 +139,16 @@ def run(config: ClassifiersConfig, command: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    defaults = ClassifiersConfig(checkpoints=["-"])
-    parser = argparse.ArgumentParser(prog="python -m bench classifiers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments classifiers", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+", help="classifier.pt files")
-    parser.add_argument("--train-samples", type=int, default=defaults.train_samples)
-    parser.add_argument("--out-dir", default=defaults.out_dir)
-    parser.add_argument("--name", default=defaults.name)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+    add_dataclass_flags(parser, ClassifiersConfig, skip=("checkpoints",), unset_defaults=True, helps={
+        "train_samples": "training examples scored per checkpoint (0 = skip)", "name": "output file stem"})
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    command = " ".join(["python -m bench classifiers", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m experiments classifiers", *(sys.argv[1:] if argv is None else argv)])
     try:
-        run(ClassifiersConfig(**vars(args)), command)
-    except ClassifiersBenchError as exc:
+        run(ClassifiersConfig(**dataclass_values(ClassifiersConfig, vars(args))), command)
+    except ExperimentError as exc:
         logger.error("error: %s", exc)
         return 2
     return 0

@@ -1,4 +1,4 @@
-"""bench classifiers: one row per checkpoint, train accuracy measured, bad input refused."""
+"""experiments classifiers: one row per checkpoint, train accuracy measured, bad input refused."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.classifiers import main as classifiers_main
+from experiments.classifiers import main as classifiers_main
 from trainer.checkpoint import load_classifier
 from trainer.data import get_spec, load_split, train_val_split
 from trainer.evaluate import accuracy

@@ -1,4 +1,4 @@
-"""Fixtures shared by the bench tests."""
+"""Fixtures of the experiments tests: a finished tiny classifier to score."""
 
 from __future__ import annotations
 

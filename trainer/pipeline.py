@@ -1,8 +1,8 @@
-"""`python -m bench train-all`: re-train every checkpoint `python -m bench accuracy` reads.
+"""`python -m trainer train-all`: re-train every checkpoint `python -m bench accuracy` reads.
 
 One command reproduces the degraded-mode accuracy table from nothing but the datasets:
 
-    python -m bench train-all && python -m bench accuracy
+    python -m trainer train-all && python -m bench accuracy
 
 For each dataset it runs, in order and each as a `python -m trainer ...` subprocess with
 its log in RUNS/<dataset>/logs/<step>.log:
@@ -16,15 +16,15 @@ From scratch it takes about 4 h on an idle 2-core CPU (two classifiers of ~30 mi
 encoders of 5-25 min, six ParM models and ten ideal-data caches of a few minutes each).
 
 The budgets in ENCODER_RECIPES, PARM_FLAGS and CLASSIFIER_FLAGS are exactly those the
-committed table was produced with on a 2-core CPU (bench/results/accuracy.md): every encoder
+committed table was produced with on a 2-core CPU (bench/results/accuracy/accuracy.md): every encoder
 shares ENCODER_FLAGS and differs only in its step count, learning-rate decay and, for one
 setting, its evaluation interval.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -32,7 +32,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.accuracy import DEFAULT_SETTINGS, encoder_path, parm_path, parse_setting
+from kernels.configs import add_dataclass_flags
+from trainer import flags
+from trainer.errors import PipelineError, TrainerError
+from trainer.runs import DEFAULT_SETTINGS, classifier_path, encoder_path, parm_path, parse_setting
+
+logger = logging.getLogger(__name__)
 
 ENCODER_FLAGS = ("--preset", "cpu", "--l1-weight", "10", "--latent-weight", "10", "--distill-weight", "1",
                  "--lr", "5e-4", "--eval-every", "250")
@@ -65,10 +70,6 @@ DEFAULT_CLASSIFIER_FLAGS = ("--preset", "cpu", "--threads", "1")
 IDEAL_FLAGS = ("--preset", "cpu", "--threads", "1")
 
 
-class TrainAllError(ValueError):
-    """Bad pipeline configuration."""
-
-
 @dataclass(frozen=True)
 class Step:
     name: str  # also the log file's stem
@@ -97,7 +98,7 @@ def encoder_recipe(dataset: str, n: int, k: int) -> tuple[str, ...]:
 def plan(config: TrainAllConfig, dataset: str) -> list[Step]:
     """Every step for one dataset, in dependency order."""
     run = Path(config.runs_dir) / dataset
-    classifier = run / "classifier.pt"
+    classifier = classifier_path(Path(config.runs_dir), dataset)
     steps = [Step("classifier", classifier,
                   ("classifier", "--dataset", dataset,
                    *CLASSIFIER_FLAGS.get(dataset, DEFAULT_CLASSIFIER_FLAGS), "--out", str(run)), needs_f=False)]
@@ -112,7 +113,7 @@ def plan(config: TrainAllConfig, dataset: str) -> list[Step]:
 
 def encoder_steps(runs_dir: Path, dataset: str, n: int, k: int, recipe: tuple[str, ...]) -> list[Step]:
     """Ideal data, then the (n, k) encoder trained on it, for RUNS/<dataset>/classifier.pt."""
-    classifier = runs_dir / dataset / "classifier.pt"
+    classifier = classifier_path(runs_dir, dataset)
     enc = encoder_path(runs_dir, dataset, n, k)
     tag = enc.stem.removeprefix("encoder_")  # k4 or n6_k4, as `bench accuracy` names them
     ideal = enc.parent / f"ideal_{tag}.npz"
@@ -154,12 +155,14 @@ def run_steps(label: str, steps: list[Step], force: bool = False, dry_run: bool 
     """
     records = []
     for step in steps:
+        # this interpreter runs the step (the venv's torch); the record, and the checkpoint
+        # the step writes, carry the command as a user types it
         command = [sys.executable, "-m", "trainer", *step.argv]
         done = not force and is_current(step, f_hash)
         record = {"dataset": label, "step": step.name, "output": str(step.output),
-                  "command": shlex.join(["python", "-m", "trainer", *step.argv]),
+                  "command": shlex.join(flags.typed_command(*step.argv)),
                   "action": "skip (current)" if done else ("would run" if dry_run else "run")}
-        print(f"[{label}] {step.name}: {record['action']}\n    {record['command']}", flush=True)
+        logger.info("[%s] %s: %s\n    %s", label, step.name, record["action"], record["command"])
         if not done and not dry_run:
             log = step.output.parent / "logs" / f"{step.name}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +171,7 @@ def run_steps(label: str, steps: list[Step], force: bool = False, dry_run: bool 
                 result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
             record["elapsed_s"] = round(time.perf_counter() - t0, 1)
             if result.returncode != 0:
-                raise TrainAllError(f"[{label}] {step.name} failed with exit code {result.returncode}; see {log}")
+                raise PipelineError(f"[{label}] {step.name} failed with exit code {result.returncode}; see {log}")
         if not step.needs_f:
             f_hash = recorded_f_hash(step.output)
         records.append(record)
@@ -181,24 +184,17 @@ def run(config: TrainAllConfig) -> list[dict]:
             for record in run_steps(dataset, plan(config, dataset), config.force, config.dry_run)]
 
 
-def _parser() -> argparse.ArgumentParser:
-    d = TrainAllConfig()
-    p = argparse.ArgumentParser(prog="python -m bench train-all", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=d.datasets)
-    p.add_argument("--settings", nargs="+", default=d.settings, help="'n,k' pairs")
-    p.add_argument("--runs-dir", default=d.runs_dir)
-    p.add_argument("--force", action="store_true", help="re-train outputs that are already current")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    p = flags.command_parser("train-all", __doc__)
+    add_dataclass_flags(p, TrainAllConfig, helps={
+        "settings": "'n,k' pairs", "force": "re-train outputs that are already current",
+        "dry_run": "print the plan, run nothing"})
+    args = p.parse_args(argv)
+    # the plan is this command's output: plain lines on stdout, as each step starts
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
-        config = TrainAllConfig(**vars(args))
-        run(config)
-    except ValueError as exc:  # TrainAllError and the settings parser's error
-        print(f"error: {exc}", file=sys.stderr)
+        run(TrainAllConfig(**vars(args)))
+    except TrainerError as exc:  # PipelineError and the settings parser's SettingError
+        logger.error("error: %s", exc)
         return 2
     return 0

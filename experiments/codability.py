@@ -1,4 +1,4 @@
-"""`python -m bench codability CKPT`: how well one trained classifier's f codes.
+"""`python -m experiments codability CKPT`: how well one trained classifier's f codes.
 
 Clean accuracy alone picks the wrong f for Coded-InvNet: a deeper f can be more accurate and
 still rebuild erased answers far worse, because the encoder must learn f^-1(sum_j f(x_j) / k).
@@ -6,11 +6,12 @@ This command scores one classifier on both axes with one fixed encoder recipe:
 
     RUNS/<dataset>/classifier.pt  <- a copy of CKPT
     trainer ideal-data -> trainer encoder (--encoder-steps, cosine decay; the recipe of
-    `bench train-all`)  ->  bench accuracy --settings n,k  (whole test split, every erasure)
+    `trainer train-all`)  ->  bench accuracy --settings n,k  (whole test split, every erasure)
 
-and writes one JSON: the classifier's recipe and clean accuracy, the degraded accuracy of
-Coded-InvNet and ApproxIFER, and the accuracy *served* when every group of n workers loses
-one worker at random: a fraction p = 1/n of all answers is then rebuilt, so
+and writes one JSON (default experiments/results/codability/<dataset>_<stem>.json): the
+classifier's recipe and clean accuracy, the degraded accuracy of Coded-InvNet and
+ApproxIFER, and the accuracy *served* when every group of n workers loses one worker at
+random: a fraction p = 1/n of all answers is then rebuilt, so
 served = (1 - p) * clean + p * degraded. Steps already current for CKPT's f are skipped, so
 an interrupted run resumes. It takes ~20 min on one thread of a 2-core CPU at (5, 4) with
 1,500 encoder steps.
@@ -27,13 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.accuracy import parse_setting
-from bench.train_all import COSINE, TrainAllError, encoder_steps, recorded_f_hash, run_steps
+from bench.errors import BenchError
+from experiments.errors import ClassifiersError, CodabilityError
+from kernels.configs import add_dataclass_flags
+from trainer.errors import TrainerError
+from trainer.pipeline import COSINE, encoder_steps, recorded_f_hash, run_steps
+from trainer.runs import classifier_path
 
 logger = logging.getLogger(__name__)
 
-
-class CodabilityError(ValueError):
-    """Bad flags or a checkpoint that is not a finished classifier."""
+RESULTS_DIR = Path("experiments/results/codability")
 
 
 @dataclass
@@ -42,7 +46,7 @@ class CodabilityConfig:
     setting: str = "5,4"  # "n,k"
     encoder_steps: int = 1500
     runs_dir: str | None = None  # default: runs/codability/<stem>
-    out: str | None = None  # default: bench/results/codability/<dataset>_<stem>.json
+    out: str | None = None  # default: experiments/results/codability/<dataset>_<stem>.json
     threads: int = 1
     force: bool = False
     dry_run: bool = False
@@ -86,18 +90,19 @@ def _recorded_encoder_steps(path: Path) -> int | None:
 
 
 def run(config: CodabilityConfig, command: str) -> dict | None:
+    """Train (or reuse) the encoder for CKPT's f, score it, write the JSON; None on a dry run."""
     from bench.accuracy import AccuracyConfig
     from bench.accuracy import run as run_accuracy
-    from bench.classifiers import ClassifiersBenchError, summarize
+    from experiments.classifiers import summarize
 
     n, k = parse_setting(config.setting)
     try:
         recipe = summarize(config.checkpoint, 0, None)  # refuses an unfinished or unreadable file
-    except ClassifiersBenchError as exc:
+    except ClassifiersError as exc:
         raise CodabilityError(str(exc)) from exc
     dataset, f_hash = recipe["dataset"], recipe["f_hash"]
     runs = Path(config.runs_dir or Path("runs/codability") / config.stem)
-    placed = runs / dataset / "classifier.pt"
+    placed = classifier_path(runs, dataset)
     steps = encoder_steps(runs, dataset, n, k, ("--steps", str(config.encoder_steps), *COSINE,
                                                 "--threads", str(config.threads)))
     encoder = steps[-1].output
@@ -134,7 +139,7 @@ def run(config: CodabilityConfig, command: str) -> dict | None:
         "served_accuracy": {m: served_accuracy(clean, d, n) for m, d in degraded.items()},
         "accuracy_rows": acc["rows"],
     }
-    out = Path(config.out or Path("bench/results/codability") / f"{dataset}_{config.stem}.json")
+    out = Path(config.out or RESULTS_DIR / f"{dataset}_{config.stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     logger.info("%s (%s): clean %.2f %%, Coded-InvNet degraded %.2f %%, served %.2f %% at p = 1/%d; wrote %s",
@@ -144,23 +149,19 @@ def run(config: CodabilityConfig, command: str) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = CodabilityConfig.__dataclass_fields__
-    p = argparse.ArgumentParser(prog="python -m bench codability", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments codability", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a finished classifier.pt")
-    p.add_argument("--setting", default=d["setting"].default, help="'n,k'")
-    p.add_argument("--encoder-steps", type=int, default=d["encoder_steps"].default)
-    p.add_argument("--runs-dir", default=None, help="where the copy, ideal data and encoder go")
-    p.add_argument("--out", default=None, help="the result JSON")
-    p.add_argument("--threads", type=int, default=d["threads"].default)
-    p.add_argument("--force", action="store_true", help="re-train an encoder that is already current")
-    p.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
+    add_dataclass_flags(p, CodabilityConfig, skip=("checkpoint",), helps={
+        "setting": "'n,k'", "runs_dir": "where the copy, ideal data and encoder go (default runs/codability/<stem>)",
+        "out": "the result JSON", "force": "re-train an encoder that is already current",
+        "dry_run": "print the steps, run nothing"})
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    command = " ".join(["python -m bench codability", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m experiments codability", *(sys.argv[1:] if argv is None else argv)])
     try:
         run(CodabilityConfig(**vars(args)), command)
-    except (CodabilityError, TrainAllError, ValueError) as exc:
+    except (BenchError, TrainerError) as exc:  # bad flags or checkpoint, a failed training step
         logger.error("error: %s", exc)
         return 2
     return 0
