@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.layout import INPUT_NAME, MIN_OPSET
+from export.layout import MIN_OPSET
 from runtime.manifest import (
     ACCEPTED_DTYPES,
     BATCH_DIM,
@@ -31,6 +31,7 @@ from runtime.manifest import (
     F_FILE,
     F_IO,
     HEAD_IO,
+    INPUT_NAME,
     PARM_FILE,
     PARM_IO,
     SCHEMA_VERSION,

@@ -35,9 +35,8 @@ from typing import Any
 import numpy as np
 
 from bench.errors import BenchError
-from export.layout import INPUT_NAME
 from kernels.configs import add_dataclass_flags, check_keys, field_names, strict_from_dict
-from runtime.manifest import RECONSTRUCTED_OUTPUT
+from runtime.manifest import INPUT_NAME, RECONSTRUCTED_OUTPUT
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import torch
 
 from export.config import ExportConfig
 from export.errors import ExportError, ExportVerificationError
-from export.layout import INPUT_NAME, reference_key
+from export.layout import reference_key
 from export.numerics import error_stats, run_ort
 from export.onnx_export import HalfCompute, export_onnx
 from export.provenance import provenance
@@ -34,6 +34,7 @@ from runtime.manifest import (
     F_FILE,
     F_IO,
     HEAD_IO,
+    INPUT_NAME,
     MANIFEST_NAME,
     PARM_FILE,
     PARM_IO,

@@ -16,7 +16,6 @@ from runtime.manifest import BATCH_DIM
 MIN_OPSET = 18
 # The served (KServe) input name export writes into manifest["input"]["name"]; the runtime
 # reads it from there, so it is a default of export's, not part of the fixed contract.
-INPUT_NAME = "INPUT"
 
 
 def reference_key(file: str, what: str) -> str:

@@ -22,7 +22,7 @@ from kernels.cuda_kernels import CudaKernels, load_kernels
 from kernels.errors import CodingError
 from kernels.reference import CopyOp, DecodeOp, OnlinePlanner, UpdateOp
 
-__all__ = ["CudaOnlineDecoder", "load_kernels"]  # load_kernels: runtime.gpu_decode imports it from here
+__all__ = ["CudaOnlineDecoder"]
 
 
 class CudaOnlineDecoder:

@@ -29,12 +29,13 @@ class FaultConfig:
     fail_prob: float = 0.0  # a worker call raises
     kill_worker: int | None = None  # this worker dies once after kill_after_calls calls
     kill_after_calls: int | None = None
+    kill_prob: float = 0.0  # any call kills its worker with this probability (soak tests)
     seed: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.delay_ms >= 0 and math.isfinite(self.delay_ms),
                f"--fault-delay-ms must be >= 0, got {self.delay_ms}")
-        for name in ("delay_prob", "fail_prob"):
+        for name in ("delay_prob", "fail_prob", "kill_prob"):
             value = getattr(self, name)
             _check(0.0 <= value <= 1.0,
                    f"--fault-{name.replace('_', '-')} must be in [0, 1], got {value}")
@@ -48,7 +49,7 @@ class FaultConfig:
     @property
     def active(self) -> bool:
         return bool(self.delay_prob and self.delay_ms) or self.straggler_per_group or bool(
-            self.fail_prob) or self.kill_worker is not None
+            self.fail_prob) or self.kill_worker is not None or bool(self.kill_prob)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ class ServerConfig:
     worker_deadline_ms: float = 2000.0  # a worker call overdue by this is an erasure
     request_timeout_ms: float = 30000.0  # default when a request has no timeout parameter
     drain_timeout_s: float = 10.0  # graceful shutdown waits this long for in-flight work
+    keepalive_timeout_s: float = 5.0  # an idle connection, or one whose request line and
+    # headers have not all arrived this long after it opened or after its last response,
+    # is closed (aiohttp runs one timer for both)
+    read_timeout_s: float = 30.0  # a request body must arrive within this (else 408)
+    large_body_bytes: int = 256 * 1024  # bodies above this are parsed off the event loop
     gpu_decode: bool = True  # coded + torch + cuda: decode on the device (kernels.cuda_decoder)
     verify_checksums: bool = True
     log_level: str = "INFO"
@@ -99,14 +105,21 @@ class ServerConfig:
                f"--metrics-port must be -1 (off) or 0..65535, got {self.metrics_port}")
         _check(self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}")
         for name in ("max_groups_per_call", "max_queue_size", "max_inflight_groups",
-                     "max_batch_size", "max_body_bytes"):
+                     "max_batch_size", "max_body_bytes", "large_body_bytes"):
             value = getattr(self, name)
             _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
         for name in ("max_queue_delay_ms", "systematic_grace_ms", "frontend_inline_ms",
-                     "worker_deadline_ms", "request_timeout_ms", "drain_timeout_s"):
+                     "worker_deadline_ms", "request_timeout_ms", "drain_timeout_s",
+                     "keepalive_timeout_s", "read_timeout_s"):
             value = getattr(self, name)
             _check(value >= 0 and math.isfinite(value),
                    f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        _check(self.max_batch_size <= self.max_queue_size,
+               f"--max-batch-size {self.max_batch_size} exceeds --max-queue-size "
+               f"{self.max_queue_size}: a full-size request could never be queued; raise "
+               "--max-queue-size or lower --max-batch-size")
+        _check(self.keepalive_timeout_s > 0, "--keepalive-timeout-s must be > 0")
+        _check(self.read_timeout_s > 0, "--read-timeout-s must be > 0")
         _check(self.worker_deadline_ms > 0, "--worker-deadline-ms must be > 0")
         _check(self.request_timeout_ms > 0, "--request-timeout-ms must be > 0")
         _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -14,10 +14,11 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from runtime.errors import RequestTimeout, ServiceUnavailable, ServingError
 from runtime.faults import with_faults
 from runtime.frontend import Frontend
 from runtime.gpu_decode import make_device_decoders
-from runtime.manifest import Manifest, verify_checksums
+from runtime.manifest import Manifest
 from runtime.metrics import Metrics
 from runtime.model_io import InferenceResult, build_result, preprocess
 from runtime.models import ModelFactory
@@ -48,6 +49,19 @@ class Health:
     reason: str | None = None  # why not ready
 
 
+class Admission:
+    """One admitted request; it holds a place in the queue until its queries are queued."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.engine._admitting -= 1
+
+
 class Engine:
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -61,19 +75,28 @@ class Engine:
         self.pool: WorkerPool | None = None
         self.scheduler: Scheduler | None = None
         self.frontend: Frontend | None = None
+        self.models: ModelFactory | None = None
+        self._device_decoders: Callable[[tuple[int, ...]], Any] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._frontend_s = 0.0  # measured frontend time per group, at warm-up
         self._draining = False
-        self._inflight = 0
+        self._inflight = 0  # admitted requests not yet answered
+        self._admitting = 0  # admitted requests whose queries are not queued yet
         self._idle = asyncio.Event()
         self._idle.set()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def check_bundle(self) -> None:
-        """Every file's sha256 against the manifest (before anything is served)."""
-        if self.config.verify_checksums:
-            verify_checksums(self.bundle_dir, self.manifest)
+    def load_bundle(self) -> None:
+        """Read every bundle file once, checked against the manifest (before anything is
+        served); decide where decoding runs."""
+        config = self.config
+        if (config.gpu_decode and config.mode == "coded" and config.engine == "torch"
+                and config.device == "cuda"):
+            self._device_decoders = make_device_decoders(
+                CodingScheme.from_dict(self.manifest.coding.to_dict()))
+        self.models = ModelFactory(self.bundle_dir, self.manifest, config,
+                                   device_outputs=self._device_decoders is not None)
 
     async def start(self) -> None:
         """prepare(), then start_workers()."""
@@ -83,14 +106,12 @@ class Engine:
     async def prepare(self) -> None:
         """Load the frontend models, make the pool (no worker started) and start dispatching."""
         config, manifest = self.config, self.manifest
+        if self.models is None:
+            self.load_bundle()
+        models = self.models
+        assert models is not None  # set by load_bundle()
+        device_decoders = self._device_decoders
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="coded-worker")
-        device_decoders = None
-        if (config.gpu_decode and config.mode == "coded" and config.engine == "torch"
-                and config.device == "cuda"):
-            device_decoders = make_device_decoders(
-                CodingScheme.from_dict(manifest.coding.to_dict()))
-        models = ModelFactory(self.bundle_dir, manifest, config,
-                              device_outputs=device_decoders is not None)
         context = EngineContext(config, manifest, self.bundle_dir, self.metrics, self._executor,
                                 models)
         self.frontend = await self._load_frontend(models)
@@ -164,6 +185,10 @@ class Engine:
     def inflight(self) -> int:
         return self._inflight
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     async def stop(self) -> None:
         """Fail whatever is still queued, stop the workers and the threads."""
         self._draining = True
@@ -182,6 +207,11 @@ class Engine:
         if not self._started:
             states = self.pool.states() if self.pool else []
             return Health(True, False, f"workers are still warming up (states {states})")
+        up = self.pool.up() if self.pool else set()
+        if not self.mode_cls.can_answer(self.manifest, up):
+            return Health(True, False, f"only workers {sorted(up)} of {self.pool_size} are up, "
+                                       f"too few for --mode {self.config.mode} to answer; "
+                                       "the others are restarting")
         return Health(True, True)
 
     def statistics(self) -> dict[str, float]:
@@ -189,40 +219,58 @@ class Engine:
         return self.metrics.snapshot()
 
     @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Admit one request (refused with 503 while warming up or draining); the drain
-        waits for every admitted request. Protocols read and parse a request's body inside
-        this, then call `infer`."""
+    async def admit(self) -> AsyncIterator[Admission]:
+        """Admit one request (503 while warming up, draining or full); the drain waits for
+        every admitted request. Protocols read and parse a request inside this, then call
+        `infer` with the admission."""
         if self._draining:
             raise ServiceUnavailable("server is shutting down; send the request to another "
                                      "replica", retry_after_s=5)
         if not self._started or self.scheduler is None:
             raise ServiceUnavailable("workers are still warming up; poll /v2/health/ready")
+        # Admission before any body is read: each admitted request that has not queued yet
+        # holds at least one query's room, so a flood is refused for the price of its
+        # headers instead of being read, parsed and then refused.
+        queued = len(self.scheduler.batcher) + self._admitting
+        if queued >= self.config.max_queue_size:
+            self.metrics.rejected.labels(**self.metrics.labels).inc()
+            raise ServiceUnavailable(
+                f"server overloaded: {queued} queries queued or being read, limit "
+                f"{self.config.max_queue_size}; retry after the Retry-After delay")
+        admission = Admission(self)
         self._inflight += 1
+        self._admitting += 1
         self._idle.clear()
         gauge = self.metrics.inflight_requests.labels(**self.metrics.labels)
         gauge.inc()
         try:
-            yield
+            yield admission
         finally:
+            admission.release()
             self._inflight -= 1
             gauge.dec()
             if self._inflight == 0:
                 self._idle.set()
 
-    async def infer(self, raw: np.ndarray, timeout_s: float | None = None) -> InferenceResult:
-        """Answer raw images [B, C, H, W] (UINT8 or FP32 in [0, 1]), each query once; call
-        inside `admit()`.
+    async def infer(self, admission: Admission, raw: np.ndarray,
+                    timeout_s: float | None = None) -> InferenceResult:
+        """Answer raw images [B, C, H, W] (UINT8 or FP32 in [0, 1]), each query once, for a
+        request admitted by `admit()`.
 
         Raises ServiceUnavailable (overloaded, too few workers) or RequestTimeout;
         unanswered queries are abandoned, never computed twice."""
-        if self.scheduler is None or self._inflight == 0:
-            raise RuntimeError("Engine.infer() runs inside `async with engine.admit()`")
-        return await self._infer(raw, timeout_s or self.config.request_timeout_ms / 1000.0)
+        if admission.engine is not self or admission.released:
+            raise RuntimeError("Engine.infer() takes the admission of `async with engine.admit()`")
+        return await self._infer(raw, timeout_s or self.config.request_timeout_ms / 1000.0,
+                                 admission)
 
-    async def _infer(self, raw: np.ndarray, timeout_s: float) -> InferenceResult:
-        queries = self.scheduler.submit(  # type: ignore[union-attr] - checked by infer()
-            preprocess(raw, self.manifest.input))  # [B, C, H, W]
+    async def _infer(self, raw: np.ndarray, timeout_s: float, admission: Admission
+                     ) -> InferenceResult:
+        try:
+            queries = self.scheduler.submit(  # type: ignore[union-attr] - set by admit()
+                preprocess(raw, self.manifest.input))  # [B, C, H, W]
+        finally:
+            admission.release()  # its queries are queued (or refused): the queue counts them
         futures = [q.future for q in queries]
         try:
             results = await asyncio.wait_for(

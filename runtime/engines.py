@@ -11,7 +11,9 @@ install never needs them (tests/runtime/test_imports.py enforces this).
 
 from __future__ import annotations
 
+import io
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +32,10 @@ class ModelRunner(Protocol):
 
 
 class OrtRunner:
-    def __init__(self, path: Path, input_name: str = F_IO[0], output_name: str | None = None) -> None:
+    """An ONNX model from its bytes (`name`: the bundle path, for messages)."""
+
+    def __init__(self, model: bytes, name: str, input_name: str = F_IO[0],
+                 output_name: str | None = None) -> None:
         import onnxruntime as ort  # imported here so `--help` and manifest tooling stay fast
 
         options = ort.SessionOptions()
@@ -41,18 +46,18 @@ class OrtRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3
-        self.path = path
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.name = name
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if input_name not in inputs:
             raise EngineUnavailable(
-                f"{path}: expected an input tensor named {input_name!r}, the file has {inputs}; "
+                f"{name}: expected an input tensor named {input_name!r}, the file has {inputs}; "
                 "re-export the bundle (tensor names are fixed in docs/ARCHITECTURE.md)"
             )
         if output_name is not None and output_name not in outputs:
             raise EngineUnavailable(
-                f"{path}: expected an output tensor named {output_name!r}, the file has {outputs}"
+                f"{name}: expected an output tensor named {output_name!r}, the file has {outputs}"
             )
         self.input_name = input_name
         self.output_name = output_name or outputs[0]
@@ -79,7 +84,7 @@ class ChainRunner:
 class TorchRunner:
     """A `torch.export` program on one CUDA stream (GPU machines without TensorRT)."""
 
-    def __init__(self, path: Path, device: str, stream_index: int,
+    def __init__(self, program: bytes, name: str, device: str, stream_index: int,
                  keep_on_device: bool = False) -> None:
         try:
             import torch
@@ -91,12 +96,12 @@ class TorchRunner:
             raise EngineUnavailable("--engine torch --device cuda: no CUDA device is visible")
         self._torch = torch
         self.device = torch.device(device)
-        self.module = torch.export.load(str(path)).module().to(self.device)
+        self.module = torch.export.load(io.BytesIO(program)).module().to(self.device)
         # One stream per worker, so workers overlap on one GPU like separate machines would.
         self.stream = torch.cuda.Stream(device=self.device) if device == "cuda" else None
         # GPU decoding (runtime.gpu_decode): return the CUDA tensor, not a host copy
         self.keep_on_device = keep_on_device and self.stream is not None
-        logger.debug("torch runner %s on %s (worker stream %d)", path, device, stream_index)
+        logger.debug("torch runner %s on %s (worker stream %d)", name, device, stream_index)
 
     def run(self, x: np.ndarray) -> np.ndarray:  # or a CUDA tensor when keep_on_device
         torch = self._torch
@@ -124,7 +129,7 @@ class TensorRTRunner:
     decoder); that context is pushed around every call because workers run on threads.
     """
 
-    def __init__(self, plan: Path, worker: int, input_name: str = F_IO[0],
+    def __init__(self, plan: bytes, name: str, worker: int, input_name: str = F_IO[0],
                  output_name: str = F_IO[1]) -> None:
         try:
             import pycuda.autoprimaryctx as primary
@@ -137,13 +142,13 @@ class TensorRTRunner:
             ) from exc
         self._cuda, self._trt, self._context = cuda, trt, primary.context
         trt_logger = trt.Logger(trt.Logger.WARNING)
-        engine = trt.Runtime(trt_logger).deserialize_cuda_engine(plan.read_bytes())
+        engine = trt.Runtime(trt_logger).deserialize_cuda_engine(plan)
         if engine is None:
-            raise EngineUnavailable(f"{plan}: TensorRT could not deserialize the plan (wrong "
+            raise EngineUnavailable(f"{name}: TensorRT could not deserialize the plan (wrong "
                                     "TensorRT version or GPU?); rebuild it with `python -m export trt`")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         if input_name not in names or output_name not in names:
-            raise EngineUnavailable(f"{plan}: expected I/O tensors {input_name!r} and "
+            raise EngineUnavailable(f"{name}: expected I/O tensors {input_name!r} and "
                                     f"{output_name!r}, the plan has {names}")
         self.engine = engine
         self.stream = cuda.Stream()
@@ -183,8 +188,8 @@ class TensorRTRunner:
             self._context.pop()
 
 
-def find_tensorrt_plan(bundle_dir: Path, files: dict[str, str]) -> Path:
-    """The bundle's `engines/<sm>_trt<version>/f.plan` for this GPU and TensorRT version."""
+def find_tensorrt_plan(files: Iterable[str]) -> str:
+    """The bundle path of `engines/<sm>_trt<version>/f.plan` for this GPU and TensorRT."""
     try:
         import pycuda.autoprimaryctx  # noqa: F401 - the device's primary context
         import pycuda.driver as cuda
@@ -200,4 +205,4 @@ def find_tensorrt_plan(bundle_dir: Path, files: dict[str, str]) -> Path:
             f"bundle has no TensorRT plan for this GPU and TensorRT ({wanted}); it has {plans}. "
             "Build one with `python -m export trt BUNDLE` on this machine, or use --engine torch"
         )
-    return bundle_dir / wanted
+    return wanted

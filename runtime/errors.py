@@ -47,6 +47,19 @@ class RequestTimeout(ServingError):
     status = 504
 
 
+class BodyTimeout(ServingError):
+    """The request body did not arrive within --read-timeout-s (e.g. a lying Content-Length)."""
+
+    status = 408
+
+
+class ClientDisconnected(ServingError):
+    """The client closed the connection before its request was read or answered; nobody
+    is left to answer, so this is counted, not logged as a server error."""
+
+    status = 499  # nginx's "client closed request"; never reaches the client
+
+
 class WorkerError(Exception):
     """A worker call did not produce a result; the scheduler counts it as an erasure."""
 

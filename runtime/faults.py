@@ -10,7 +10,9 @@ engine makes its workers; no serving mode and no pool code mentions a fault. Fau
 - fail: a call raises InjectedFailure with probability `fail_prob` (an erasure; the worker
   stays up);
 - kill: worker `kill_worker` dies for good after `kill_after_calls` calls (once: its
-  restarted incarnations are healthy), so the pool's supervisor has to restart it.
+  restarted incarnations are healthy), so the pool's supervisor has to restart it;
+- random kills: any call kills its worker with probability `kill_prob` (every
+  incarnation), for soak tests.
 
 To add a fault: a FaultConfig field and its `--fault-*` help (runtime/serve.py), and its
 effect in `FaultyWorker.run` below.
@@ -52,6 +54,9 @@ class FaultPlan:
 
     def fails(self) -> bool:
         return self.config.fail_prob > 0 and self._rng.random() < self.config.fail_prob
+
+    def kills(self) -> bool:
+        return self.config.kill_prob > 0 and self._rng.random() < self.config.kill_prob
 
     def _straggler(self, group: GroupTag) -> int:
         chosen = self._stragglers.get(group.id)
@@ -108,6 +113,10 @@ class FaultyWorker:
                 self._inner.state = WorkerState.DEAD
                 raise WorkerDead(f"worker {self.index} killed by fault injection after "
                                  f"{self._kill_after_calls} calls")
+        if self.state is WorkerState.READY and self._plan.kills():
+            self._inner.state = WorkerState.DEAD
+            raise WorkerDead(f"worker {self.index} killed at random by fault injection "
+                             "(--fault-kill-prob)")
         result = await self._inner.run(model, batch, group)
         if delay_s:  # a straggler's answer arrives late; the worker itself is free again
             await asyncio.sleep(delay_s)

@@ -58,7 +58,7 @@ def make_device_decoders(scheme: CodingScheme) -> Callable[[tuple[int, ...]], An
     try:
         import torch
 
-        from kernels.cuda_decoder import load_kernels
+        from kernels.cuda_kernels import load_kernels
 
         kernels = load_kernels()
     except Exception as exc:  # noqa: BLE001 - any failure means "decode on the host"

@@ -7,17 +7,29 @@ is a second module like this one, registered in runtime/server.py.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from runtime.engine import Engine
-from runtime.errors import BadRequest, NotFound, PayloadTooLarge, ServiceUnavailable, ServingError
+from runtime.errors import (
+    BadRequest,
+    BodyTimeout,
+    ClientDisconnected,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    ServingError,
+)
 from runtime.model_io import output_specs
-from runtime.protocol import HEADER_LENGTH, encode_response, parse_infer_request
+from runtime.protocol import HEADER_LENGTH, InferRequest, encode_response, parse_infer_request
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +51,17 @@ class HttpFrontend:
         self.metrics = engine.metrics
         self.model_name = engine.model_name
         self.output_names = engine.manifest.output_names()
+        # one thread parses large bodies: a flood of them queues here instead of stalling
+        # the event loop or taking every compute thread
+        self._parser = ThreadPoolExecutor(1, thread_name_prefix="http-parse")
+
+    def close(self) -> None:
+        self._parser.shutdown(wait=False, cancel_futures=True)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes,
                               middlewares=[self._errors])
+        app.on_response_prepare.append(self._headers)
         r = app.router
         r.add_get("/v2/health/live", self._live)
         r.add_get("/v2/health/ready", self._ready)
@@ -59,7 +78,7 @@ class HttpFrontend:
         started = time.perf_counter()
         try:
             return await handler(request)
-        except ServingError as exc:
+        except ServingError as exc:  # includes ClientDisconnected: counted, not logged
             reason, status, message = type(exc).__name__, exc.status, str(exc)
             headers = ({"Retry-After": str(exc.retry_after_s)}
                        if isinstance(exc, ServiceUnavailable) else None)
@@ -73,13 +92,21 @@ class HttpFrontend:
                            "(--max-body-bytes); send fewer images per request")
             elif exc.status == 404:
                 message = f"no route {request.method} {request.path}; see GET /v2 and the KServe v2 API"
-        except Exception as exc:  # noqa: BLE001 - a bug answers 500 and is logged, not hidden
-            logger.exception("internal error on %s %s", request.method, request.path)
+        except Exception:  # noqa: BLE001 - a bug answers 500 and is logged, not hidden
+            error_id = uuid.uuid4().hex[:12]
+            logger.exception("internal error %s on %s %s", error_id, request.method, request.path)
             reason, status, headers = "InternalError", 500, None
-            message = f"internal server error: {type(exc).__name__}: {exc}"
+            message = f"internal error (id {error_id}; the server log has the details)"
         if request.path.endswith("/infer"):
             self.metrics.request_failure(reason, time.perf_counter() - started)
         return _error(status, message, headers)
+
+    async def _headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """No version banner; while draining, tell keep-alive clients to reconnect elsewhere."""
+        response.headers["Server"] = SERVER_NAME
+        if self.engine.draining:
+            response.headers["Connection"] = "close"
+            response.force_close()
 
     async def _live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -138,21 +165,36 @@ class HttpFrontend:
     async def _infer(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         self._check_model(request)
-        async with self.engine.admit():  # refused (503) before the body is read
-            length = request.content_length
-            if length is not None and length > self.config.max_body_bytes:
-                raise PayloadTooLarge(f"request body of {length} bytes exceeds the "
-                                      f"{self.config.max_body_bytes}-byte limit (--max-body-bytes)")
-            body = await request.read()
-            if not body:
-                raise BadRequest("empty request body; send a KServe v2 JSON inference request")
-            parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH),
-                                         self.engine.manifest.input, self.output_names,
-                                         self.config.max_batch_size)
-            result = await self.engine.infer(parsed.raw, parsed.timeout_s)
+        async with self.engine.admit() as admission:  # 503 from the headers, before the body
+            parsed = await self._read_request(request)
+            result = await self.engine.infer(admission, parsed.raw, parsed.timeout_s)
         parameters: dict[str, Any] = result.parameters(self.config.mode)
         body, headers = encode_response(self.model_name, parsed.request_id, result.tensors,
                                         parsed.outputs, parsed.binary_default, parameters)
         content_type = headers.pop("Content-Type")
         self.metrics.request_success(time.perf_counter() - started)
         return web.Response(body=body, headers=headers, content_type=content_type)
+
+    async def _read_request(self, request: web.Request) -> InferRequest:
+        length = request.content_length
+        if length is not None and length > self.config.max_body_bytes:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds the "
+                                  f"{self.config.max_body_bytes}-byte limit (--max-body-bytes)")
+        try:
+            body = await asyncio.wait_for(request.read(), self.config.read_timeout_s)
+        except TimeoutError:
+            raise BodyTimeout(f"request body not received within {self.config.read_timeout_s:g} s "
+                              "(--read-timeout-s); check Content-Length") from None
+        except (ConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise ClientDisconnected(f"client went away mid-body: {exc}") from None
+        if not body:
+            raise BadRequest("empty request body; send a KServe v2 JSON inference request")
+
+        def parse() -> InferRequest:
+            return parse_infer_request(body, request.headers.get(HEADER_LENGTH),
+                                       self.engine.manifest.input, self.output_names,
+                                       self.config.max_batch_size)
+
+        if len(body) <= self.config.large_body_bytes:
+            return parse()
+        return await asyncio.get_running_loop().run_in_executor(self._parser, parse)

@@ -23,6 +23,7 @@ from kernels.configs import check_keys
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ACCEPTED_DTYPES = ("UINT8", "FP32")
+INPUT_NAME = "INPUT"  # the served input tensor of the bundles export writes
 
 # -- file layout (relative to the bundle directory) -----------------------------------------
 F_FILE = "f.onnx"
@@ -351,18 +352,30 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_checksums(bundle_dir: str | Path, manifest: Manifest) -> None:
-    """Raise ManifestError naming every file that is missing or whose sha256 differs."""
+def read_files(bundle_dir: str | Path, manifest: Manifest, verify: bool = True) -> dict[str, bytes]:
+    """Every file the manifest lists, read once; with `verify`, the bytes read are the bytes
+    checked against their sha256, so whoever serves from these bytes serves what was
+    verified even if a file is swapped on disk later. Raises ManifestError naming every
+    file that is missing or differs."""
     root = Path(bundle_dir)
-    problems = []
+    problems, files = [], {}
     for rel, expected in sorted(manifest.files.items()):
         path = root / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")
-        elif (actual := sha256_file(path)) != expected:
+            continue
+        data = path.read_bytes()
+        if verify and (actual := hashlib.sha256(data).hexdigest()) != expected:
             problems.append(f"{rel}: sha256 {actual[:12]}… != manifest {expected[:12]}…")
+        files[rel] = data
     if problems:
         raise ManifestError(
             f"bundle {root} does not match its manifest: " + "; ".join(problems)
             + ". Re-export it with `python -m export`, or restore the original files."
         )
+    return files
+
+
+def verify_checksums(bundle_dir: str | Path, manifest: Manifest) -> None:
+    """Raise ManifestError naming every file that is missing or whose sha256 differs."""
+    read_files(bundle_dir, manifest, verify=True)

@@ -43,6 +43,9 @@ class Metrics:
         self.inflight_requests = Gauge(
             "coded_inflight_requests", "Inference requests being handled (drained on shutdown)",
             MODEL_LABELS, registry=r)
+        self.rejected = Counter(
+            "coded_admission_rejected", "Requests refused (503) at admission, before their "
+            "body was read, because the queue was full", MODEL_LABELS, registry=r)
         self.request_latency = Histogram(
             "coded_request_latency_seconds", "End-to-end latency of successful requests",
             MODEL_LABELS, buckets=LATENCY_BUCKETS_S, registry=r)
@@ -60,6 +63,9 @@ class Metrics:
         self.worker_restarts = Counter(
             "coded_worker_restarts", "Workers restarted by the supervisor", ("worker", "reason"),
             registry=r)
+        self.workers_down = Gauge(
+            "coded_workers_down", "Workers that cannot take calls (dead, restarting); the "
+            "server is not ready while the rest cannot answer a coding group", registry=r)
         self.worker_ready = Gauge("coded_worker_ready", "1 when the worker is warmed up",
                                   ("worker",), registry=r)
         self.decode_seconds = Histogram(

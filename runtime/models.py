@@ -21,7 +21,7 @@ from runtime.engines import (
     find_tensorrt_plan,
 )
 from runtime.errors import EngineUnavailable
-from runtime.manifest import ENCODER_IO, F_IO, HEAD_IO, PARM_IO, Manifest
+from runtime.manifest import ENCODER_IO, F_IO, HEAD_IO, PARM_IO, Manifest, read_files
 
 logger = logging.getLogger(__name__)
 
@@ -36,34 +36,43 @@ def encoder_then_f(row: int) -> str:
 
 
 class ModelFactory:
+    """Runners from the bundle's bytes, read (and checked against the manifest, with
+    --verify-checksums) once at construction: a worker restarted later builds its models
+    from these same bytes, never from whatever the disk holds by then."""
+
     def __init__(self, bundle_dir: Path, manifest: Manifest, config: ServerConfig,
                  device_outputs: bool = False) -> None:
         self.root = bundle_dir
         self.manifest = manifest
         self.config = config
         self.device_outputs = device_outputs  # torch f returns CUDA tensors (GPU decoding)
+        self.files = read_files(bundle_dir, manifest, verify=config.verify_checksums)
+
+    def _onnx(self, rel: str, io_names: tuple[str, str]) -> OrtRunner:
+        return OrtRunner(self.files[rel], rel, *io_names)
 
     # Frontend (always ONNX Runtime on the CPU: light models) -------------------------------
     def heads(self) -> dict[str, ModelRunner]:
-        return {h.task: OrtRunner(self.root / h.file, *HEAD_IO) for h in self.manifest.heads}
+        return {h.task: self._onnx(h.file, HEAD_IO) for h in self.manifest.heads}
 
     def encoders(self) -> dict[int, ModelRunner]:
-        return {e.row: OrtRunner(self.root / e.file, *ENCODER_IO) for e in self.manifest.encoders}
+        return {e.row: self._onnx(e.file, ENCODER_IO) for e in self.manifest.encoders}
 
     # Workers ---------------------------------------------------------------------------------
     def f(self, worker: int) -> ModelRunner:
         engine = self.config.engine
         if engine == "onnxruntime":
-            return OrtRunner(self.root / self.manifest.f, *F_IO)
+            return self._onnx(self.manifest.f, F_IO)
         if engine == "torch":
             rel = self.manifest.torch.get("f")
             if rel is None:
                 raise EngineUnavailable("--engine torch needs manifest \"torch\": {\"f\": ...} "
                                         "(a torch.export program); this bundle has none")
-            return TorchRunner(self.root / rel, self.config.device, worker,
+            return TorchRunner(self.files[rel], rel, self.config.device, worker,
                                keep_on_device=self.device_outputs)
         if engine == "tensorrt":
-            return TensorRTRunner(find_tensorrt_plan(self.root, self.manifest.files), worker, *F_IO)
+            plan = find_tensorrt_plan(self.files)
+            return TensorRTRunner(self.files[plan], plan, worker, *F_IO)
         raise EngineUnavailable(f"unknown engine {engine!r}")
 
     def worker_models(self, worker: int, names: list[str]) -> Mapping[str, ModelRunner]:
@@ -74,12 +83,11 @@ class ModelFactory:
             elif name.startswith(ENCODER_THEN_F):
                 row = int(name[len(ENCODER_THEN_F):])
                 enc = next(e for e in self.manifest.encoders if e.row == row)
-                models[name] = ChainRunner(OrtRunner(self.root / enc.file, *ENCODER_IO),
-                                           self.f(worker))
+                models[name] = ChainRunner(self._onnx(enc.file, ENCODER_IO), self.f(worker))
             elif name == WORKER_PARM:
                 if self.manifest.parm is None:
                     raise EngineUnavailable("this bundle has no parm model")
-                models[name] = OrtRunner(self.root / self.manifest.parm, *PARM_IO)
+                models[name] = self._onnx(self.manifest.parm, PARM_IO)
             elif name == WORKER_F_HEADS:
                 models[name] = ChainRunner(self.f(worker), *self.heads().values(),
                                            concat_rest=True)

@@ -44,6 +44,7 @@ class WorkerPool:
         await asyncio.gather(*(w.start() for w in self._workers))
         for w in self._workers:
             self._metrics.worker_ready.labels(worker=str(w.index)).set(1)
+        self._changed()
 
     @property
     def ready(self) -> bool:
@@ -51,6 +52,13 @@ class WorkerPool:
 
     def states(self) -> list[str]:
         return [w.state.value for w in self._workers]
+
+    def up(self) -> set[int]:
+        """The workers that can take a call now."""
+        return {w.index for w in self._workers if w.state is WorkerState.READY}
+
+    def _changed(self) -> None:
+        self._metrics.workers_down.set(self.size - len(self.up()))
 
     async def stop(self) -> None:
         self._closing = True
@@ -102,6 +110,7 @@ class WorkerPool:
                        index, worker.incarnation, error)
         worker.state = WorkerState.DEAD
         self._metrics.worker_ready.labels(worker=str(index)).set(0)
+        self._changed()
         self._restarts[index] = asyncio.create_task(self._restart(worker, error.reason),
                                                     name=f"restart-worker-{index}")
 
@@ -121,6 +130,7 @@ class WorkerPool:
                 self._workers[index] = fresh
                 self._metrics.worker_restarts.labels(worker=str(index), reason=reason).inc()
                 self._metrics.worker_ready.labels(worker=str(index)).set(1)
+                self._changed()
                 logger.info("worker %d restarted (incarnation %d)", index, fresh.incarnation)
                 return
             logger.error("worker %d stays down after %d restart attempts", index, RESTART_ATTEMPTS)

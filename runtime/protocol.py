@@ -53,8 +53,25 @@ def _obj(value: Any, where: str) -> dict[str, Any]:
 
 def _int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"{where} must be a non-negative integer, got {value!r}")
+        raise BadRequest(f"{where} must be a non-negative integer, got {_show(value)}")
     return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    """JSON true/false only: the strings "false" or "no" must not turn an option on."""
+    if not isinstance(value, bool):
+        raise BadRequest(f"{where} must be a JSON boolean (true or false), got {_show(value)}")
+    return value
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, cut short (a 4,000-digit integer is not echoed)."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 64 else \
+        f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+MAX_TIMEOUT_S = 24 * 3600.0  # longer than any request may wait; larger values are typos
 
 
 def _timeout_s(params: dict[str, Any]) -> float | None:
@@ -62,9 +79,14 @@ def _timeout_s(params: dict[str, Any]) -> float | None:
     for key, scale in (("timeout_ms", 1e-3), ("timeout", 1e-6)):
         if key in params:
             value = params[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or value <= 0:
-                raise BadRequest(f"parameter {key!r} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise BadRequest(f"parameter {key!r} must be a positive number, got {_show(value)}")
+            # compare before converting: an integer of 400 digits has no float
+            if (isinstance(value, float) and not math.isfinite(value)) \
+                    or not 0 < value <= MAX_TIMEOUT_S / scale:
+                raise BadRequest(f"parameter {key!r} must be a positive number of at most "
+                                 f"{MAX_TIMEOUT_S / scale:.0f} ({MAX_TIMEOUT_S / 3600:.0f} h), "
+                                 f"got {_show(value)}")
             return float(value) * scale
     return None
 
@@ -74,7 +96,24 @@ def _decode_json(header: bytes) -> dict[str, Any]:
         body = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise BadRequest("request body is JSON nested too deeply; a KServe v2 request nests "
+                         "a few levels") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise BadRequest(f"request body has a JSON value this server cannot read: {exc}") from None
     return _obj(body, "request body")
+
+
+def _has_booleans(data: list[Any]) -> bool:
+    """Whether a nested list holds a JSON true/false (numpy reads them as 1/0)."""
+    stack = [data]
+    while stack:
+        for value in stack.pop():
+            if isinstance(value, list):
+                stack.append(value)
+            elif isinstance(value, bool):
+                return True
+    return False
 
 
 def _tensor_from_json(data: Any, dtype: str, count: int, where: str) -> np.ndarray:
@@ -85,10 +124,11 @@ def _tensor_from_json(data: Any, dtype: str, count: int, where: str) -> np.ndarr
         values = np.asarray(data)
     except ValueError as exc:  # ragged nesting
         raise BadRequest(f"{where}.data is a ragged nested list: {exc}") from exc
-    if values.dtype.kind not in "iuf" or values.dtype == np.bool_:
+    if values.dtype.kind not in "iuf" or values.dtype == np.bool_ or (
+            values.dtype.kind in "iu" and _has_booleans(data)):
         raise BadRequest(f"{where}.data must hold only numbers for datatype {dtype}, got "
                          f"elements of numpy kind {values.dtype.kind!r} (strings, booleans, "
-                         "objects or nulls?)")
+                         "objects, nulls or integers beyond 64 bits?)")
     values = values.reshape(-1)
     if values.size != count:
         raise BadRequest(f"{where}: shape needs {count} elements, data has {values.size}")
@@ -112,10 +152,10 @@ def parse_infer_request(
     """Validate a KServe v2 infer request against the model's single image input."""
     binary = b""
     if header_length is not None:
-        try:
-            json_bytes = int(header_length)
-        except ValueError:
-            raise BadRequest(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        if not (header_length.isascii() and header_length.isdigit()) or len(header_length) > 12:
+            raise BadRequest(f"{HEADER_LENGTH} must be an integer byte count (digits only), got "
+                             f"{header_length[:40]!r}")
+        json_bytes = int(header_length)
         if not 0 < json_bytes <= len(body):
             raise BadRequest(f"{HEADER_LENGTH} is {json_bytes} but the body has {len(body)} "
                              "bytes; it must be the size of the JSON part")
@@ -207,12 +247,14 @@ def parse_infer_request(
             if "classification" in oparams:
                 raise BadRequest(f"outputs[{i}]: the classification extension is not supported; "
                                  f"request '{name}' and read the *_class outputs instead")
-            outputs[name] = bool(oparams.get("binary_data", False))
+            outputs[name] = _bool(oparams.get("binary_data", False),
+                                  f"outputs[{i}].parameters.binary_data")
     return InferRequest(
         request_id=request_id,
         raw=raw,
         outputs=outputs,
-        binary_default=bool(params.get("binary_data_output", False)),
+        binary_default=_bool(params.get("binary_data_output", False),
+                             "parameter 'binary_data_output'"),
         timeout_s=_timeout_s(params),
     )
 

@@ -47,6 +47,11 @@ HELP = {
     "worker_deadline_ms": "a worker call overdue by this is an erasure; the worker is restarted",
     "request_timeout_ms": "default request timeout (a request's timeout_ms parameter overrides)",
     "drain_timeout_s": "on SIGTERM/SIGINT, wait this long for in-flight requests",
+    "keepalive_timeout_s": "close a connection that is idle, or whose request headers have not "
+                           "all arrived, this long after it opened or after its last response",
+    "read_timeout_s": "a request body must arrive within this many seconds (else 408)",
+    "large_body_bytes": "request bodies above this many bytes are parsed on a thread, off the "
+                        "event loop",
     "gpu_decode": "with --mode coded --engine torch --device cuda, keep worker results on the GPU "
                   "and decode them there with kernels.cuda_decoder (host decoding if it cannot "
                   "load)",
@@ -62,6 +67,8 @@ FAULT_HELP = {
     "kill_worker": "TEST ONLY: this worker dies after --fault-kill-after-calls calls (once) and "
                    "is restarted by the supervisor",
     "kill_after_calls": "TEST ONLY: see --fault-kill-worker",
+    "kill_prob": "TEST ONLY: any worker call kills its worker with this probability (the "
+                 "supervisor restarts it); for soak tests",
     "seed": "TEST ONLY: seed of the fault-injection random numbers",
 }
 def _choices() -> dict[str, tuple[str, ...]]:

@@ -24,6 +24,8 @@ from runtime.metrics import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 0.5  # after the drain: how long handlers still running may finish
+
 
 class Server:
     def __init__(self, config: ServerConfig) -> None:
@@ -35,6 +37,7 @@ class Server:
         self.metrics_port: int | None = None
         self._runners: list[web.AppRunner] = []
         self._sites: list[web.TCPSite] = []
+        self._http: HttpFrontend | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -44,9 +47,10 @@ class Server:
 
     async def start_listening(self) -> None:
         config = self.config
-        self.engine.check_bundle()
+        self.engine.load_bundle()
         await self.engine.prepare()
-        site, self.http_port = await self._listen(HttpFrontend(self.engine).app(), config.http_port)
+        self._http = HttpFrontend(self.engine)
+        site, self.http_port = await self._listen(self._http.app(), config.http_port)
         self._sites.append(site)
         if config.metrics_port >= 0:
             metrics_app = web.Application()
@@ -63,7 +67,10 @@ class Server:
 
     async def _listen(self, app: web.Application, port: int) -> tuple[web.TCPSite, int]:
         """Serve `app` on host:port; returns the site and the bound port (port 0 = any)."""
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.config.drain_timeout_s)
+        # The engine's drain already waited for admitted requests, so the runner's own wait
+        # at cleanup is short: shutdown takes drain_timeout_s + about a second at most.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=CLOSE_TIMEOUT_S,
+                               keepalive_timeout=self.config.keepalive_timeout_s)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.config.host, port)
@@ -83,6 +90,8 @@ class Server:
         await self.engine.stop()
         for runner in self._runners:
             await runner.cleanup()
+        if self._http is not None:
+            self._http.close()
         logger.info("shut down in %.2f s", time.monotonic() - started)
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:

@@ -30,6 +30,10 @@ class ApproxIFERMode(Mode):
         return max(manifest.coding.n, 2)
 
     @classmethod
+    def can_answer(cls, manifest: Manifest, up: set[int]) -> bool:
+        return len(up) >= min(manifest.coding.k, manifest.coding.n)
+
+    @classmethod
     def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
         return [WORKER_F_HEADS]
 

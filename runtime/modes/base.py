@@ -147,6 +147,11 @@ class Mode:
     def frontend_encoders(cls, manifest: Manifest, encoders_on_workers: bool) -> bool:
         return False
 
+    @classmethod
+    def can_answer(cls, manifest: Manifest, up: set[int]) -> bool:
+        """Whether a coding group can be answered with only the workers `up` (readiness)."""
+        raise NotImplementedError
+
     @property
     def group_size(self) -> int:
         return self.k

@@ -46,6 +46,10 @@ class CodedMode(Mode):
     def frontend_encoders(cls, manifest: Manifest, encoders_on_workers: bool) -> bool:
         return not encoders_on_workers
 
+    @classmethod
+    def can_answer(cls, manifest: Manifest, up: set[int]) -> bool:
+        return len(up) >= manifest.coding.k  # any k of n decode
+
     async def execute(self, queries: list[Query]) -> None:
         k, n, m = self.k, self.n, len(queries)
         self.count_partial(m)

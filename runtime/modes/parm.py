@@ -27,6 +27,12 @@ class ParMMode(Mode):
         return manifest.coding.k + 1
 
     @classmethod
+    def can_answer(cls, manifest: Manifest, up: set[int]) -> bool:
+        k = manifest.coding.k
+        primaries = sum(1 for i in up if i < k)
+        return primaries == k or (primaries == k - 1 and k in up)
+
+    @classmethod
     def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
         return [WORKER_PARM] if index == manifest.coding.k else [WORKER_F]
 

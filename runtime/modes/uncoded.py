@@ -28,6 +28,11 @@ class UncodedMode(Mode):
     def pool_size(cls, manifest: Manifest) -> int:
         return manifest.coding.k * cls.replicas
 
+    @classmethod
+    def can_answer(cls, manifest: Manifest, up: set[int]) -> bool:
+        k = manifest.coding.k  # every slot needs one live copy
+        return all(any(s + r * k in up for r in range(cls.replicas)) for s in range(k))
+
     async def execute(self, queries: list[Query]) -> None:
         k = self.k
         offset, self._offset = self._offset, (self._offset + len(queries)) % k

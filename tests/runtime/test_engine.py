@@ -26,8 +26,8 @@ def test_engine_answers_without_a_server(tiny: TinyModel) -> None:
         await engine.start()
         ready.append(engine.health().ready)
         try:
-            async with engine.admit():
-                result = await engine.infer(images)
+            async with engine.admit() as admission:
+                result = await engine.infer(admission, images)
         finally:
             engine.begin_drain()
             ready.append(engine.health().ready)
@@ -46,13 +46,15 @@ def test_engine_answers_without_a_server(tiny: TinyModel) -> None:
     assert stats["inference_count"] == 4 and stats["reconstructed"] == 2
 
 
-def test_infer_outside_admit_is_a_programming_error(tiny: TinyModel) -> None:
+def test_infer_needs_a_live_admission(tiny: TinyModel) -> None:
     async def run() -> None:
         engine = Engine(server_config(tiny.bundle))
         await engine.start()
         try:
-            with pytest.raises(RuntimeError, match="admit"):
-                await engine.infer(random_images(1, seed=0))
+            async with engine.admit() as admission:
+                pass
+            with pytest.raises(RuntimeError, match="admission"):
+                await engine.infer(admission, random_images(1, seed=0))
         finally:
             await engine.stop()
 
