@@ -16,7 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import web, web_response
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from runtime.engine import Engine
 from runtime.errors import (
@@ -37,9 +39,47 @@ SERVER_NAME = "coded-invnet-runtime"
 SERVER_VERSION = "0.1.0"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# aiohttp stamps `Server: Python/3.x aiohttp/3.y` on every response it makes, including the
+# 400s it sends before any handler runs; a version banner only helps an attacker.
+web_response.SERVER_SOFTWARE = SERVER_NAME
+
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class ProtocolLogger:
+    """The logger aiohttp's connection handler writes to. aiohttp logs a client's malformed
+    framing (refused with 400 before any handler) as an exception with a traceback; that
+    is the client's error, so it is logged at INFO without one. Anything else passes on."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def exception(self, message: str, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self._logger.info("refused a malformed request: %s (%s)",
+                              exc_info.message, message % args)
+            return
+        self._logger.exception(message, *args, exc_info=exc_info, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger, name)
+
+
+class ErrorCounter(AbstractAccessLogger):
+    """aiohttp's access-log hook, used only to count error responses by status, including
+    requests aiohttp refuses before any handler runs (bad framing or chunked encoding)."""
+
+    metrics: Any = None  # set per server by HttpFrontend.access_log_class
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if response.status >= 400:
+            self.metrics.http_errors.labels(code=str(response.status)).inc()
+
+    @property
+    def enabled(self) -> bool:
+        return True
 
 
 class HttpFrontend:
@@ -54,6 +94,9 @@ class HttpFrontend:
         # one thread parses large bodies: a flood of them queues here instead of stalling
         # the event loop or taking every compute thread
         self._parser = ThreadPoolExecutor(1, thread_name_prefix="http-parse")
+
+    def access_log_class(self) -> type[AbstractAccessLogger]:
+        return type("ServerErrorCounter", (ErrorCounter,), {"metrics": self.metrics})
 
     def close(self) -> None:
         self._parser.shutdown(wait=False, cancel_futures=True)
@@ -102,8 +145,7 @@ class HttpFrontend:
         return _error(status, message, headers)
 
     async def _headers(self, request: web.Request, response: web.StreamResponse) -> None:
-        """No version banner; while draining, tell keep-alive clients to reconnect elsewhere."""
-        response.headers["Server"] = SERVER_NAME
+        """While draining, tell keep-alive clients to reconnect elsewhere."""
         if self.engine.draining:
             response.headers["Connection"] = "close"
             response.force_close()
@@ -187,6 +229,8 @@ class HttpFrontend:
                               "(--read-timeout-s); check Content-Length") from None
         except (ConnectionError, aiohttp.ClientPayloadError) as exc:
             raise ClientDisconnected(f"client went away mid-body: {exc}") from None
+        except HttpProcessingError as exc:  # e.g. a bad chunk size arriving after the headers
+            raise BadRequest(f"malformed request body framing: {exc.message}") from None
         if not body:
             raise BadRequest("empty request body; send a KServe v2 JSON inference request")
 

@@ -43,6 +43,9 @@ class Metrics:
         self.inflight_requests = Gauge(
             "coded_inflight_requests", "Inference requests being handled (drained on shutdown)",
             MODEL_LABELS, registry=r)
+        self.http_errors = Counter(
+            "coded_http_errors", "HTTP error responses by status, including requests refused "
+            "before any handler (bad framing, no route)", ("code",), registry=r)
         self.rejected = Counter(
             "coded_admission_rejected", "Requests refused (503) at admission, before their "
             "body was read, because the queue was full", MODEL_LABELS, registry=r)

@@ -16,10 +16,11 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from runtime.config import ServerConfig
 from runtime.engine import Engine
-from runtime.http_server import HttpFrontend
+from runtime.http_server import HttpFrontend, ProtocolLogger
 from runtime.metrics import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class Server:
         self.engine.load_bundle()
         await self.engine.prepare()
         self._http = HttpFrontend(self.engine)
-        site, self.http_port = await self._listen(self._http.app(), config.http_port)
+        site, self.http_port = await self._listen(self._http.app(), config.http_port,
+                                                  self._http.access_log_class())
         self._sites.append(site)
         if config.metrics_port >= 0:
             metrics_app = web.Application()
@@ -65,12 +67,17 @@ class Server:
     async def start_workers(self) -> None:
         await self.engine.start_workers()
 
-    async def _listen(self, app: web.Application, port: int) -> tuple[web.TCPSite, int]:
+    async def _listen(self, app: web.Application, port: int,
+                      access_log_class: type[AbstractAccessLogger] | None = None
+                      ) -> tuple[web.TCPSite, int]:
         """Serve `app` on host:port; returns the site and the bound port (port 0 = any)."""
         # The engine's drain already waited for admitted requests, so the runner's own wait
         # at cleanup is short: shutdown takes drain_timeout_s + about a second at most.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=CLOSE_TIMEOUT_S,
-                               keepalive_timeout=self.config.keepalive_timeout_s)
+        logging_args: dict = ({"access_log": None} if access_log_class is None else
+                              {"access_log": logger, "access_log_class": access_log_class,
+                               "logger": ProtocolLogger(logger)})
+        runner = web.AppRunner(app, shutdown_timeout=CLOSE_TIMEOUT_S,
+                               keepalive_timeout=self.config.keepalive_timeout_s, **logging_args)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.config.host, port)

@@ -101,6 +101,10 @@ class Arrivals:
                 return True
         return False
 
+    def results(self) -> dict[int, Any]:
+        """worker -> result, for every received result."""
+        return {w: t.result() for t, w in self.tasks.items() if w in self.received}
+
     def finish(self, count_erasures: bool = True) -> None:
         """The group is answered: results still in flight are dropped (and counted when
         they land), and every launched worker whose result was not used is an erasure."""

@@ -73,33 +73,43 @@ class CodedMode(Mode):
                 f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
                 "workers are being restarted"))
             return
-        systematic = await self._grace(arrivals, decoder.missing)
-        if systematic is not None:  # every missing systematic result came within the grace
-            zs, missing = np.stack([to_host(z) for z in systematic]), set()  # [k, G, *emb]
-            arrivals.finish(count_erasures=False)
+        shape = (len(groups), *self.manifest.embedding_shape)
+        graced = await self._grace(arrivals, decoder.missing)
+        if graced:
+            decoder = self._refold(arrivals, shape)  # use what came in time, decode the rest
+        missing = set(decoder.missing)
+        # a group the grace made whole lost nothing: its parities were never needed
+        arrivals.finish(count_erasures=not (graced and not missing))
+        if not missing:  # every systematic result is in: exact answers, nothing to decode
+            results = arrivals.results()
+            zs = np.stack([to_host(results[i]) for i in range(k)])  # [k, G, *emb]
         else:
-            arrivals.finish()
             t0 = time.perf_counter()
             zs = decoder.finalize()  # [k, G, *embedding_shape]
             self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-            missing = set(decoder.missing)
         zs = zs.swapaxes(0, 1).reshape(-1, *zs.shape[2:])[:m]  # [m, *embedding_shape]
         logits = await self.frontend.classify(zs)  # padded slots are never classified
         self.answer_all(queries, (QueryAnswer({t: v[q] for t, v in logits.items()}, q % k in missing)
                                   for q in range(m)))
 
-    async def _grace(self, arrivals: Arrivals, missing: tuple[int, ...]) -> list[Any] | None:
-        """With --systematic-grace-ms > 0, wait that long for missing systematic results
-        (exact answers) before decoding; returns all k systematic results, or None."""
+    async def _grace(self, arrivals: Arrivals, missing: tuple[int, ...]) -> bool:
+        """With --systematic-grace-ms > 0, wait that long for the missing systematic results
+        (exact answers) before decoding; True when any of them came in time."""
         tasks = arrivals.tasks
         waiting = {t for t in arrivals.pending if tasks[t] in missing}
-        if not missing or self.options.systematic_grace_s <= 0 or len(waiting) != len(missing):
-            return None
+        if not waiting or self.options.systematic_grace_s <= 0:
+            return False
         done, _ = await asyncio.wait(waiting, timeout=self.options.systematic_grace_s)
-        if len(done) != len(waiting) or any(t.exception() is not None for t in done):
-            return None
+        arrived = {t for t in done if t.exception() is None}
         arrivals.pending -= done
-        arrivals.received |= {tasks[t] for t in done}
-        by_worker = {tasks[t]: t.result() for t in tasks if t.done() and not t.cancelled()
-                     and t.exception() is None}
-        return [by_worker[i] for i in range(self.k)]
+        arrivals.received |= {tasks[t] for t in arrived}
+        return bool(arrived)
+
+    def _refold(self, arrivals: Arrivals, shape: tuple[int, ...]) -> Any:
+        """A decoder fed every received result, systematic ones first, so that the fewest
+        slots are decoded."""
+        decoder = self.new_decoder(shape)
+        for worker, result in sorted(arrivals.results().items()):
+            if decoder.add(worker, result):
+                break
+        return decoder

@@ -277,3 +277,42 @@ def read_metrics(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
+
+
+# -- the middle layers without a server: fake clock, event-loop ordering, metrics ---------------
+SETTLE_ROUNDS = 50  # loop iterations that let every ready callback and task run
+
+
+class FakeClock:
+    """A clock the test sets by hand (`Batcher(clock=...)`): what the batcher decides then
+    depends on this clock only, never on how fast the machine is."""
+
+    def __init__(self, now_s: float = 0.0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+async def settle(rounds: int = SETTLE_ROUNDS) -> None:
+    """Run the event loop until everything that is ready has run (no wall-clock wait)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def until(predicate, what: str, rounds: int = SETTLE_ROUNDS) -> None:  # noqa: ANN001
+    """Run the event loop until `predicate()` holds; fail (naming `what`) if it never does."""
+    for _ in range(rounds):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    if not predicate():
+        raise AssertionError(f"never happened: {what}")
+
+
+def metric_sample(metrics, name: str, **labels: str) -> float:  # noqa: ANN001 - runtime Metrics
+    """Sum of the samples `name` of a runtime.metrics.Metrics registry whose labels include
+    `labels` (0 when there is none), e.g. metric_sample(m, "coded_erasures_total", worker="1")."""
+    return sum(sample.value for family in metrics.registry.collect() for sample in family.samples
+               if sample.name == name
+               and all(sample.labels.get(key) == value for key, value in labels.items()))

@@ -1,4 +1,8 @@
-"""Fault injection against a real server: killed, straggling, overdue and failing workers."""
+"""Fault injection against a real server: killed, straggling, overdue and failing workers.
+
+No test measures latency: each asserts what the server reports (reconstructed flags,
+labels, metrics). That a coded group is answered without waiting for its straggler, and
+that the systematic grace waits, is pinned by tests/runtime/test_modes.py with a fake pool."""
 
 from __future__ import annotations
 
@@ -65,39 +69,46 @@ def test_straggler_per_group_is_decoded_not_waited_for(tiny: TinyModel) -> None:
     delay_ms = 1500.0
     config = server_config(tiny.bundle, fault_straggler_per_group=True, fault_delay_ms=delay_ms,
                            fault_seed=3, max_queue_delay_ms=50.0)
-    client_latency = []
     with ServerThread(config) as srv:
         client = triton.InferenceServerClient(srv.url)
         for i in range(4):
             images = random_images(2, seed=200 + i)  # one full group of k = 2
             inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
             inp.set_data_from_numpy(images)
-            t0 = time.perf_counter()
             result = client.infer("tiny", [inp])
-            client_latency.append(time.perf_counter() - t0)
-            assert result.as_numpy("reconstructed").sum() == 1  # the straggler's query
+            # decoded from the parity: the straggler's own result was not in yet
+            assert result.as_numpy("reconstructed").sum() == 1
+            # ... and it was counted missing before the answer left (one per group so far)
+            assert metric_value(read_metrics(srv.metrics_url), "coded_erasures_total") == i + 1
             np.testing.assert_array_equal(result.as_numpy("digit_class"),
                                           tiny.logits(images)["digit"].argmax(axis=1))
         # every straggler's result lands later and is dropped and counted
         assert _wait_for(lambda: metric_value(read_metrics(srv.metrics_url),
                                               "coded_late_results_dropped_total") == 4, 5.0)
         # one erasure per group: the straggler, whose result was missing at decode time
-        assert metric_value(read_metrics(srv.metrics_url), "coded_erasures_total") == 4
-    assert max(client_latency) < delay_ms / 1000.0 / 2
+        text = read_metrics(srv.metrics_url)
+        assert metric_value(text, "coded_erasures_total") == 4
+        assert metric_value(text, "coded_reconstructed_responses_total") == 4
 
 
 def test_uncoded_waits_for_the_straggler(tiny: TinyModel) -> None:
-    delay_ms = 400.0
     config = server_config(tiny.bundle, mode="uncoded", fault_straggler_per_group=True,
-                           fault_delay_ms=delay_ms, metrics_port=-1, max_queue_delay_ms=50.0)
+                           fault_delay_ms=400.0, max_queue_delay_ms=50.0)
+    images = random_images(2, seed=300)  # one group: both workers, one of them straggles
     with ServerThread(config) as srv:
         client = triton.InferenceServerClient(srv.url)
         inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
-        inp.set_data_from_numpy(random_images(2, seed=300))
-        t0 = time.perf_counter()
+        inp.set_data_from_numpy(images)
         result = client.infer("tiny", [inp])
-        assert time.perf_counter() - t0 >= delay_ms / 1000.0
+        text = read_metrics(srv.metrics_url)
+    # no other copy: the straggler's own (late) result answered its query, exactly
     assert not result.as_numpy("reconstructed").any()
+    np.testing.assert_allclose(result.as_numpy("digit_logits"), tiny.logits(images)["digit"],
+                               atol=1e-3, rtol=0)
+    assert metric_value(text, "nv_inference_exec_count") == 1
+    assert metric_value(text, "coded_erasures_total") == 0  # every result was used...
+    assert metric_value(text, "coded_late_results_dropped_total") == 0  # ... none dropped
+    assert metric_value(text, "coded_reconstructed_responses_total") == 0
 
 
 def test_overdue_worker_is_an_erasure_and_restarted(tiny: TinyModel) -> None:
@@ -117,10 +128,8 @@ def test_overdue_worker_is_an_erasure_and_restarted(tiny: TinyModel) -> None:
             images = random_images(2, seed=400 + i)
             inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
             inp.set_data_from_numpy(images)
-            t0 = time.perf_counter()
             result = client.infer("tiny", [inp])
-            assert time.perf_counter() - t0 < 0.8  # answered from the parity, not the deadline
-            assert result.as_numpy("reconstructed").sum() == 1
+            assert result.as_numpy("reconstructed").sum() == 1  # decoded from the parity
             np.testing.assert_array_equal(result.as_numpy("digit_class"),
                                           tiny.logits(images)["digit"].argmax(axis=1))
             # the straggler misses its deadline, counts as overdue and is replaced
@@ -158,10 +167,8 @@ def test_parm_decodes_the_stragglers_primary_head_only(tiny: TinyModel) -> None:
         client = triton.InferenceServerClient(srv.url)
         inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
         inp.set_data_from_numpy(images)
-        t0 = time.perf_counter()
         result = client.infer("tiny", [inp])
-        assert time.perf_counter() - t0 < 0.5  # the straggler was not waited for
-    flags = result.as_numpy("reconstructed")
+    flags = result.as_numpy("reconstructed")  # the straggler's query: decoded, not waited for
     assert flags.sum() == 1
     # primary head: parity - sum of the other primary logits, exact for this linear model
     np.testing.assert_allclose(result.as_numpy("digit_logits"), reference["digit"], atol=1e-3)
@@ -176,24 +183,27 @@ def test_parm_decodes_the_stragglers_primary_head_only(tiny: TinyModel) -> None:
 def test_systematic_grace_trades_latency_for_exact_answers(tiny: TinyModel) -> None:
     images = random_images(2, seed=900)  # one full group
 
-    def serve(grace_ms: float, delay_ms: float) -> tuple[float, int]:
+    def serve(grace_ms: float, delay_ms: float) -> tuple[int, str]:
         config = server_config(tiny.bundle, fault_straggler_per_group=True,
                                fault_delay_ms=delay_ms, systematic_grace_ms=grace_ms,
-                               metrics_port=-1, max_queue_delay_ms=50.0)
+                               max_queue_delay_ms=50.0)
         with ServerThread(config) as srv:
             client = triton.InferenceServerClient(srv.url)
             inp = triton.InferInput("INPUT", [2, 1, 4, 4], "UINT8")
             inp.set_data_from_numpy(images)
-            t0 = time.perf_counter()
             result = client.infer("tiny", [inp])
-            latency_s = time.perf_counter() - t0
+            text = read_metrics(srv.metrics_url)
         np.testing.assert_array_equal(result.as_numpy("digit_class"),
                                       tiny.logits(images)["digit"].argmax(axis=1))
-        return latency_s, int(result.as_numpy("reconstructed").sum())
+        return int(result.as_numpy("reconstructed").sum()), text
 
     # a straggler within the grace: waited for, its own exact result is used
-    latency_s, reconstructed = serve(grace_ms=2000.0, delay_ms=300.0)
-    assert reconstructed == 0 and latency_s >= 0.3
+    reconstructed, text = serve(grace_ms=2000.0, delay_ms=300.0)
+    assert reconstructed == 0
+    assert metric_value(text, "coded_erasures_total") == 0
+    assert metric_value(text, "coded_decode_duration_seconds_count") == 0  # nothing decoded
     # a straggler beyond the grace: decoded after the grace, not waited for
-    latency_s, reconstructed = serve(grace_ms=100.0, delay_ms=3000.0)
-    assert reconstructed == 1 and 0.1 <= latency_s < 1.5
+    reconstructed, text = serve(grace_ms=100.0, delay_ms=3000.0)
+    assert reconstructed == 1
+    assert metric_value(text, "coded_erasures_total") == 1
+    assert metric_value(text, "coded_decode_duration_seconds_count") == 1

@@ -232,3 +232,36 @@ def test_large_bodies_are_parsed_off_the_event_loop(tiny: TinyModel,
             assert _request(srv, "POST", "/v2/models/tiny/infer", body)[0] == 200
     assert threads[0] == "test-server"  # the server thread's event loop
     assert threads[1].startswith("http-parse")
+
+
+def test_requests_refused_before_any_handler_are_counted(tiny: TinyModel) -> None:
+    with ServerThread(server_config(tiny.bundle)) as srv:
+        sock = _connect(srv)
+        try:  # a chunk size that is not hex: aiohttp refuses it before routing
+            sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+            reply = _read_all(sock)
+        finally:
+            sock.close()
+        assert _request(srv, "GET", "/v2/no/such/route")[0] == 404
+        metrics = read_metrics(srv.metrics_url)
+    assert reply.split(b" ")[1] == b"400"
+    assert b"aiohttp" not in reply and b"Python" not in reply  # no version banner
+    assert metric_value(metrics, "coded_http_errors_total", code="400") == 1
+    assert metric_value(metrics, "coded_http_errors_total", code="404") == 1
+
+
+def test_bad_framing_after_the_headers_is_a_client_error(tiny: TinyModel) -> None:
+    with ServerThread(server_config(tiny.bundle, read_timeout_s=2.0)) as srv:
+        sock = _connect(srv)
+        try:
+            sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            time.sleep(0.2)  # the handler is reading the body when the bad chunk arrives
+            sock.sendall(b"zz\r\n")
+            reply = _read_all(sock)
+        finally:
+            sock.close()
+        metrics = read_metrics(srv.metrics_url)
+    assert reply.split(b" ")[1] in (b"400", b"408"), reply[:200]  # a client error either way
+    assert metric_value(metrics, "nv_inference_request_failure", reason="InternalError") == 0

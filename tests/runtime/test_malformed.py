@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from runtime_harness import ServerThread, TinyModel, metric_value, random_images, server_config
+
+from runtime import protocol
+from runtime.errors import BadRequest
+from runtime.manifest import Manifest
+from runtime.protocol import HEADER_LENGTH, parse_infer_request
 
 MAX_BODY = 100_000
 
@@ -34,6 +42,8 @@ def _json(body: object) -> bytes:
 GOOD = _tensor([2, 1, 4, 4])
 BINARY_HEADER = _json({"inputs": [{"name": "INPUT", "shape": [1, 1, 4, 4], "datatype": "UINT8",
                                    "parameters": {"binary_data_size": 32}}]})
+BINARY_SHORT = _json({"inputs": [{"name": "INPUT", "shape": [1, 1, 4, 4], "datatype": "UINT8",
+                                  "parameters": {"binary_data_size": 8}}]})
 
 # (id, path, body, extra headers, expected status, expected message fragment)
 CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
@@ -93,7 +103,40 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("unknown-model", "mnist", _json({"inputs": [GOOD]}), {}, 404, "unknown model 'mnist'"),
     ("unknown-version", "tiny/versions/3", _json({"inputs": [GOOD]}), {}, 404, "version '1' only"),
     ("huge-body", "tiny", b"x" * (MAX_BODY + 1), {}, 413, "limit"),
+    ("id-not-string", "tiny", _json({"id": 5, "inputs": [GOOD]}), {}, 400,
+     "request 'id' must be a string"),
+    ("unknown-input-field", "tiny", _json({"inputs": [{**GOOD, "contents": {}}]}), {}, 400,
+     "unknown field(s) ['contents']"),
+    ("shape-empty", "tiny", _json({"inputs": [{**GOOD, "shape": []}]}), {}, 400,
+     "'shape' must be a non-empty list"),
+    ("data-not-list", "tiny", _json({"inputs": [_tensor([1, 1, 4, 4], data="pixels")]}), {}, 400,
+     "must be a (possibly nested) JSON list"),
+    ("uint8-fraction", "tiny", _json({"inputs": [_tensor([1, 1, 4, 4], data=[1.5] * 16)]}), {},
+     400, "UINT8 data must be integers"),
+    ("data-and-binary", "tiny",
+     _json({"inputs": [_tensor([1, 1, 4, 4]) | {"parameters": {"binary_data_size": 16}}]}), {},
+     400, "either 'data' or binary_data_size, not both"),
+    ("binary-size-vs-shape", "tiny", BINARY_SHORT + bytes(8),
+     {"Inference-Header-Content-Length": str(len(BINARY_SHORT))}, 400,
+     "needs 16 bytes, binary_data_size is 8"),
+    ("outputs-not-list", "tiny", _json({"inputs": [GOOD], "outputs": {"name": "digit_class"}}),
+     {}, 400, "'outputs' must be a list"),
+    ("classification-extension", "tiny",
+     _json({"inputs": [GOOD], "outputs": [{"name": "digit_logits",
+                                           "parameters": {"classification": 3}}]}), {}, 400,
+     "classification extension is not supported"),
+    ("binary-output-not-bool", "tiny",
+     _json({"inputs": [GOOD], "parameters": {"binary_data_output": "yes"}}), {}, 400,
+     "must be a JSON boolean"),
+    ("timeout-not-number", "tiny", _json({"inputs": [GOOD], "parameters": {"timeout_ms": "5"}}),
+     {}, 400, "must be a positive number"),
+    ("json-too-deep", "tiny", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 400,
+     "nested too deeply"),
+    ("json-huge-integer", "tiny", b'{"inputs": [], "id": ' + b"9" * 5000 + b"}", {}, 400,
+     "cannot read"),
 ]
+# answered by the HTTP layer before the KServe parser (runtime/protocol.py) sees the body
+HTTP_LAYER_CASES = {"empty-body"}
 
 
 def _post(url: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
@@ -116,8 +159,43 @@ def _still_serving(server: ServerThread) -> None:
     assert client.infer("tiny", [inp]).as_numpy("digit_class").shape == (2,)
 
 
-def test_at_least_twenty_cases() -> None:
-    assert len(CASES) >= 20
+def _bad_request_raises() -> dict[int, str]:
+    """Line -> source of every `raise BadRequest(...)` in runtime/protocol.py."""
+    source = Path(protocol.__file__).read_text()
+    return {node.lineno: ast.get_source_segment(source, node).splitlines()[0].strip()
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+            and getattr(node.exc.func, "id", None) == "BadRequest"}
+
+
+def _raised_at(error: BaseException) -> int:
+    """The line of runtime/protocol.py that raised `error`."""
+    tb, line = error.__traceback__, -1
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == protocol.__file__:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def test_every_parse_error_has_a_case(tiny: TinyModel) -> None:
+    """Each 400 case, fed straight to the parser, raises BadRequest with its message, and
+    every BadRequest the parser can raise is reached by at least one case (a new error
+    path needs a new case above)."""
+    manifest = Manifest.load(tiny.bundle)
+    config = server_config(tiny.bundle, max_body_bytes=MAX_BODY)
+    reached: dict[int, list[str]] = {}
+    for case_id, _, body, headers, status, fragment in CASES:
+        if status != 400 or case_id in HTTP_LAYER_CASES:
+            continue
+        with pytest.raises(BadRequest, match=re.escape(fragment)) as err:
+            parse_infer_request(body, headers.get(HEADER_LENGTH), manifest.input,
+                                manifest.output_names(), config.max_batch_size)
+        reached.setdefault(_raised_at(err.value), []).append(case_id)
+    raises = _bad_request_raises()
+    assert len(raises) >= 30  # the scan itself works
+    missing = {line: src for line, src in raises.items() if line not in reached}
+    assert not missing, f"runtime/protocol.py raises BadRequest without a case here: {missing}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

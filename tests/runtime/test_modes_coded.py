@@ -1,0 +1,183 @@
+"""The coded mode driven directly (tests/runtime/modes_rig.py): every arrival order, erasure
+pattern, late result and grace."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import numpy as np
+import pytest
+from modes_rig import Rig, decodable_prefix, flags, make_run
+from runtime_harness import settle
+
+from runtime.errors import InjectedFailure, ServiceUnavailable, WorkerDead, WorkerError, WorkerOverdue
+from runtime.models import ENCODER_THEN_F, WORKER_F
+from runtime.modes import ModeOptions
+
+
+# -- coded ---------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_coded_every_arrival_order_gives_the_same_answers(rig: Rig) -> None:
+    k, n = rig.k, rig.n
+    for order in itertools.permutations(range(n)):
+        run = await make_run(rig, "coded", k).start()
+        await run.land(order)
+        await run.done()
+        received = decodable_prefix(order, (), k)
+        missing = set(range(k)) - set(received)
+        run.check(flags(k, k, missing), f"arrival order {order}")
+        # the results after the decodable one landed late: counted, nothing else changed
+        late = order[len(received):]
+        for worker in range(n):
+            assert run.count("coded_late_results_dropped_total", worker=str(worker)) == (
+                worker in late), order
+            assert run.count("coded_erasures_total", worker=str(worker)) == (
+                worker not in received), order
+        run.check(flags(k, k, missing), f"arrival order {order}, after the late results")
+
+
+@pytest.mark.asyncio
+async def test_coded_results_landing_together_prefer_the_systematic_ones(rig: Rig) -> None:
+    run = await make_run(rig, "coded", rig.k).start()
+    for worker in reversed(range(rig.n)):  # parities first, all on the same loop turn
+        run.pool.land(worker)
+    await run.done()
+    run.check([False] * rig.k)
+    assert run.count("coded_erasures_total") == 0
+    assert run.count("coded_late_results_dropped_total") == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("encoders_on_workers", [False, True], ids=["frontend-enc", "worker-enc"])
+async def test_coded_erasures_up_to_n_minus_k_are_decoded_and_flagged(
+        rig: Rig, encoders_on_workers: bool) -> None:
+    k, n = rig.k, rig.n
+    errors = [WorkerDead("dead"), WorkerOverdue("overdue"), InjectedFailure("injected"),
+              WorkerError("crashed")]
+    options = ModeOptions(encoders_on_workers=encoders_on_workers)
+    for count in range(1, n - k + 1):
+        for failed in itertools.combinations(range(n), count):
+            for order in (tuple(range(n)), tuple(reversed(range(n)))):
+                run = await make_run(rig, "coded", k, options=options).start()
+                backups = [f"{ENCODER_THEN_F}{r}" for r in range(n - k)] \
+                    if encoders_on_workers else [WORKER_F] * (n - k)
+                assert [c.model for c in run.pool.calls[k:]] == backups
+                assert run.frontend.encoded == (not encoders_on_workers)
+                for i, worker in enumerate(order):
+                    if worker in failed:
+                        run.pool.fail(worker, errors[i % len(errors)])
+                    else:
+                        run.pool.land(worker)
+                    await settle()
+                await run.done()
+                received = decodable_prefix(order, failed, k)
+                run.check(flags(k, k, set(range(k)) - set(received)),
+                          f"failed {failed}, order {order}")
+                for worker in failed:
+                    assert run.count("coded_erasures_total", worker=str(worker)) == 1
+
+
+@pytest.mark.asyncio
+async def test_coded_too_many_erasures_fail_every_query_once(rig: Rig) -> None:
+    k, n = rig.k, rig.n
+    for failed in itertools.combinations(range(n), n - k + 1):
+        for order in (tuple(range(n)), tuple(reversed(range(n)))):
+            run = await make_run(rig, "coded", 2 * k).start()  # two groups in one dispatch
+            await run.land(order, failed)
+            await run.done()
+            for query in run.queries:
+                with pytest.raises(ServiceUnavailable, match=f"decoding needs any {k}"):
+                    query.future.result()
+            assert run.frontend.classified == []  # nothing was classified, nothing answered
+            assert run.count("coded_reconstructed_responses_total") == 0
+
+
+@pytest.mark.asyncio
+async def test_coded_late_results_change_nothing(tiny_rig: Rig) -> None:
+    run = await make_run(tiny_rig, "coded", 2).start()
+    await run.land([2, 0])  # parity + worker 0: decodable, slot 1 reconstructed
+    await run.done()
+    before = [{t: v.copy() for t, v in a.logits.items()} for a in run.answers()]
+    run.pool.land(1)  # the straggler's exact result, too late
+    await settle()
+    run.check([False, True])
+    for answer, logits in zip(run.answers(), before, strict=True):
+        for task, values in logits.items():
+            np.testing.assert_array_equal(answer.logits[task], values)
+    assert run.count("coded_late_results_dropped_total", worker="1") == 1
+    assert run.count("coded_erasures_total", worker="1") == 1
+    assert run.frontend.classified == [2]  # the heads ran once
+
+
+@pytest.mark.asyncio
+async def test_coded_late_failures_and_cancelled_calls_are_not_late_results(tiny_rig: Rig) -> None:
+    run = await make_run(tiny_rig, "coded", 2).start()
+    await run.land([0, 1])
+    await run.done()
+    run.pool.fail(2)  # the unused parity fails after the answer
+    await settle()
+    assert run.count("coded_late_results_dropped_total") == 0
+    run = await make_run(tiny_rig, "coded", 2).start()
+    await run.land([0, 1])
+    await run.done()
+    run.pool.call(2).future.cancel()  # e.g. the pool shut down
+    await settle()
+    assert run.count("coded_late_results_dropped_total") == 0
+    run.check([False, False])
+
+
+@pytest.mark.asyncio
+async def test_coded_systematic_grace_waits_for_the_exact_result(tiny_rig: Rig) -> None:
+    # a grace far longer than the test: the missing systematic result lands within it
+    run = await make_run(tiny_rig, "coded", 2, options=ModeOptions(systematic_grace_s=60.0)).start()
+    await run.land([2, 0])  # decodable, slot 1 missing: the mode waits out the grace
+    assert not run.task.done()
+    await run.land([1])
+    await run.done()
+    run.check([False, False])  # its own exact result was used: no reconstruction
+    assert run.count("coded_erasures_total") == 0
+    assert run.count("coded_decode_duration_seconds_count") == 0  # nothing was decoded
+
+
+@pytest.mark.asyncio
+async def test_coded_systematic_grace_expires_then_decodes(tiny_rig: Rig) -> None:
+    # a short grace; the straggler never lands before the test has its answers
+    run = await make_run(tiny_rig, "coded", 2, options=ModeOptions(systematic_grace_s=0.01)).start()
+    await run.land([2, 0])
+    await asyncio.wait_for(asyncio.shield(run.task), 10.0)  # safety bound, not a threshold
+    await run.done()
+    run.check([False, True])
+    assert run.count("coded_erasures_total", worker="1") == 1
+    run.pool.land(1)
+    await settle()
+    assert run.count("coded_late_results_dropped_total", worker="1") == 1
+
+
+@pytest.mark.asyncio
+async def test_coded_systematic_grace_not_waited_when_it_cannot_help(tiny_rig: Rig) -> None:
+    options = ModeOptions(systematic_grace_s=60.0)
+    run = await make_run(tiny_rig, "coded", 2, options=options).start()
+    await run.land([0, 1])  # nothing missing: nothing to wait for
+    await run.done()
+    run.check([False, False])
+    run = await make_run(tiny_rig, "coded", 2, options=options).start()
+    await run.land([1, 2, 0], failed={1})  # worker 1 already failed: nothing to wait for
+    await run.done()  # within a few loop turns, not after 60 s
+    run.check([False, True])
+    run = await make_run(tiny_rig, "coded", 2, options=options).start()
+    await run.land([2, 0])
+    run.pool.fail(1)  # the awaited result fails during the grace: decode at once
+    await run.done()
+    run.check([False, True])
+
+
+@pytest.mark.asyncio
+async def test_coded_grace_keeps_a_systematic_result_that_came_in_time(wide_rig: Rig) -> None:
+    run = await make_run(wide_rig, "coded", 3, options=ModeOptions(systematic_grace_s=60.0)).start()
+    await run.land([0, 3, 4])  # decodable; slots 1 and 2 missing: the grace begins
+    await run.land([1, 2], failed={2})  # 1's exact result lands within it, 2 fails
+    await run.done()
+    assert run.count("coded_erasures_total", worker="2") == 1
+    assert run.count("coded_erasures_total", worker="1") == 0
+    run.check([False, False, True])  # only slot 2 needed decoding
