@@ -1,9 +1,9 @@
 """The server: explicit lifecycle `startup()` -> serve -> `shutdown()` (uvicorn's `Server`).
 
 Start-up order: manifest + checksums -> every protocol listening (live = 200, ready = 503)
--> workers load and warm up -> ready = 200. Shutdown (SIGTERM/SIGINT): ready = 503, the
-sockets stop accepting, in-flight requests get `drain_timeout_s` to finish, then the
-engine's workers and threads stop.
+-> workers load and warm up -> ready = 200. Shutdown (SIGTERM/SIGINT): ready = 503 and new
+requests get 503 + Connection: close, in-flight requests get `drain_timeout_s` to finish,
+then the sockets stop accepting and the engine's workers and threads stop.
 
 To add a protocol: a module like runtime/http_server.py whose frontend takes the engine
 and gives an aiohttp app (or starts its own listener), listed in `startup()` below.
@@ -26,6 +26,7 @@ from runtime.metrics import CONTENT_TYPE
 logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 0.5  # after the drain: how long handlers still running may finish
+LISTEN_LINGER_S = 0.2  # after the drain: connections still in the backlog get their 503
 
 
 class Server:
@@ -86,14 +87,18 @@ class Server:
 
     async def shutdown(self) -> None:
         started = time.monotonic()
+        # New requests get 503 + Connection: close while the admitted ones drain; the
+        # listener stays open meanwhile, so connections still in its backlog are answered
+        # instead of reset by the kernel when it closes.
         self.engine.begin_drain()
-        for site in self._sites:
-            await site.stop()  # stop accepting connections
         logger.info("shutting down: draining %d in-flight request(s) (up to %.1f s)",
                     self.engine.inflight, self.config.drain_timeout_s)
         if not await self.engine.drain(self.config.drain_timeout_s):
             logger.warning("%d request(s) still in flight after %.1f s; cancelling them",
                            self.engine.inflight, self.config.drain_timeout_s)
+        await asyncio.sleep(LISTEN_LINGER_S)  # let the accept loop empty the backlog
+        for site in self._sites:
+            await site.stop()  # stop accepting connections
         await self.engine.stop()
         for runner in self._runners:
             await runner.cleanup()

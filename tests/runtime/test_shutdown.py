@@ -113,3 +113,41 @@ def test_drain_timeout_bounds_shutdown(tiny: TinyModel) -> None:
     assert proc.returncode == 0, output
     assert stopped_s < 3.5  # well before the 4 s worker answer
     assert status == 503 and "shut down" in payload["error"]
+
+
+def test_connections_waiting_in_the_backlog_at_sigterm_get_a_clean_answer(tiny: TinyModel) -> None:
+    """Connections the kernel accepted but the server had not yet taken when SIGTERM came
+    are answered (503 + Connection: close, or served), never reset."""
+    import os
+    import socket
+
+    port, metrics_port = free_port(), free_port()
+    proc = _start(tiny.bundle, port, metrics_port, "--drain-timeout-s", "2")
+    body = json.dumps({"inputs": [{"name": "INPUT", "shape": [1, 1, 4, 4], "datatype": "UINT8",
+                                   "data": [3] * 16}]}).encode()
+    request = (f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
+               "\r\n\r\n").encode() + body
+    sockets = []
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)  # it cannot accept; the kernel still queues handshakes
+        for _ in range(6):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            sock.sendall(request)
+            sockets.append(sock)
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGCONT)
+        status_lines = []
+        for sock in sockets:
+            try:
+                status_lines.append(sock.recv(200).split(b"\r\n", 1)[0])
+            except ConnectionResetError:
+                status_lines.append(b"reset")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        for sock in sockets:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert all(line in (b"HTTP/1.1 200 OK", b"HTTP/1.1 503 Service Unavailable")
+               for line in status_lines), status_lines
