@@ -80,7 +80,7 @@ class ServerConfig:
     # headers have not all arrived this long after it opened or after its last response,
     # is closed (aiohttp runs one timer for both)
     read_timeout_s: float = 30.0  # a request body must arrive within this (else 408)
-    large_body_bytes: int = 256 * 1024  # bodies above this are parsed off the event loop
+    large_body_bytes: int = 256 * 1024  # bodies above this are parsed in a helper process
     gpu_decode: bool = True  # coded + torch + cuda: decode on the device (kernels.cuda_decoder)
     verify_checksums: bool = True
     log_level: str = "INFO"

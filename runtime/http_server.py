@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -91,15 +92,22 @@ class HttpFrontend:
         self.metrics = engine.metrics
         self.model_name = engine.model_name
         self.output_names = engine.manifest.output_names()
-        # one thread parses large bodies: a flood of them queues here instead of stalling
-        # the event loop or taking every compute thread
-        self._parser = ThreadPoolExecutor(1, thread_name_prefix="http-parse")
+        # Large bodies are parsed in one helper process (started at the first one): json.loads
+        # holds the GIL for its whole run, so a thread would still stall the event loop, and
+        # a flood of large bodies queues there instead of taking every compute thread.
+        self._parser: ProcessPoolExecutor | None = None
 
     def access_log_class(self) -> type[AbstractAccessLogger]:
         return type("ServerErrorCounter", (ErrorCounter,), {"metrics": self.metrics})
 
     def close(self) -> None:
-        self._parser.shutdown(wait=False, cancel_futures=True)
+        if self._parser is not None:
+            self._parser.shutdown(wait=True, cancel_futures=True)
+
+    def _large_body_parser(self) -> ProcessPoolExecutor:
+        if self._parser is None:  # spawn, not fork: this process runs inference threads
+            self._parser = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return self._parser
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes,
@@ -234,11 +242,9 @@ class HttpFrontend:
         if not body:
             raise BadRequest("empty request body; send a KServe v2 JSON inference request")
 
-        def parse() -> InferRequest:
-            return parse_infer_request(body, request.headers.get(HEADER_LENGTH),
-                                       self.engine.manifest.input, self.output_names,
-                                       self.config.max_batch_size)
-
+        args = (body, request.headers.get(HEADER_LENGTH), self.engine.manifest.input,
+                self.output_names, self.config.max_batch_size)
         if len(body) <= self.config.large_body_bytes:
-            return parse()
-        return await asyncio.get_running_loop().run_in_executor(self._parser, parse)
+            return parse_infer_request(*args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._large_body_parser(), parse_infer_request, *args)

@@ -50,8 +50,8 @@ HELP = {
     "keepalive_timeout_s": "close a connection that is idle, or whose request headers have not "
                            "all arrived, this long after it opened or after its last response",
     "read_timeout_s": "a request body must arrive within this many seconds (else 408)",
-    "large_body_bytes": "request bodies above this many bytes are parsed on a thread, off the "
-                        "event loop",
+    "large_body_bytes": "request bodies above this many bytes are parsed in a helper process, "
+                        "off the event loop",
     "gpu_decode": "with --mode coded --engine torch --device cuda, keep worker results on the GPU "
                   "and decode them there with kernels.cuda_decoder (host decoding if it cannot "
                   "load)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import shutil
 import socket
 import threading
@@ -212,26 +213,22 @@ def test_draining_answers_503_and_closes_keep_alive_connections(tiny: TinyModel)
     assert second.getheader("Retry-After") == "5"
 
 
-def test_large_bodies_are_parsed_off_the_event_loop(tiny: TinyModel,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import runtime.http_server as http_server
-
-    threads: list[str] = []
-    parse = http_server.parse_infer_request
-
-    def spy(*args: object, **kwargs: object):  # noqa: ANN202
-        threads.append(threading.current_thread().name)
-        return parse(*args, **kwargs)
-
-    monkeypatch.setattr(http_server, "parse_infer_request", spy)
-    small = BODY
+def test_large_bodies_are_parsed_in_a_helper_process(tiny: TinyModel) -> None:
     large = json.dumps({"inputs": [{"name": "INPUT", "shape": [8, 1, 4, 4], "datatype": "UINT8",
                                     "data": [7] * 128}]}).encode()
-    with ServerThread(server_config(tiny.bundle, large_body_bytes=len(small))) as srv:
-        for body in (small, large):
-            assert _request(srv, "POST", "/v2/models/tiny/infer", body)[0] == 200
-    assert threads[0] == "test-server"  # the server thread's event loop
-    assert threads[1].startswith("http-parse")
+    bad = large.replace(b"[8, 1, 4, 4]", b"[8, 1, 5, 5]")
+    with ServerThread(server_config(tiny.bundle, large_body_bytes=len(BODY))) as srv:
+        frontend = srv.server._http  # type: ignore[union-attr]  # noqa: SLF001
+        assert _request(srv, "POST", "/v2/models/tiny/infer", BODY)[0] == 200
+        assert frontend._parser is None  # small bodies stay on the loop  # noqa: SLF001
+        status, _, _ = _request(srv, "POST", "/v2/models/tiny/infer", large)
+        parser = frontend._parser  # noqa: SLF001
+        helper_pids = {p.pid for p in parser._processes.values()}  # noqa: SLF001
+        status_bad, _, body_bad = _request(srv, "POST", "/v2/models/tiny/infer", bad)
+    assert status == 200
+    assert helper_pids and os.getpid() not in helper_pids
+    # a parse error raised in the helper process reaches the client as its 400
+    assert status_bad == 400 and "expected shape" in json.loads(body_bad)["error"]
 
 
 def test_requests_refused_before_any_handler_are_counted(tiny: TinyModel) -> None:
