@@ -69,7 +69,10 @@ class ServerConfig:
     frontend_inline_ms: float = 1.0  # encoders+heads faster than this run on the event loop
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
     max_groups_per_call: int = 8  # complete queued groups batched into one worker call
-    max_queue_size: int = 512  # queued queries before 503 + Retry-After
+    max_queue_size: int = 512  # queued queries; requests beyond wait (below), then 503
+    admission_wait_ms: float = 1000.0  # a request finding the queue full waits this long for
+    # room, its body unread, before 503 + Retry-After (0 = refuse at once)
+    max_waiting_requests: int = 1024  # requests waiting for room at once; more get 503
     max_inflight_groups: int = 8  # coding groups dispatched to workers at once
     max_batch_size: int = 64  # queries in one request
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
@@ -105,12 +108,13 @@ class ServerConfig:
                f"--metrics-port must be -1 (off) or 0..65535, got {self.metrics_port}")
         _check(self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}")
         for name in ("max_groups_per_call", "max_queue_size", "max_inflight_groups",
-                     "max_batch_size", "max_body_bytes", "large_body_bytes"):
+                     "max_batch_size", "max_body_bytes", "large_body_bytes",
+                     "max_waiting_requests"):
             value = getattr(self, name)
             _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
         for name in ("max_queue_delay_ms", "systematic_grace_ms", "frontend_inline_ms",
                      "worker_deadline_ms", "request_timeout_ms", "drain_timeout_s",
-                     "keepalive_timeout_s", "read_timeout_s"):
+                     "keepalive_timeout_s", "read_timeout_s", "admission_wait_ms"):
             value = getattr(self, name)
             _check(value >= 0 and math.isfinite(value),
                    f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")

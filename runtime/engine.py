@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from kernels.coding import CodingScheme
+from runtime.admission import Admission, AdmissionControl
 from runtime.batcher import Batcher, QueryAnswer
 from runtime.config import ServerConfig
 from runtime.context import EngineContext
@@ -49,19 +50,6 @@ class Health:
     reason: str | None = None  # why not ready
 
 
-class Admission:
-    """One admitted request; it holds a place in the queue until its queries are queued."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.released = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.engine._admitting -= 1
-
-
 class Engine:
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -82,7 +70,7 @@ class Engine:
         self._frontend_s = 0.0  # measured frontend time per group, at warm-up
         self._draining = False
         self._inflight = 0  # admitted requests not yet answered
-        self._admitting = 0  # admitted requests whose queries are not queued yet
+        self.admission: AdmissionControl | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -130,8 +118,12 @@ class Engine:
             new_decoder=device_decoders))
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
                           config.max_queue_size)
+        self.admission = AdmissionControl(
+            lambda: len(batcher), config.max_queue_size, wait_s=config.admission_wait_ms / 1000.0,
+            max_waiting=config.max_waiting_requests, metrics=self.metrics)
         self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics,
-                                   config.max_groups_per_call)
+                                   config.max_groups_per_call,
+                                   on_dequeue=self.admission.room_changed)
         await self.scheduler.start()
 
     def summary(self) -> str:
@@ -228,19 +220,16 @@ class Engine:
                                      "replica", retry_after_s=5)
         if not self._started or self.scheduler is None:
             raise ServiceUnavailable("workers are still warming up; poll /v2/health/ready")
-        # Admission before any body is read: each admitted request that has not queued yet
-        # holds at least one query's room, so a flood is refused for the price of its
-        # headers instead of being read, parsed and then refused.
-        queued = len(self.scheduler.batcher) + self._admitting
-        if queued >= self.config.max_queue_size:
-            self.metrics.rejected.labels(**self.metrics.labels).inc()
-            raise ServiceUnavailable(
-                f"server overloaded: {queued} queries queued or being read, limit "
-                f"{self.config.max_queue_size}; retry after the Retry-After delay")
-        admission = Admission(self)
-        self._inflight += 1
-        self._admitting += 1
+        assert self.admission is not None  # made with the scheduler
+        self._inflight += 1  # counted while waiting too: the drain waits for it
         self._idle.clear()
+        try:
+            admission = await self.admission.admit()  # from the headers, before the body
+        except BaseException:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+            raise
         gauge = self.metrics.inflight_requests.labels(**self.metrics.labels)
         gauge.inc()
         try:
@@ -259,7 +248,7 @@ class Engine:
 
         Raises ServiceUnavailable (overloaded, too few workers) or RequestTimeout;
         unanswered queries are abandoned, never computed twice."""
-        if admission.engine is not self or admission.released:
+        if admission.control is not self.admission or admission.released:
             raise RuntimeError("Engine.infer() takes the admission of `async with engine.admit()`")
         return await self._infer(raw, timeout_s or self.config.request_timeout_ms / 1000.0,
                                  admission)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 class Scheduler:
     def __init__(self, mode: Mode, batcher: Batcher, max_inflight_groups: int,
-                 metrics: Metrics, max_groups_per_call: int = 1) -> None:
+                 metrics: Metrics, max_groups_per_call: int = 1,
+                 on_dequeue: Callable[[], None] | None = None) -> None:
+        self._on_dequeue = on_dequeue  # the queue has room again (admission control)
         self.max_groups_per_call = max_groups_per_call
         self.mode = mode
         self.batcher = batcher
@@ -45,6 +48,8 @@ class Scheduler:
                 self._slots.release()
                 raise
             self.metrics.set_pending(len(self.batcher))
+            if self._on_dequeue is not None:
+                self._on_dequeue()
             task = asyncio.create_task(self._run_group(group))
             self._inflight[task] = group
             task.add_done_callback(lambda t: self._inflight.pop(t, None))

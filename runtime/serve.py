@@ -40,7 +40,11 @@ HELP = {
                           "group is then padded with repeats of its last query",
     "max_groups_per_call": "under load, one dispatch batches up to this many complete coding "
                            "groups into each worker call (1 = one group per call)",
-    "max_queue_size": "queued queries before requests get 503 + Retry-After",
+    "max_queue_size": "queued queries; a request finding the queue full waits for room (see "
+                      "--admission-wait-ms), then gets 503 + Retry-After",
+    "admission_wait_ms": "how long a request finding the queue full waits for room, its body "
+                         "unread, before 503 + Retry-After (0 = refuse at once)",
+    "max_waiting_requests": "requests waiting for room at once; more get 503 at once",
     "max_inflight_groups": "dispatches (each up to --max-groups-per-call groups) executing at once",
     "max_batch_size": "largest batch B in one request",
     "max_body_bytes": "request bodies above this get 413",

@@ -1,0 +1,96 @@
+"""Admission control: which requests may read their body and queue their queries.
+
+A request is admitted from its headers alone. Each admitted request that has not queued yet
+holds at least one query's room, so `queued + admitting` never passes the queue limit and a
+flood costs its headers, not a read, a parse and then a refusal. When the queue is full, a
+request waits in a bounded FIFO waiting room (its body unread, left in the kernel's socket
+buffer) for up to `wait_s`; it is refused with 503 + Retry-After only when the room is full
+or the wait runs out. Under closed-loop overload this keeps the workers busy with admitted
+work instead of spending the CPU on a storm of refusals and immediate retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+
+from runtime.errors import ServiceUnavailable
+from runtime.metrics import Metrics
+
+
+class Admission:
+    """One admitted request; it holds a place in the queue until its queries are queued."""
+
+    def __init__(self, control: AdmissionControl) -> None:
+        self.control = control
+        self.released = False
+
+    def release(self) -> None:
+        """Its queries are queued (or it gave up): the queue itself now counts them."""
+        if not self.released:
+            self.released = True
+            self.control._admitting -= 1
+            self.control.room_changed()
+
+
+class AdmissionControl:
+    def __init__(self, queued: Callable[[], int], max_queue_size: int, *, wait_s: float,
+                 max_waiting: int, metrics: Metrics) -> None:
+        self._queued = queued  # queries in the batcher's queue now
+        self.max_queue_size = max_queue_size
+        self.wait_s = wait_s
+        self.max_waiting = max_waiting
+        self._metrics = metrics
+        self._admitting = 0  # admitted requests whose queries are not queued yet
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _room(self) -> int:
+        return self.max_queue_size - self._queued() - self._admitting
+
+    async def admit(self) -> Admission:
+        """An admission now, after a wait in the room, or ServiceUnavailable."""
+        if self._room() > 0 and not self._waiters:  # first come, first served
+            self._admitting += 1
+            return Admission(self)
+        if len(self._waiters) >= self.max_waiting or self.wait_s <= 0:
+            self._refuse("the waiting room is full" if self.wait_s > 0 else "no waiting")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.wait_s)
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():  # woken just as the wait ran out
+                return Admission(self)
+            waiter.cancel()
+            self._refuse(f"no room within {self.wait_s * 1000:.0f} ms (--admission-wait-ms)")
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # its reserved place goes back
+                self._admitting -= 1
+                self.room_changed()
+            waiter.cancel()
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return Admission(self)
+
+    def room_changed(self) -> None:
+        """Hand freed room to waiters in arrival order (each reserves one query's room)."""
+        while self._waiters and self._room() > 0:
+            waiter = self._waiters.popleft()
+            if waiter.done():  # gave up already
+                continue
+            self._admitting += 1
+            waiter.set_result(None)
+
+    def _refuse(self, why: str) -> None:
+        self._metrics.rejected.labels(**self._metrics.labels).inc()
+        raise ServiceUnavailable(
+            f"server overloaded: {self._queued()} queries queued, {self._admitting} requests "
+            f"being read, {len(self._waiters)} waiting; limit {self.max_queue_size} queries "
+            f"(--max-queue-size); {why}. Retry after the Retry-After delay")
