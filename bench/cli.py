@@ -10,6 +10,8 @@ COMMANDS = {
     "overhead": ("bench.overhead", "compute time of Enc, f, g and decode time against k"),
     "throughput": ("bench.throughput", "server requests/s against raw ONNX Runtime throughput"),
     "kernel": ("bench.kernel", "online-decoder kernel latency and bandwidth (CUDA or numpy)"),
+    "soak": ("bench.soak", "long run under faults and malformed input; every answer checked; SIGTERM"),
+    "overload": ("bench.overload", "goodput, p99 and 503s at 1x..8x the capacity's connections"),
 }
 
 

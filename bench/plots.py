@@ -179,3 +179,66 @@ def kernel_figure(record: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def soak_figure(record: dict[str, Any], path: Path, title: str) -> Path:
+    """`python -m bench soak`: per second, 200 responses/s, their p99, server RSS and open fds."""
+    plt = _plt()
+    per_s, samples = record["series"]["per_second"], record["series"]["samples"]
+    sigterm_s = record["main_phase"]["wall_s"]
+    fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
+    t = [p["t_s"] for p in per_s]
+    axes[0].plot(t, [p["ok_rps"] for p in per_s], lw=0.8, label="requests/s (200)")
+    axes[0].plot(t, [p["queries_per_s"] for p in per_s], lw=0.8, label="queries/s (200)")
+    axes[1].plot([p["t_s"] for p in per_s if p["p99_ms"] is not None],
+                 [p["p99_ms"] for p in per_s if p["p99_ms"] is not None], lw=0.8, color="tab:red")
+    axes[2].plot([s["t_s"] for s in samples], [s["rss_mib"] for s in samples], lw=0.8, color="tab:green")
+    axes[3].plot([s["t_s"] for s in samples], [s["fds"] for s in samples], lw=0.8, color="tab:purple")
+    flat = record["flatness"]
+    labels = ("throughput", "p99 latency (ms)", f"server RSS (MiB), flat: {flat['rss_mib'].get('flat')}",
+              f"server open fds, flat: {flat['fds'].get('flat')}")
+    for ax, label in zip(axes, labels, strict=True):
+        ax.axvline(sigterm_s, color="black", lw=0.8, ls="--")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].set_yscale("log")
+    axes[3].set_xlabel("time since the load started (s); dashed: SIGTERM")
+    c, sig = record["counts"], record["sigterm"]
+    fig.suptitle(f"{title}\nsent {c['sent']}, lost {c['lost']}, duplicated {c['duplicated']}, unflagged wrong "
+                 f"{c['unflagged_wrong']}, malformed 5xx {c['malformed_5xx']}; SIGTERM exit "
+                 f"{sig['exit_code']} in {sig['exit_s']} s — passed: {record['passed']}", fontsize=9)
+    return _save(plt, fig, path)
+
+
+def overload_figure(record: dict[str, Any], path: Path, title: str) -> Path:
+    """`python -m bench overload`: goodput, p99 of admitted requests, 503s and RSS per step."""
+    plt = _plt()
+    steps = record["steps"]
+    labels = [f"{s['step']}\n{s['connections']} conn" for s in steps]
+    x = range(len(steps))
+    cap = record["verdicts"]["capacity_rps"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = ((axes[0][0], [s["goodput_rps"] for s in steps], "goodput (200 responses/s)", "tab:blue"),
+              (axes[0][1], [s["latency_ok_ms"].get("p99", 0.0) for s in steps], "p99 of 200s (ms)", "tab:red"),
+              (axes[1][0], [s["rejected_503_per_s"] for s in steps], "503 responses/s", "tab:orange"),
+              (axes[1][1], [s["rss_peak_mib"] or 0.0 for s in steps], "server RSS peak (MiB)", "tab:green"))
+    for ax, values, ylabel, color in panels:
+        ax.bar(x, values, color=color)
+        ax.set_xticks(list(x), labels, fontsize=8)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].axhline(0.8 * cap, color="black", ls=":", lw=1, label="80 % of capacity")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path, dpi: int = 90) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

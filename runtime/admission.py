@@ -1,8 +1,9 @@
 """Admission control: which requests may read their body and queue their queries.
 
 A request is admitted from its headers alone. Each admitted request that has not queued yet
-holds at least one query's room, so `queued + admitting` never passes the queue limit and a
-flood costs its headers, not a read, a parse and then a refusal. When the queue is full, a
+holds room for as many queries as recent requests carried (a running mean, at least one),
+so `queued + reserved` stays within the queue limit and a flood costs its headers, not a
+read, a parse and then a refusal. When the queue is full, a
 request waits in a bounded FIFO waiting room (its body unread, left in the kernel's socket
 buffer) for up to `wait_s`; it is refused with 503 + Retry-After only when the room is full
 or the wait runs out. Under closed-loop overload this keeps the workers busy with admitted
@@ -22,16 +23,16 @@ from runtime.metrics import Metrics
 class Admission:
     """One admitted request; it holds a place in the queue until its queries are queued."""
 
-    def __init__(self, control: AdmissionControl) -> None:
+    def __init__(self, control: AdmissionControl, reserved: int) -> None:
         self.control = control
+        self.reserved = reserved  # queries' room held for it
         self.released = False
 
-    def release(self) -> None:
-        """Its queries are queued (or it gave up): the queue itself now counts them."""
+    def release(self, queries: int | None = None) -> None:
+        """Its `queries` are queued (None: it gave up): the queue itself now counts them."""
         if not self.released:
             self.released = True
-            self.control._admitting -= 1
-            self.control.room_changed()
+            self.control._release(self.reserved, queries)
 
 
 class AdmissionControl:
@@ -43,20 +44,37 @@ class AdmissionControl:
         self.max_waiting = max_waiting
         self._metrics = metrics
         self._admitting = 0  # admitted requests whose queries are not queued yet
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._reserved = 0  # the room they hold, in queries
+        self._mean_queries = 1.0  # queries per request, running mean
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
     def _room(self) -> int:
-        return self.max_queue_size - self._queued() - self._admitting
+        return self.max_queue_size - self._queued() - self._reserved
+
+    def _reservation(self) -> int:
+        return max(1, min(self.max_queue_size, round(self._mean_queries)))
+
+    def _reserve(self) -> int:
+        size = self._reservation()
+        self._admitting += 1
+        self._reserved += size
+        return size
+
+    def _release(self, reserved: int, queries: int | None) -> None:
+        self._admitting -= 1
+        self._reserved -= reserved
+        if queries is not None:
+            self._mean_queries += (queries - self._mean_queries) / 16
+        self.room_changed()
 
     async def admit(self) -> Admission:
         """An admission now, after a wait in the room, or ServiceUnavailable."""
-        if self._room() > 0 and not self._waiters:  # first come, first served
-            self._admitting += 1
-            return Admission(self)
+        if self._room() >= self._reservation() and not self._waiters:  # first come, first served
+            return Admission(self, self._reserve())
         if len(self._waiters) >= self.max_waiting or self.wait_s <= 0:
             self._refuse("the waiting room is full" if self.wait_s > 0 else "no waiting")
         waiter = asyncio.get_running_loop().create_future()
@@ -65,28 +83,26 @@ class AdmissionControl:
             await asyncio.wait_for(asyncio.shield(waiter), self.wait_s)
         except TimeoutError:
             if waiter.done() and not waiter.cancelled():  # woken just as the wait ran out
-                return Admission(self)
+                return Admission(self, waiter.result())
             waiter.cancel()
             self._refuse(f"no room within {self.wait_s * 1000:.0f} ms (--admission-wait-ms)")
         except BaseException:
-            if waiter.done() and not waiter.cancelled():  # its reserved place goes back
-                self._admitting -= 1
-                self.room_changed()
+            if waiter.done() and not waiter.cancelled():  # its reserved room goes back
+                self._release(waiter.result(), None)
             waiter.cancel()
             raise
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
-        return Admission(self)
+        return Admission(self, waiter.result())
 
     def room_changed(self) -> None:
-        """Hand freed room to waiters in arrival order (each reserves one query's room)."""
-        while self._waiters and self._room() > 0:
+        """Hand freed room to waiters in arrival order (each reserves a request's room)."""
+        while self._waiters and self._room() >= self._reservation():
             waiter = self._waiters.popleft()
             if waiter.done():  # gave up already
                 continue
-            self._admitting += 1
-            waiter.set_result(None)
+            waiter.set_result(self._reserve())
 
     def _refuse(self, why: str) -> None:
         self._metrics.rejected.labels(**self._metrics.labels).inc()

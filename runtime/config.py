@@ -70,7 +70,7 @@ class ServerConfig:
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
     max_groups_per_call: int = 8  # complete queued groups batched into one worker call
     max_queue_size: int = 512  # queued queries; requests beyond wait (below), then 503
-    admission_wait_ms: float = 1000.0  # a request finding the queue full waits this long for
+    admission_wait_ms: float = 5000.0  # a request finding the queue full waits this long for
     # room, its body unread, before 503 + Retry-After (0 = refuse at once)
     max_waiting_requests: int = 1024  # requests waiting for room at once; more get 503
     max_inflight_groups: int = 8  # coding groups dispatched to workers at once

@@ -259,7 +259,7 @@ class Engine:
             queries = self.scheduler.submit(  # type: ignore[union-attr] - set by admit()
                 preprocess(raw, self.manifest.input))  # [B, C, H, W]
         finally:
-            admission.release()  # its queries are queued (or refused): the queue counts them
+            admission.release(len(raw))  # queued (or refused): the queue counts them now
         futures = [q.future for q in queries]
         try:
             results = await asyncio.wait_for(

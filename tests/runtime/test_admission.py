@@ -99,3 +99,15 @@ async def test_a_newcomer_does_not_overtake_waiters() -> None:
         await control.admit()
     control.room_changed()
     assert not (await waiting).released
+
+
+@pytest.mark.asyncio
+async def test_requests_hold_room_for_as_many_queries_as_recent_ones_carried() -> None:
+    queue = Queue()
+    control, _ = _control(queue, limit=16, wait_s=0)
+    for _ in range(200):  # a stream of batch-8 requests
+        (await control.admit()).release(queries=8)
+    held = [await control.admit(), await control.admit()]  # 2 x 8 = the whole queue
+    assert [a.reserved for a in held] == [8, 8]
+    with pytest.raises(ServiceUnavailable):
+        await control.admit()
