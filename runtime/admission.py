@@ -87,7 +87,8 @@ class AdmissionControl:
             waiter.cancel()
             self._refuse(f"no room within {self.wait_s * 1000:.0f} ms (--admission-wait-ms)")
         except BaseException:
-            if waiter.done() and not waiter.cancelled():  # its reserved room goes back
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # woken, then cancelled before it could use its reserved room: it goes back
                 self._release(waiter.result(), None)
             waiter.cancel()
             raise
@@ -95,6 +96,14 @@ class AdmissionControl:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
         return Admission(self, waiter.result())
+
+    def close(self, error: BaseException) -> None:
+        """Refuse every waiter with `error` (the server is draining); newcomers are refused
+        before they get here."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
 
     def room_changed(self) -> None:
         """Hand freed room to waiters in arrival order (each reserves a request's room)."""

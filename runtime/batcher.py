@@ -83,6 +83,10 @@ class Batcher:
         while self._queue and self._queue[0].future.done():
             self._queue.popleft()
 
+    def live_count(self) -> int:
+        """Queued queries whose request still waits for them."""
+        return self._live_count()
+
     def _live_count(self) -> int:
         return sum(1 for q in self._queue if not q.future.done())
 

@@ -119,7 +119,7 @@ class Engine:
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
                           config.max_queue_size)
         self.admission = AdmissionControl(
-            lambda: len(batcher), config.max_queue_size, wait_s=config.admission_wait_ms / 1000.0,
+            batcher.live_count, config.max_queue_size, wait_s=config.admission_wait_ms / 1000.0,
             max_waiting=config.max_waiting_requests, metrics=self.metrics)
         self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics,
                                    config.max_groups_per_call,
@@ -162,8 +162,12 @@ class Engine:
         return frontend
 
     def begin_drain(self) -> None:
-        """Refuse new requests from now on (readiness turns false)."""
+        """Refuse new requests from now on, and those still waiting for room (readiness
+        turns false); admitted ones are still answered."""
         self._draining = True
+        if self.admission is not None:
+            self.admission.close(ServiceUnavailable(
+                "server is shutting down; send the request to another replica", retry_after_s=5))
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait up to timeout_s for in-flight requests; True when none is left."""
@@ -250,7 +254,9 @@ class Engine:
         unanswered queries are abandoned, never computed twice."""
         if admission.control is not self.admission or admission.released:
             raise RuntimeError("Engine.infer() takes the admission of `async with engine.admit()`")
-        return await self._infer(raw, timeout_s or self.config.request_timeout_ms / 1000.0,
+        if timeout_s is None:
+            timeout_s = self.config.request_timeout_ms / 1000.0
+        return await self._infer(raw, timeout_s,
                                  admission)
 
     async def _infer(self, raw: np.ndarray, timeout_s: float, admission: Admission
@@ -270,6 +276,7 @@ class Engine:
         finally:
             for future in futures:  # anything unanswered is abandoned, never computed twice
                 future.cancel()
+            self.admission.room_changed()  # type: ignore[union-attr] - abandoned queries free room
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             if isinstance(errors[0], ServingError):

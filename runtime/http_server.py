@@ -102,7 +102,7 @@ class HttpFrontend:
 
     def close(self) -> None:
         if self._parser is not None:
-            self._parser.shutdown(wait=True, cancel_futures=True)
+            self._parser.shutdown(wait=False, cancel_futures=True)  # never block the loop
 
     def _large_body_parser(self) -> ProcessPoolExecutor:
         if self._parser is None:  # spawn, not fork: this process runs inference threads

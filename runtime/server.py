@@ -73,7 +73,8 @@ class Server:
                       ) -> tuple[web.TCPSite, int]:
         """Serve `app` on host:port; returns the site and the bound port (port 0 = any)."""
         # The engine's drain already waited for admitted requests, so the runner's own wait
-        # at cleanup is short: shutdown takes drain_timeout_s + about a second at most.
+        # at cleanup is short: shutdown takes drain_timeout_s + the linger, the scheduler's
+        # 1 s stop and these 0.5 s waits at most.
         logging_args: dict = ({"access_log": None} if access_log_class is None else
                               {"access_log": logger, "access_log_class": access_log_class,
                                "logger": ProtocolLogger(logger)})
@@ -94,7 +95,8 @@ class Server:
         logger.info("shutting down: draining %d in-flight request(s) (up to %.1f s)",
                     self.engine.inflight, self.config.drain_timeout_s)
         if not await self.engine.drain(self.config.drain_timeout_s):
-            logger.warning("%d request(s) still in flight after %.1f s; cancelling them",
+            logger.warning("%d request(s) still in flight after %.1f s; their queued queries "
+                           "fail with 503 and their handlers are cancelled at close",
                            self.engine.inflight, self.config.drain_timeout_s)
         await asyncio.sleep(LISTEN_LINGER_S)  # let the accept loop empty the backlog
         for site in self._sites:

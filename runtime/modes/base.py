@@ -93,7 +93,7 @@ class Arrivals:
                                                     return_when=asyncio.FIRST_COMPLETED)
             decodable = False
             for task in sorted(done, key=self.tasks.__getitem__):
-                if task.exception() is None:
+                if not task.cancelled() and task.exception() is None:
                     worker = self.tasks[task]
                     self.received.add(worker)
                     decodable = add(worker, task.result()) or decodable

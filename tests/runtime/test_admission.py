@@ -111,3 +111,17 @@ async def test_requests_hold_room_for_as_many_queries_as_recent_ones_carried() -
     assert [a.reserved for a in held] == [8, 8]
     with pytest.raises(ServiceUnavailable):
         await control.admit()
+
+
+@pytest.mark.asyncio
+async def test_closing_refuses_every_waiter() -> None:
+    queue = Queue()
+    queue.queued = 2
+    control, _ = _control(queue, limit=2)
+    waiters = [asyncio.create_task(control.admit()) for _ in range(3)]
+    await settle()
+    control.close(ServiceUnavailable("server is shutting down"))
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, ServiceUnavailable) for r in results) and control.waiting == 0
+    queue.queued = 0
+    assert not (await control.admit()).released  # room accounting untouched
