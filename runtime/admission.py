@@ -37,8 +37,12 @@ class Admission:
 
 class AdmissionControl:
     def __init__(self, queued: Callable[[], int], max_queue_size: int, *, wait_s: float,
+                 live: Callable[[], int] | None = None,
                  max_waiting: int, metrics: Metrics) -> None:
-        self._queued = queued  # queries in the batcher's queue now
+        self._queued = queued  # queries in the batcher's queue now (O(1))
+        # ... of which their requests still wait for (O(queue)): asked only when the queue
+        # looks full, so abandoned queries never hold room and the common path stays cheap
+        self._live = live or queued
         self.max_queue_size = max_queue_size
         self.wait_s = wait_s
         self.max_waiting = max_waiting
@@ -53,7 +57,10 @@ class AdmissionControl:
         return len(self._waiters)
 
     def _room(self) -> int:
-        return self.max_queue_size - self._queued() - self._reserved
+        room = self.max_queue_size - self._queued() - self._reserved
+        if room >= self._reservation():
+            return room
+        return self.max_queue_size - self._live() - self._reserved
 
     def _reservation(self) -> int:
         return max(1, min(self.max_queue_size, round(self._mean_queries)))

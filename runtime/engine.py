@@ -119,8 +119,9 @@ class Engine:
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
                           config.max_queue_size)
         self.admission = AdmissionControl(
-            batcher.live_count, config.max_queue_size, wait_s=config.admission_wait_ms / 1000.0,
-            max_waiting=config.max_waiting_requests, metrics=self.metrics)
+            lambda: len(batcher), config.max_queue_size, live=batcher.live_count,
+            wait_s=config.admission_wait_ms / 1000.0, max_waiting=config.max_waiting_requests,
+            metrics=self.metrics)
         self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics,
                                    config.max_groups_per_call,
                                    on_dequeue=self.admission.room_changed)

@@ -125,3 +125,13 @@ async def test_closing_refuses_every_waiter() -> None:
     assert all(isinstance(r, ServiceUnavailable) for r in results) and control.waiting == 0
     queue.queued = 0
     assert not (await control.admit()).released  # room accounting untouched
+
+
+@pytest.mark.asyncio
+async def test_abandoned_queries_do_not_hold_room() -> None:
+    queue = Queue()
+    queue.queued = 2  # two queries queued, but their requests gave up
+    metrics = Metrics("m")
+    control = AdmissionControl(lambda: queue.queued, 2, wait_s=0, live=lambda: 0,
+                               max_waiting=8, metrics=metrics)
+    assert not (await control.admit()).released
