@@ -66,14 +66,14 @@ class ServerConfig:
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
     systematic_grace_ms: float = 0.0  # coded: once k results are in, wait this long for
     # missing systematic results (exact answers) before decoding; 0 = decode at once (paper)
-    frontend_inline_ms: float = 1.0  # encoders+heads faster than this run on the event loop
+    frontend_inline_ms: float = 1.0  # frontend calls predicted faster run on the event loop
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
-    max_groups_per_call: int = 8  # complete queued groups batched into one worker call
+    max_groups_per_call: int = 32  # complete queued groups batched into one worker call
     max_queue_size: int = 512  # queued queries; requests beyond wait (below), then 503
     admission_wait_ms: float = 5000.0  # a request finding the queue full waits this long for
     # room, its body unread, before 503 + Retry-After (0 = refuse at once)
     max_waiting_requests: int = 1024  # requests waiting for room at once; more get 503
-    max_inflight_groups: int = 8  # coding groups dispatched to workers at once
+    max_inflight_groups: int = 0  # dispatches executing at once; 0 = one per compute thread
     max_batch_size: int = 64  # queries in one request
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
     worker_deadline_ms: float = 2000.0  # a worker call overdue by this is an erasure
@@ -107,7 +107,9 @@ class ServerConfig:
         _check(-1 <= self.metrics_port <= 65535,
                f"--metrics-port must be -1 (off) or 0..65535, got {self.metrics_port}")
         _check(self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}")
-        for name in ("max_groups_per_call", "max_queue_size", "max_inflight_groups",
+        _check(self.max_inflight_groups >= 0,
+               f"--max-inflight-groups must be >= 0 (0 = auto), got {self.max_inflight_groups}")
+        for name in ("max_groups_per_call", "max_queue_size",
                      "max_batch_size", "max_body_bytes", "large_body_bytes",
                      "max_waiting_requests"):
             value = getattr(self, name)

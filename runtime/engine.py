@@ -24,7 +24,7 @@ import numpy as np
 
 from kernels.coding import CodingScheme
 from runtime.admission import Admission, AdmissionControl
-from runtime.batcher import Batcher, QueryAnswer
+from runtime.batcher import Batcher
 from runtime.config import ServerConfig
 from runtime.context import EngineContext
 from runtime.errors import RequestTimeout, ServiceUnavailable, ServingError
@@ -122,7 +122,10 @@ class Engine:
             lambda: len(batcher), config.max_queue_size, live=batcher.live_count,
             wait_s=config.admission_wait_ms / 1000.0, max_waiting=config.max_waiting_requests,
             metrics=self.metrics)
-        self.scheduler = Scheduler(mode, batcher, config.max_inflight_groups, self.metrics,
+        # One dispatch per compute thread (measured best on 2 cores: bigger batches and no
+        # oversubscription; bench/results/serving/profile.md); more only when asked.
+        inflight = config.max_inflight_groups or self.threads
+        self.scheduler = Scheduler(mode, batcher, inflight, self.metrics,
                                    config.max_groups_per_call,
                                    on_dequeue=self.admission.room_changed)
         await self.scheduler.start()
@@ -154,12 +157,12 @@ class Engine:
         wants_encoders = self.mode_cls.frontend_encoders(manifest, config.encoders_on_workers)
         heads, encoders = await loop.run_in_executor(self._executor, lambda: (
             models.heads(), models.encoders() if wants_encoders else {}))
-        frontend = Frontend(heads, encoders, self._executor)  # type: ignore[arg-type]
+        frontend = Frontend(heads, encoders, self._executor,  # type: ignore[arg-type]
+                            inline_below_s=config.frontend_inline_ms / 1000.0)
         k, chw = manifest.coding.k, tuple(manifest.input.shape)
         self._frontend_s = await loop.run_in_executor(self._executor, lambda: frontend.warm_up(
             np.zeros((1, k, *chw), np.float32),
-            np.zeros((k, *manifest.embedding_shape), np.float32),
-            config.frontend_inline_ms / 1000.0))
+            np.zeros((k, *manifest.embedding_shape), np.float32)))
         return frontend
 
     def begin_drain(self) -> None:
@@ -263,25 +266,21 @@ class Engine:
     async def _infer(self, raw: np.ndarray, timeout_s: float, admission: Admission
                      ) -> InferenceResult:
         try:
-            queries = self.scheduler.submit(  # type: ignore[union-attr] - set by admit()
+            block = self.scheduler.submit(  # type: ignore[union-attr] - set by admit()
                 preprocess(raw, self.manifest.input))  # [B, C, H, W]
         finally:
             admission.release(len(raw))  # queued (or refused): the queue counts them now
-        futures = [q.future for q in queries]
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*futures, return_exceptions=True), timeout_s)
+            answers = await asyncio.wait_for(block.future, timeout_s)
         except TimeoutError:
             raise RequestTimeout(f"request not answered within its {timeout_s * 1000:.0f} ms "
                                  "timeout (parameter timeout_ms)") from None
+        except ServingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a mode bug is this request's 503, not a 500
+            raise ServiceUnavailable(f"inference failed: {exc}") from exc
         finally:
-            for future in futures:  # anything unanswered is abandoned, never computed twice
-                future.cancel()
-            self.admission.room_changed()  # type: ignore[union-attr] - abandoned queries free room
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            if isinstance(errors[0], ServingError):
-                raise errors[0]
-            raise ServiceUnavailable(f"inference failed: {errors[0]}")
-        answers: list[QueryAnswer] = results  # type: ignore[assignment]
+            # anything unanswered is abandoned (wait_for cancelled the future), never computed
+            # twice; abandoned queries free room
+            self.admission.room_changed()  # type: ignore[union-attr]
         return build_result(self.manifest, answers)

@@ -9,13 +9,12 @@ and any later protocol only encode these.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from runtime.batcher import QueryAnswer
+from runtime.batcher import Answers
 from runtime.manifest import (
     RECONSTRUCTED_OUTPUT,
     InputSpec,
@@ -69,16 +68,14 @@ def output_specs(manifest: Manifest) -> list[TensorSpec]:
     return specs
 
 
-def build_result(manifest: Manifest, answers: Sequence[QueryAnswer]) -> InferenceResult:
+def build_result(manifest: Manifest, answers: Answers) -> InferenceResult:
     tensors: dict[str, np.ndarray] = {}
     for head in manifest.heads:
-        logits = np.stack([a.logits[head.task] for a in answers]).astype(np.float32)  # [B, cls]
+        logits = answers.logits[head.task]  # [B, classes] float32
         available = ~np.isnan(logits).any(axis=1)
         classes = np.where(available, np.argmax(np.nan_to_num(logits, nan=-np.inf), axis=1),
                            -1).astype(np.int64)  # [B]
         tensors[logits_output(head.task)] = logits
         tensors[class_output(head.task)] = classes
-    flags = np.array([a.reconstructed for a in answers], dtype=np.bool_)  # [B]
-    tensors[RECONSTRUCTED_OUTPUT] = flags
-    unavailable = tuple(sorted({t for a in answers for t in a.unavailable_heads}))
-    return InferenceResult(tensors, flags, unavailable)
+    tensors[RECONSTRUCTED_OUTPUT] = answers.reconstructed  # [B] bool
+    return InferenceResult(tensors, answers.reconstructed, answers.unavailable_heads)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from runtime.errors import BadRequest
 from runtime.manifest import InputSpec
@@ -92,6 +93,13 @@ def _timeout_s(params: dict[str, Any]) -> float | None:
 
 
 def _decode_json(header: bytes) -> dict[str, Any]:
+    # orjson is 4-5x faster on the hot path; it is stricter than json (no NaN, no integers
+    # beyond 64 bits, no lone surrogates), so anything it refuses is parsed again by json,
+    # which accepts or explains exactly as before.
+    try:
+        return _obj(orjson.loads(header), "request body")
+    except orjson.JSONDecodeError:
+        pass
     try:
         body = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -280,14 +288,14 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = [None if isinstance(v, float) and math.isnan(v) else v
-                             for v in array.reshape(-1).tolist()]
+            # orjson writes NaN (an unavailable head) as null, as KServe clients expect
+            entry["data"] = np.ascontiguousarray(array).reshape(-1)
         outputs.append(entry)
     response: dict[str, Any] = {"model_name": model_name, "model_version": "1",
                                 "parameters": parameters, "outputs": outputs}
     if request_id is not None:
         response["id"] = request_id
-    header = json.dumps(response, allow_nan=False).encode()
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, {"Content-Type": "application/json"}
     return header + b"".join(blobs), {"Content-Type": "application/octet-stream",

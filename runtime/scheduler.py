@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from runtime.batcher import Batcher, Query
+from runtime.batcher import Batch, Batcher, Block
 from runtime.errors import ServiceUnavailable
 from runtime.metrics import Metrics
 from runtime.modes import Mode
@@ -27,17 +27,18 @@ class Scheduler:
         self.batcher = batcher
         self.metrics = metrics
         self._slots = asyncio.Semaphore(max_inflight_groups)
-        self._inflight: dict[asyncio.Task[None], list[Query]] = {}
+        self._inflight: dict[asyncio.Task[None], Batch] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._dispatch_loop(), name="dispatch-loop")
 
-    def submit(self, xs: np.ndarray) -> list[Query]:
-        """Queue the queries xs [B, C, H, W]; raises ServiceUnavailable when the queue is full."""
-        queries = self.batcher.submit(xs)
+    def submit(self, xs: np.ndarray) -> Block:
+        """Queue the queries xs [B, C, H, W] as one block; raises ServiceUnavailable when the
+        queue is full."""
+        block = self.batcher.submit(xs)
         self.metrics.set_pending(len(self.batcher))
-        return queries
+        return block
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -54,22 +55,23 @@ class Scheduler:
             self._inflight[task] = group
             task.add_done_callback(lambda t: self._inflight.pop(t, None))
 
-    async def _run_group(self, group: list[Query]) -> None:
+    async def _run_group(self, batch: Batch) -> None:
         now = self.batcher.now()
-        for query in group:
-            query.dispatched_s = now
+        queue_s = 0.0
+        for p in batch.pieces:
+            if p.block.dispatched_s is None:
+                p.block.dispatched_s = now
+            queue_s += (now - p.block.enqueued_s) * (p.stop - p.start)
         t0 = time.perf_counter()
         try:
-            await self.mode.execute(group)
+            await self.mode.execute(batch)
         except Exception as exc:  # noqa: BLE001 - a bug must not take the loop down
-            logger.exception("group of %d queries failed in mode %s", len(group), self.mode.name)
-            for query in group:
-                if not query.future.done():
-                    query.future.set_exception(exc)
+            logger.exception("dispatch of %d queries failed in mode %s", len(batch),
+                             self.mode.name)
+            batch.fail(exc)
         finally:
             self._slots.release()
-        queue_s = sum(now - q.enqueued_s for q in group)
-        self.metrics.group_executed(len(group), queue_s, time.perf_counter() - t0)
+        self.metrics.group_executed(len(batch), queue_s, time.perf_counter() - t0)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop dispatching; give in-flight groups timeout_s, then fail whatever is left.
@@ -84,8 +86,9 @@ class Scheduler:
         if self._inflight:
             _, still = await asyncio.wait(set(self._inflight), timeout=max(timeout_s, 0.001))
             for task in still:
-                leftovers.extend(self._inflight.get(task, []))
+                batch = self._inflight.get(task)
+                if batch is not None:
+                    leftovers.extend(batch.blocks)
                 task.cancel()
-        for query in leftovers:
-            if not query.future.done():
-                query.future.set_exception(error)
+        for block in leftovers:
+            block.fail(error)

@@ -34,8 +34,9 @@ HELP = {
     "systematic_grace_ms": "coded mode: once any k results are in, wait up to this long for "
                            "missing systematic results, which give exact answers, before "
                            "decoding (0 = decode at once, as in the paper)",
-    "frontend_inline_ms": "encoders + heads measured faster than this at warm-up run on the event "
-                          "loop instead of the thread pool (0 = always the pool)",
+    "frontend_inline_ms": "a frontend call (the encoders of a dispatch, or its heads) that "
+                          "warm-up timings predict faster than this runs on the event loop "
+                          "instead of the thread pool (0 = always the pool)",
     "max_queue_delay_ms": "longest a query waits for its coding group of k to fill; a partial "
                           "group is then padded with repeats of its last query",
     "max_groups_per_call": "under load, one dispatch batches up to this many complete coding "
@@ -45,7 +46,8 @@ HELP = {
     "admission_wait_ms": "how long a request finding the queue full waits for room, its body "
                          "unread, before 503 + Retry-After (0 = refuse at once)",
     "max_waiting_requests": "requests waiting for room at once; more get 503 at once",
-    "max_inflight_groups": "dispatches (each up to --max-groups-per-call groups) executing at once",
+    "max_inflight_groups": "dispatches (each up to --max-groups-per-call groups) executing at "
+                           "once; 0 = one per compute thread (--workers)",
     "max_batch_size": "largest batch B in one request",
     "max_body_bytes": "request bodies above this get 413",
     "worker_deadline_ms": "a worker call overdue by this is an erasure; the worker is restarted",

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 
 from kernels.berrut import BerrutCode
-from runtime.batcher import Query, QueryAnswer
+from runtime.batcher import Batch
 from runtime.errors import ServiceUnavailable
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F_HEADS
-from runtime.modes.base import Mode, as_groups, fail, slot
+from runtime.modes.base import Mode, as_groups, slot
 
 
 class ApproxIFERMode(Mode):
@@ -37,10 +37,10 @@ class ApproxIFERMode(Mode):
     def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
         return [WORKER_F_HEADS]
 
-    async def execute(self, queries: list[Query]) -> None:
-        k, n, m = self.k, self.n, len(queries)
+    async def execute(self, batch: Batch) -> None:
+        k, n, m = self.k, self.n, len(batch)
         self.count_partial(m)
-        groups = as_groups(queries, k)  # [G, k, C, H, W]
+        groups = as_groups(batch.x, k)  # [G, k, C, H, W]
         t0 = time.perf_counter()
         coded = np.stack([self.code.encode(g) for g in groups]).astype(np.float32)  # [G, n, C, H, W]
         self.metrics.encode_seconds.observe(time.perf_counter() - t0)
@@ -54,7 +54,7 @@ class ApproxIFERMode(Mode):
             return len(results) >= needed
 
         if not await arrivals.until(add):
-            fail(queries, ServiceUnavailable(
+            batch.fail(ServiceUnavailable(
                 f"ApproxIFER waits for {needed} of {n} results, got workers {sorted(results)}; "
                 "retry shortly"))
             return
@@ -64,6 +64,6 @@ class ApproxIFERMode(Mode):
         decoded = self.code.decode(indices, np.stack([results[i] for i in indices]))  # [k, G, L]
         self.metrics.decode_seconds.observe(time.perf_counter() - t0)
         per_head = np.split(decoded.astype(np.float32), self.splits, axis=2)  # [k, G, cls]
-        self.answer_all(queries, (
-            QueryAnswer({t: v[j, g] for t, v in zip(self.tasks, per_head, strict=True)}, True)
-            for g, j in (divmod(q, k) for q in range(m))))
+        logits = {t: v.swapaxes(0, 1).reshape(-1, v.shape[2])[:m]  # query q = (q // k, q % k)
+                  for t, v in zip(self.tasks, per_head, strict=True)}
+        self.answer(batch, logits, np.ones(m, np.bool_))

@@ -1,8 +1,8 @@
 """What every serving mode shares: the group layout, answering, and the decodable-wait loop.
 
-Every mode sets each query's future exactly once (`answer` / `fail` ignore futures that
-are already done, e.g. because the request timed out). Worker calls go through
-`WorkerPool.submit`; a call that raises is an erasure.
+Every mode answers each row of its `Batch` exactly once, with arrays for all its rows at
+a time (`Batch.answer`; answering a request that already gave up is a no-op). Worker calls
+go through `WorkerPool.submit`; a call that raises is an erasure.
 
 One call to `execute` carries G >= 1 coding groups (the batcher adds complete queued
 groups under load); query q is slot q % k of group q // k, and worker i runs slot i of
@@ -18,13 +18,13 @@ Uncoded and replication send only the real queries.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from runtime.batcher import Query, QueryAnswer
+from runtime.batcher import Batch
 from runtime.frontend import Frontend
 from runtime.manifest import Manifest
 from runtime.metrics import Metrics
@@ -42,19 +42,6 @@ class ModeOptions:
     new_decoder: Callable[[tuple[int, ...]], Any] | None = None
 
 
-def answer(query: Query, result: QueryAnswer) -> bool:
-    if query.future.done():
-        return False
-    query.future.set_result(result)
-    return True
-
-
-def fail(queries: Iterable[Query], error: BaseException) -> None:
-    for query in queries:
-        if not query.future.done():
-            query.future.set_exception(error)
-
-
 def pad(xs: np.ndarray, k: int) -> np.ndarray:
     """[m, C, H, W] -> [ceil(m / k) * k, C, H, W], repeating the last query (the
     partial-group rule)."""
@@ -64,9 +51,10 @@ def pad(xs: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([xs, np.repeat(xs[-1:], total - len(xs), axis=0)])
 
 
-def as_groups(queries: list[Query], k: int) -> np.ndarray:
-    """The queries as coding groups [G, k, C, H, W] (query q is group q // k, slot q % k)."""
-    xs = pad(np.stack([q.x for q in queries]), k)  # [G*k, C, H, W]
+def as_groups(x: np.ndarray, k: int) -> np.ndarray:
+    """The queries x [m, C, H, W] as coding groups [G, k, C, H, W] (query q is group q // k,
+    slot q % k)."""
+    xs = pad(x, k)  # [G*k, C, H, W]
     return xs.reshape(len(xs) // k, k, *xs.shape[1:])
 
 
@@ -160,7 +148,7 @@ class Mode:
     def group_size(self) -> int:
         return self.k
 
-    async def execute(self, queries: list[Query]) -> None:
+    async def execute(self, batch: Batch) -> None:
         """Answer 1..max_groups_per_call*k queries: groups of k, the last possibly partial."""
         raise NotImplementedError
 
@@ -177,8 +165,9 @@ class Mode:
         tasks = {self.pool.submit(i, model, batch, group): i for i, model, batch in calls}
         return Arrivals(tasks, self.metrics)
 
-    def answer_all(self, queries: list[Query], answers: Iterable[QueryAnswer]) -> None:
-        """Answer each query once; reconstructed answers are counted."""
-        for query, result in zip(queries, answers, strict=True):
-            if answer(query, result) and result.reconstructed:
-                self.metrics.reconstructed.labels(**self.metrics.labels).inc()
+    def answer(self, batch: Batch, logits: dict[str, np.ndarray], reconstructed: np.ndarray,
+               unavailable: tuple[str, ...] = (), rows: np.ndarray | None = None) -> None:
+        """Answer batch rows `rows` (None = all) once; reconstructed answers are counted."""
+        count = batch.answer(logits, reconstructed, unavailable, rows)
+        if count:
+            self.metrics.reconstructed.labels(**self.metrics.labels).inc(count)

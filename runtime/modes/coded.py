@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 
 from kernels.coding import CodingScheme, OnlineDecoder
-from runtime.batcher import Query, QueryAnswer
+from runtime.batcher import Batch
 from runtime.errors import ConfigError, ServiceUnavailable
 from runtime.gpu_decode import to_host
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F, encoder_then_f
-from runtime.modes.base import Arrivals, Mode, as_groups, fail, slot
+from runtime.modes.base import Arrivals, Mode, as_groups, slot
 
 
 class CodedMode(Mode):
@@ -50,10 +50,10 @@ class CodedMode(Mode):
     def can_answer(cls, manifest: Manifest, up: set[int]) -> bool:
         return len(up) >= manifest.coding.k  # any k of n decode
 
-    async def execute(self, queries: list[Query]) -> None:
-        k, n, m = self.k, self.n, len(queries)
+    async def execute(self, batch: Batch) -> None:
+        k, n, m = self.k, self.n, len(batch)
         self.count_partial(m)
-        groups = as_groups(queries, k)  # [G, k, C, H, W]
+        groups = as_groups(batch.x, k)  # [G, k, C, H, W]
         calls = [(i, WORKER_F, slot(groups, i)) for i in range(k)]
         if self.options.encoders_on_workers:
             calls += [(k + r, encoder_then_f(r), groups) for r in range(n - k)]
@@ -68,7 +68,7 @@ class CodedMode(Mode):
         # erasure pattern and decode as one (G, *embedding_shape) result per worker.
         decoder = self.new_decoder((len(groups), *self.manifest.embedding_shape))
         if not await arrivals.until(decoder.add):
-            fail(queries, ServiceUnavailable(
+            batch.fail(ServiceUnavailable(
                 f"only {len(decoder.received)} of {n} workers answered (workers "
                 f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
                 "workers are being restarted"))
@@ -89,8 +89,8 @@ class CodedMode(Mode):
             self.metrics.decode_seconds.observe(time.perf_counter() - t0)
         zs = zs.swapaxes(0, 1).reshape(-1, *zs.shape[2:])[:m]  # [m, *embedding_shape]
         logits = await self.frontend.classify(zs)  # padded slots are never classified
-        self.answer_all(queries, (QueryAnswer({t: v[q] for t, v in logits.items()}, q % k in missing)
-                                  for q in range(m)))
+        reconstructed = np.isin(np.arange(m) % k, sorted(missing))  # [m]
+        self.answer(batch, logits, reconstructed)
 
     async def _grace(self, arrivals: Arrivals, missing: tuple[int, ...]) -> bool:
         """With --systematic-grace-ms > 0, wait that long for the missing systematic results

@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 
-from runtime.batcher import Query, QueryAnswer
+from runtime.batcher import Batch
 from runtime.errors import ConfigError, ServiceUnavailable
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F, WORKER_PARM
-from runtime.modes.base import Mode, as_groups, fail, slot
+from runtime.modes.base import Mode, as_groups, slot
 
 
 class ParMMode(Mode):
@@ -36,10 +36,10 @@ class ParMMode(Mode):
     def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
         return [WORKER_PARM] if index == manifest.coding.k else [WORKER_F]
 
-    async def execute(self, queries: list[Query]) -> None:
-        k, m = self.k, len(queries)
+    async def execute(self, batch: Batch) -> None:
+        k, m = self.k, len(batch)
         self.count_partial(m)
-        groups = as_groups(queries, k)  # [G, k, C, H, W]
+        groups = as_groups(batch.x, k)  # [G, k, C, H, W]
         calls = [(i, WORKER_F, slot(groups, i)) for i in range(k)] + [(k, WORKER_PARM, groups)]
         arrivals = self.launch(calls, systematic=range(k))
         results: dict[int, np.ndarray] = {}  # primary: [G, *emb]; parity: [G, classes]
@@ -50,7 +50,7 @@ class ParMMode(Mode):
             return primaries == k or (primaries == k - 1 and k in results)
 
         if not await arrivals.until(add):
-            fail(queries, ServiceUnavailable(
+            batch.fail(ServiceUnavailable(
                 f"ParM needs k={k} of the {k + 1} results, got workers {sorted(results)}; "
                 "retry shortly"))
             return
@@ -63,16 +63,24 @@ class ParMMode(Mode):
         row = {i: j for j, i in enumerate(received)}
         primary = self.tasks[0]
         missing = next((i for i in range(k) if i not in row), None)
-        answers = []
-        for q in range(m):
-            g, j = divmod(q, k)
-            if j != missing:
-                answers.append(QueryAnswer({t: v[row[j], g] for t, v in logits.items()}, False))
-                continue
-            t0 = time.perf_counter()
-            decoded = results[k][g] - logits[primary][:, g].sum(axis=0)  # [classes]
-            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-            unavailable = {t: np.full(v.shape[2], np.nan, np.float32) for t, v in logits.items()}
-            unavailable[primary] = decoded.astype(np.float32)
-            answers.append(QueryAnswer(unavailable, True, tuple(self.tasks[1:])))
-        self.answer_all(queries, answers)
+        q = np.arange(m)
+        g, j = q // k, q % k
+        rows_of = np.array([row.get(i, 0) for i in range(k)])[j]  # [m] row in `received`
+        out = {t: v[rows_of, g] for t, v in logits.items()}  # [m, cls] (a copy)
+        lost = j == missing  # [m]; all False when nothing is missing
+        if not lost.any():
+            self.answer(batch, out, np.zeros(m, np.bool_))
+            return
+        t0 = time.perf_counter()
+        lost_g = g[lost]
+        decoded = results[k][lost_g] - logits[primary].sum(axis=0)[lost_g]  # [r, classes]
+        self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+        for values in out.values():
+            values[lost] = np.nan  # only the primary head decodes
+        out[primary][lost] = decoded.astype(np.float32)
+        kept, lost_rows = np.flatnonzero(~lost), np.flatnonzero(lost)
+        if len(kept):
+            self.answer(batch, {t: v[kept] for t, v in out.items()}, np.zeros(len(kept), np.bool_),
+                        rows=kept)
+        self.answer(batch, {t: v[lost_rows] for t, v in out.items()},
+                    np.ones(len(lost_rows), np.bool_), tuple(self.tasks[1:]), rows=lost_rows)

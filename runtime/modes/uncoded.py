@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from runtime.batcher import Query, QueryAnswer
+from runtime.batcher import Batch
 from runtime.errors import ServiceUnavailable
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F
-from runtime.modes.base import Arrivals, Mode, fail
+from runtime.modes.base import Arrivals, Mode
 
 
 class UncodedMode(Mode):
@@ -33,18 +33,18 @@ class UncodedMode(Mode):
         k = manifest.coding.k  # every slot needs one live copy
         return all(any(s + r * k in up for r in range(cls.replicas)) for s in range(k))
 
-    async def execute(self, queries: list[Query]) -> None:
-        k = self.k
-        offset, self._offset = self._offset, (self._offset + len(queries)) % k
-        by_slot: dict[int, list[Query]] = {}
-        for q, query in enumerate(queries):  # each worker gets its queries as one batch
-            by_slot.setdefault((offset + q) % k, []).append(query)
+    async def execute(self, batch: Batch) -> None:
+        k, m = self.k, len(batch)
+        offset, self._offset = self._offset, (self._offset + m) % k
+        # each worker gets its queries as one batch: rows q with (offset + q) % k == slot
+        slots = [(s, np.arange((s - offset) % k, m, k)) for s in range(k)]
+        slots = [(s, rows) for s, rows in slots if len(rows)]
         # one group tag for the dispatch: its systematic workers are the ones it uses
-        group = self.pool.new_group(sorted(by_slot))
-        await asyncio.gather(*(self._one(batch, s, group) for s, batch in by_slot.items()))
+        group = self.pool.new_group(sorted(s for s, _ in slots))
+        await asyncio.gather(*(self._one(batch, rows, s, group) for s, rows in slots))
 
-    async def _one(self, queries: list[Query], slot: int, group: Any) -> None:
-        xs = np.stack([q.x for q in queries])  # [b, C, H, W]
+    async def _one(self, batch: Batch, rows: np.ndarray, slot: int, group: Any) -> None:
+        xs = batch.x[rows]  # [b, C, H, W]
         replicas = [slot + r * self.k for r in range(self.replicas)]
         arrivals = Arrivals({self.pool.submit(w, WORKER_F, xs, group): w for w in replicas},
                             self.metrics)
@@ -55,14 +55,13 @@ class UncodedMode(Mode):
             return True
 
         if not await arrivals.until(first):
-            fail(queries, ServiceUnavailable(
+            batch.fail(ServiceUnavailable(
                 f"worker(s) {replicas} failed and --mode {self.name} has no other copy of "
-                "these queries; retry shortly"))
+                "these queries; retry shortly"), rows)
             return
         arrivals.finish()
         logits = await self.frontend.classify(results[0])
-        self.answer_all(queries, (QueryAnswer({t: v[q] for t, v in logits.items()}, False)
-                                  for q in range(len(queries))))
+        self.answer(batch, logits, np.zeros(len(rows), np.bool_), rows=rows)
 
 
 class ReplicationMode(UncodedMode):

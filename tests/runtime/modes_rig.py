@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from runtime_harness import CHW, EMB, TASKS, D, TinyModel, metric_sample, settle, until
 
-from runtime.batcher import Query, QueryAnswer
+from runtime.batcher import Batch, Block, Piece
 from runtime.config import ServerConfig
 from runtime.errors import WorkerDead
 from runtime.frontend import Frontend
@@ -28,6 +28,22 @@ from runtime.worker import GroupTag
 
 PRIMARY = next(iter(TASKS))
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}  # float32 workers, encoders and decoding
+
+
+@dataclass(frozen=True)
+class QueryAnswer:
+    """One query's answer, as the tests read it."""
+
+    logits: dict[str, np.ndarray]  # task -> [classes]
+    reconstructed: bool
+    unavailable_heads: tuple[str, ...]
+
+
+def one(block: Block) -> QueryAnswer:
+    """The answer of a one-query block."""
+    a = block.future.result()
+    return QueryAnswer({t: v[0] for t, v in a.logits.items()}, bool(a.reconstructed[0]),
+                       a.unavailable_heads)
 
 
 # -- the rig: bundle, frontend runners, a fake pool ----------------------------------------------
@@ -127,8 +143,7 @@ class SpyFrontend(Frontend):
     """The real frontend on the event loop, recording how many rows the heads classify."""
 
     def __init__(self, rig: Rig) -> None:
-        super().__init__(rig.heads, rig.encoders, rig.executor)
-        self.inline = True
+        super().__init__(rig.heads, rig.encoders, rig.executor, inline_below_s=float("inf"))
         self.encoded = 0
         self.classified: list[int] = []
 
@@ -151,11 +166,12 @@ class Run:
     frontend: SpyFrontend
     metrics: Metrics
     xs: np.ndarray  # [m, C, H, W] normalised
-    queries: list[Query]
+    queries: list[Block]  # one block (request) per query, answered as one batch
     task: asyncio.Task[None] | None = None
 
     async def start(self) -> Run:
-        self.task = asyncio.create_task(self.mode.execute(self.queries))
+        batch = Batch([Piece(b, 0, 1, q) for q, b in enumerate(self.queries)])
+        self.task = asyncio.create_task(self.mode.execute(batch))
         expected = self.mode.pool_size(self.rig.manifest)
         if self.mode.name in ("uncoded", "replication"):  # only the slots in use are called
             expected = min(len(self.queries), self.rig.k) * type(self.mode).replicas
@@ -177,7 +193,7 @@ class Run:
         assert self.task.exception() is None  # e.g. no future was answered twice
 
     def answers(self) -> list[QueryAnswer]:
-        return [q.future.result() for q in self.queries]
+        return [one(q) for q in self.queries]
 
     def reference(self) -> dict[str, np.ndarray]:
         return logits_numpy(self.rig.model, f_numpy(self.rig.model, self.xs))
@@ -200,7 +216,8 @@ def make_run(rig: Rig, mode: str, m: int, *, seed: int = 0, options: ModeOptions
              ) -> Run:
     xs = np.random.default_rng(seed).standard_normal((m, *CHW)).astype(np.float32)
     loop = asyncio.get_running_loop()
-    queries = [Query(x=x, future=loop.create_future(), enqueued_s=0.0) for x in xs]
+    queries = [Block(x=xs[q:q + 1], future=loop.create_future(), enqueued_s=0.0)
+               for q in range(m)]
     metrics = Metrics("tiny")
     pool = FakePool(rig)
     frontend = SpyFrontend(rig)

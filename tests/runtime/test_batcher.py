@@ -1,4 +1,5 @@
-"""The batcher's group rule and the partial-group padding, without a server."""
+"""The batcher's group rule, blocks and batches, and the partial-group padding, without a
+server."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from runtime_harness import FakeClock, settle
 
-from runtime.batcher import Batcher
+from runtime.batcher import Batch, Batcher, Block
 from runtime.errors import ServiceUnavailable
 from runtime.modes.base import pad as _pad
 
@@ -20,18 +21,31 @@ def _xs(count: int) -> np.ndarray:
 SAFETY_S = 5.0  # bounds a wait that an event ends at once; never reached unless a test fails
 
 
+def _rows(batch: Batch) -> list[tuple[Block, int, int]]:
+    """A dispatch as (block, start, stop) pieces."""
+    return [(p.block, p.start, p.stop) for p in batch.pieces]
+
+
+def _answer(batch: Batch, rows: np.ndarray | None = None, flag: bool = False) -> int:
+    """Answer batch rows with logits = the row's index in the batch (to see where it lands)."""
+    idx = np.arange(len(batch)) if rows is None else rows
+    logits = {"t": np.repeat(idx.astype(np.float32)[:, None], 2, axis=1)}
+    return batch.answer(logits, np.full(len(idx), flag), rows=rows)
+
+
 def test_full_group_leaves_before_the_deadline() -> None:
     async def run() -> None:
         clock = FakeClock(5.0)  # never moves: the 10 s deadline never comes
         batcher = Batcher(group_size=3, max_queue_delay_s=10.0, max_queue_size=10, clock=clock)
         first = batcher.submit(_xs(2))
-        assert [q.enqueued_s for q in first] == [5.0, 5.0]  # the batcher's clock
+        assert first.enqueued_s == 5.0  # the batcher's clock
         waiter = asyncio.create_task(batcher.next_group())
         await settle()
         assert not waiter.done()  # 2 < k and the deadline is 10 s away
         second = batcher.submit(_xs(2))
-        group = await asyncio.wait_for(waiter, SAFETY_S)  # left on the count, at t = 5
-        assert group == [*first, second[0]] and len(batcher) == 1
+        batch = await asyncio.wait_for(waiter, SAFETY_S)  # left on the count, at t = 5
+        assert _rows(batch) == [(first, 0, 2), (second, 0, 1)] and len(batcher) == 1
+        np.testing.assert_array_equal(batch.x, np.concatenate([first.x, second.x[:1]]))
 
     asyncio.run(run())
 
@@ -40,15 +54,15 @@ def test_partial_group_leaves_at_the_deadline() -> None:
     async def run() -> None:
         clock = FakeClock(0.0)
         batcher = Batcher(group_size=4, max_queue_delay_s=0.08, max_queue_size=10, clock=clock)
-        (query,) = batcher.submit(_xs(1))
+        block = batcher.submit(_xs(1))
         waiter = asyncio.create_task(batcher.next_group())
         for now_s in (0.0, 0.04, 0.0799):  # before the deadline it keeps waiting
             clock.now_s = now_s
             await settle()
             assert not waiter.done(), now_s
         clock.now_s = 0.08
-        group = await asyncio.wait_for(waiter, SAFETY_S)
-        assert group == [query]
+        batch = await asyncio.wait_for(waiter, SAFETY_S)
+        assert _rows(batch) == [(block, 0, 1)]
 
     asyncio.run(run())
 
@@ -57,33 +71,36 @@ def test_the_deadline_is_the_oldest_live_querys() -> None:
     async def run() -> None:
         clock = FakeClock(0.0)
         batcher = Batcher(group_size=4, max_queue_delay_s=0.08, max_queue_size=10, clock=clock)
-        (oldest,) = batcher.submit(_xs(1))
+        oldest = batcher.submit(_xs(1))
         clock.now_s = 0.05
-        (younger,) = batcher.submit(_xs(1))
+        younger = batcher.submit(_xs(1))
         clock.now_s = 0.08  # the oldest's deadline; the younger one waited only 30 ms
-        assert await asyncio.wait_for(batcher.next_group(), SAFETY_S) == [oldest, younger]
-        # an abandoned oldest query no longer sets the deadline
-        (dead,) = batcher.submit(_xs(1))
+        batch = await asyncio.wait_for(batcher.next_group(), SAFETY_S)
+        assert _rows(batch) == [(oldest, 0, 1), (younger, 0, 1)]
+        # an abandoned oldest request no longer sets the deadline
+        dead = batcher.submit(_xs(1))
         clock.now_s = 0.1
-        (live,) = batcher.submit(_xs(1))
+        live = batcher.submit(_xs(1))
         dead.future.cancel()
         clock.now_s = 0.16  # dead's deadline, not live's (0.18)
         waiter = asyncio.create_task(batcher.next_group())
         await settle()
         assert not waiter.done()
         clock.now_s = 0.18
-        assert await asyncio.wait_for(waiter, SAFETY_S) == [live]
+        assert _rows(await asyncio.wait_for(waiter, SAFETY_S)) == [(live, 0, 1)]
+        assert len(batcher) == 0  # the dead block's row left the count too
 
     asyncio.run(run())
 
 
-def test_abandoned_queries_are_skipped() -> None:
+def test_abandoned_requests_are_skipped_and_not_counted_live() -> None:
     async def run() -> None:
         batcher = Batcher(group_size=2, max_queue_delay_s=0.0, max_queue_size=10)
-        queries = batcher.submit(_xs(3))
-        queries[0].future.cancel()  # its request timed out before dispatch
-        group = await batcher.next_group()
-        assert group == queries[1:]
+        first, second, third = (batcher.submit(_xs(b)) for b in (1, 2, 1))
+        second.future.cancel()  # its request timed out before dispatch
+        assert batcher.live_count() == 2 and len(batcher) == 4
+        batch = await batcher.next_group()
+        assert _rows(batch) == [(first, 0, 1), (third, 0, 1)] and len(batcher) == 0
 
     asyncio.run(run())
 
@@ -117,11 +134,48 @@ def test_partial_group_is_padded_with_the_last_query() -> None:
 def test_queued_complete_groups_share_one_dispatch() -> None:
     async def run() -> None:
         batcher = Batcher(group_size=2, max_queue_delay_s=10.0, max_queue_size=20)
-        batcher.submit(_xs(7))  # 3 complete groups + 1 query
+        block = batcher.submit(_xs(7))  # 3 complete groups + 1 query
         batch = await asyncio.wait_for(batcher.next_group(max_groups=2), SAFETY_S)
-        assert len(batch) == 4  # capped at 2 groups
+        assert _rows(batch) == [(block, 0, 4)]  # capped at 2 groups
         batch = await asyncio.wait_for(batcher.next_group(max_groups=8), SAFETY_S)
-        assert len(batch) == 2  # the lone 7th query waits for a companion or its deadline
-        assert len(batcher) == 1
+        assert _rows(batch) == [(block, 4, 6)]  # the rest of the block stays first in line
+        assert len(batcher) == 1  # the lone 7th query waits for a companion or its deadline
+
+    asyncio.run(run())
+
+
+def test_a_block_split_across_dispatches_is_answered_once_every_row_is_in() -> None:
+    async def run() -> None:
+        batcher = Batcher(group_size=2, max_queue_delay_s=0.0, max_queue_size=20)
+        a, b = batcher.submit(_xs(3)), batcher.submit(_xs(3))
+        first = await batcher.next_group(max_groups=2)  # a[0:3] + b[0:1]
+        second = await batcher.next_group(max_groups=2)  # b[1:3]
+        assert _rows(first) == [(a, 0, 3), (b, 0, 1)] and _rows(second) == [(b, 1, 3)]
+        assert _answer(second, flag=True) == 2  # b's later rows land first
+        assert a.future.done() is False and b.future.done() is False
+        assert _answer(first) == 0
+        answers = b.future.result()
+        # each row holds the index it had in its own dispatch: b[0] was row 3 of `first`
+        np.testing.assert_array_equal(answers.logits["t"][:, 0], [3, 0, 1])
+        np.testing.assert_array_equal(answers.reconstructed, [False, True, True])
+        np.testing.assert_array_equal(a.future.result().logits["t"][:, 0], [0, 1, 2])
+
+    asyncio.run(run())
+
+
+def test_rows_of_a_batch_answer_and_fail_only_their_own_requests() -> None:
+    async def run() -> None:
+        batcher = Batcher(group_size=4, max_queue_delay_s=0.0, max_queue_size=20)
+        a, b, c = (batcher.submit(_xs(n)) for n in (2, 1, 1))
+        batch = await batcher.next_group()
+        assert _answer(batch, rows=np.array([0, 2]), flag=True) == 2  # a[0] and b[0]
+        assert b.future.done() and not a.future.done()
+        batch.fail(ServiceUnavailable("slot lost"), rows=np.array([1]))  # a[1]
+        with pytest.raises(ServiceUnavailable):
+            a.future.result()
+        assert not c.future.done()
+        c.future.cancel()  # a request that gave up is never answered, nor counted
+        assert _answer(batch, rows=np.array([3]), flag=True) == 0
+        assert batch.abandoned
 
     asyncio.run(run())

@@ -4,8 +4,10 @@ the torch engine), so a torch-free serving install works. Parsed with `ast`, not
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -73,7 +75,14 @@ def test_serving_imports_no_torch_at_runtime() -> None:
     assert result.stdout.strip() == "[]"
 
 
-SERVE_EXTRA = {"numpy", "onnxruntime", "aiohttp", "prometheus_client", "uvloop"}  # pyproject `serve`
+def _serve_extra() -> set[str]:
+    """Import names of pyproject's core dependencies and its `serve` extra (the one list)."""
+    project = tomllib.loads((RUNTIME.parent / "pyproject.toml").read_text())["project"]
+    specs = [*project["dependencies"], *project["optional-dependencies"]["serve"]]
+    return {re.split(r"[=<>;\[ ]", spec, maxsplit=1)[0].replace("-", "_") for spec in specs}
+
+
+SERVE_EXTRA = _serve_extra()
 OURS = {"runtime", "kernels"}
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from modes_rig import PRIMARY, TOLERANCE, Rig, Run, flags, make_run
+from modes_rig import PRIMARY, TOLERANCE, Rig, Run, flags, make_run, one
 from runtime_harness import CHW, TASKS
 
 from kernels.berrut import BerrutCode
@@ -156,7 +156,7 @@ async def test_uncoded_erasure_fails_only_that_workers_queries(rig: Rig) -> None
                 with pytest.raises(ServiceUnavailable, match="no other copy"):
                     query.future.result()
             else:
-                assert not query.future.result().reconstructed
+                assert not one(query).reconstructed
 
 
 @pytest.mark.asyncio
@@ -172,7 +172,7 @@ async def test_replication_survives_one_copy_per_query(rig: Rig) -> None:
     await run.done()
     with pytest.raises(ServiceUnavailable, match="no other copy"):
         run.queries[0].future.result()
-    assert all(not q.future.result().reconstructed for q in run.queries[1:])
+    assert all(not one(q).reconstructed for q in run.queries[1:])
 
 
 @pytest.mark.asyncio
@@ -270,10 +270,10 @@ async def test_cancelled_queries_are_not_answered(tiny_rig: Rig, mode: str) -> N
     assert run.queries[1].future.cancelled()
     live = [q for i, q in enumerate(run.queries) if i != 1]
     assert all(q.future.done() and not q.future.cancelled() for q in live)
-    reconstructed = sum(q.future.result().reconstructed for q in live)
+    reconstructed = sum(one(q).reconstructed for q in live)
     assert run.count("coded_reconstructed_responses_total") == reconstructed
     if mode in ("coded", "parm"):
-        assert [q.future.result().reconstructed for q in live] == [False, False, True]
+        assert [one(q).reconstructed for q in live] == [False, False, True]
 
 
 @pytest.mark.asyncio

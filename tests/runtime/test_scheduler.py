@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from runtime_harness import FakeClock, metric_sample, settle
 
-from runtime.batcher import Batcher, Query, QueryAnswer
+from runtime.batcher import Answers, Batch, Batcher, Block
 from runtime.errors import ServiceUnavailable
 from runtime.metrics import Metrics
 from runtime.scheduler import Scheduler
@@ -22,11 +22,15 @@ SAFETY_S = 5.0  # bounds a wait that an event ends at once; never reached unless
 
 @dataclass
 class Dispatch:
-    queries: list[Query]
+    batch: Batch
     gate: asyncio.Future[None]  # the test ends the mode's work: result, or an exception
 
     def release(self) -> None:
         self.gate.set_result(None)
+
+    @property
+    def queries(self) -> list[Block]:
+        return list(self.batch.blocks)
 
 
 class FakeMode:
@@ -39,14 +43,12 @@ class FakeMode:
         self.dispatches: list[Dispatch] = []
         self._changed = asyncio.Event()
 
-    async def execute(self, queries: list[Query]) -> None:
-        dispatch = Dispatch(queries, asyncio.get_running_loop().create_future())
+    async def execute(self, batch: Batch) -> None:
+        dispatch = Dispatch(batch, asyncio.get_running_loop().create_future())
         self.dispatches.append(dispatch)
         self._changed.set()
         await dispatch.gate
-        for query in queries:
-            if not query.future.done():
-                query.future.set_result(QueryAnswer({}, False))
+        batch.answer({"t": np.zeros((len(batch), 1), np.float32)}, np.zeros(len(batch), np.bool_))
 
     @property
     def running(self) -> int:
@@ -61,6 +63,11 @@ class FakeMode:
 
 def _xs(count: int) -> np.ndarray:
     return np.zeros((count, 1, 2, 2), np.float32)
+
+
+def _submit(scheduler: Scheduler, count: int) -> list[Block]:
+    """`count` one-query requests."""
+    return [scheduler.submit(_xs(1)) for _ in range(count)]
 
 
 def _scheduler(*, inflight: int = 8, per_call: int = 1, delay_s: float = 10.0,
@@ -81,7 +88,7 @@ def _count(metrics: Metrics, name: str) -> float:
 @pytest.mark.asyncio
 async def test_inflight_groups_are_bounded_and_dispatched_in_order() -> None:
     scheduler, mode, metrics, _ = _scheduler(inflight=2)
-    queries = scheduler.submit(_xs(5 * K))  # five complete groups
+    queries = _submit(scheduler, 5 * K)  # five complete groups
     await scheduler.start()
     await settle()
     assert len(mode.dispatches) == 2 and mode.running == 2  # the bound, not five
@@ -102,10 +109,10 @@ async def test_inflight_groups_are_bounded_and_dispatched_in_order() -> None:
 async def test_queued_complete_groups_share_a_call_up_to_max_groups_per_call() -> None:
     scheduler, mode, metrics, clock = _scheduler(inflight=1, per_call=3, delay_s=0.05)
     clock.now_s = 100.0
-    queries = scheduler.submit(_xs(3 * K + 3))  # 4 complete groups + 1
+    queries = _submit(scheduler, 3 * K + 3)  # 4 complete groups + 1
     await scheduler.start()
     await settle()
-    assert [len(d.queries) for d in mode.dispatches] == [3 * K]  # capped at 3 groups
+    assert [len(d.batch) for d in mode.dispatches] == [3 * K]  # capped at 3 groups
     mode.dispatches[0].release()
     await asyncio.wait_for(mode.dispatched(2), SAFETY_S)
     assert mode.dispatches[1].queries == queries[3 * K:4 * K]  # the one complete group left
@@ -128,22 +135,22 @@ async def test_queued_complete_groups_share_a_call_up_to_max_groups_per_call() -
 async def test_a_failing_mode_fails_exactly_its_group_and_the_loop_goes_on(
         caplog: pytest.LogCaptureFixture) -> None:
     scheduler, mode, metrics, _ = _scheduler(inflight=3)
-    queries = scheduler.submit(_xs(3 * K))
+    queries = _submit(scheduler, 3 * K)
     await scheduler.start()
     await settle()
-    answered = QueryAnswer({}, True)
+    answered = Answers({}, np.ones(1, np.bool_))
     mode.dispatches[1].queries[0].future.set_result(answered)  # answered before the crash
     error = RuntimeError("bug in the mode")
     with caplog.at_level(logging.ERROR, logger="runtime.scheduler"):
         mode.dispatches[1].gate.set_exception(error)
         await settle()
-    assert "group of 2 queries failed in mode fake" in caplog.text
+    assert "dispatch of 2 queries failed in mode fake" in caplog.text
     assert queries[2].future.result() is answered
     assert queries[3].future.exception() is error
     for dispatch in (mode.dispatches[0], mode.dispatches[2]):
         assert not any(q.future.done() for q in dispatch.queries)  # untouched
         dispatch.release()
-    later = scheduler.submit(_xs(K))  # the loop still dispatches
+    later = _submit(scheduler, K)  # the loop still dispatches
     await asyncio.wait_for(mode.dispatched(4), SAFETY_S)
     mode.dispatches[3].release()
     await settle()
@@ -155,7 +162,7 @@ async def test_a_failing_mode_fails_exactly_its_group_and_the_loop_goes_on(
 @pytest.mark.asyncio
 async def test_stop_fails_queued_queries_and_lets_inflight_groups_finish() -> None:
     scheduler, mode, _, _ = _scheduler(inflight=1)
-    queries = scheduler.submit(_xs(3 * K))
+    queries = _submit(scheduler, 3 * K)
     await scheduler.start()
     await settle()
     assert len(mode.dispatches) == 1
@@ -173,7 +180,7 @@ async def test_stop_fails_queued_queries_and_lets_inflight_groups_finish() -> No
 @pytest.mark.asyncio
 async def test_stop_fails_and_cancels_a_group_that_outlives_its_timeout() -> None:
     scheduler, mode, _, _ = _scheduler(inflight=2)
-    queries = scheduler.submit(_xs(K))
+    queries = _submit(scheduler, K)
     await scheduler.start()
     await settle()
     (dispatch,) = mode.dispatches
@@ -197,7 +204,7 @@ async def test_queue_full_submit_is_all_or_nothing() -> None:
     scheduler.submit(_xs(1))
     await scheduler.start()
     await settle()
-    assert [len(d.queries) for d in mode.dispatches] == [K, K]  # the rejected two never run
+    assert [len(d.batch) for d in mode.dispatches] == [K, K]  # the rejected two never run
     assert _count(metrics, "nv_inference_pending_request_count") == 0
     for dispatch in mode.dispatches:
         dispatch.release()
@@ -207,7 +214,7 @@ async def test_queue_full_submit_is_all_or_nothing() -> None:
 @pytest.mark.asyncio
 async def test_abandoned_queries_are_never_dispatched() -> None:
     scheduler, mode, _, _ = _scheduler()
-    queries = scheduler.submit(_xs(K + 1))
+    queries = _submit(scheduler, K + 1)
     queries[0].future.cancel()  # its request timed out while queued
     await scheduler.start()
     await settle()
