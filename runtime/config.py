@@ -64,8 +64,15 @@ class ServerConfig:
     engine: str = "onnxruntime"
     device: str = "cpu"
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
-    systematic_grace_ms: float = 0.0  # coded: once k results are in, wait this long for
-    # missing systematic results (exact answers) before decoding; 0 = decode at once (paper)
+    systematic_grace_ms: float | None = None  # coded: once k results are in, wait this long
+    # for missing systematic results (exact answers) before decoding; 0 = decode at once
+    # (paper); None = learned: wait until the missing worker's healthy-call quantile
+    decode_wait_quantile: float = 0.99  # the learned bounds' quantile of healthy call times
+    decode_wait_cap_ms: float = 5.0  # the learned decode wait never exceeds this
+    redispatch_cap_ms: float = 20.0  # coded: a group still undecodable at its learned bound
+    # (capped here) re-sends its missing systematic slots; 0 = never
+    dispatch_stall_cap_ms: float = 20.0  # a dispatch running past its learned bound (capped
+    # here) frees its in-flight slot; 0 = never
     frontend_inline_ms: float = 1.0  # frontend calls predicted faster run on the event loop
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
     max_groups_per_call: int = 32  # complete queued groups batched into one worker call
@@ -114,7 +121,13 @@ class ServerConfig:
                      "max_waiting_requests"):
             value = getattr(self, name)
             _check(value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("max_queue_delay_ms", "systematic_grace_ms", "frontend_inline_ms",
+        _check(self.systematic_grace_ms is None or (
+            self.systematic_grace_ms >= 0 and math.isfinite(self.systematic_grace_ms)),
+            f"--systematic-grace-ms must be a finite number >= 0, got {self.systematic_grace_ms}")
+        _check(0.0 < self.decode_wait_quantile <= 1.0,
+               f"--decode-wait-quantile must be in (0, 1], got {self.decode_wait_quantile}")
+        for name in ("max_queue_delay_ms", "decode_wait_cap_ms", "redispatch_cap_ms",
+                     "dispatch_stall_cap_ms", "frontend_inline_ms",
                      "worker_deadline_ms", "request_timeout_ms", "drain_timeout_s",
                      "keepalive_timeout_s", "read_timeout_s", "admission_wait_ms"):
             value = getattr(self, name)

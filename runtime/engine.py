@@ -27,6 +27,7 @@ from runtime.admission import Admission, AdmissionControl
 from runtime.batcher import Batcher
 from runtime.config import ServerConfig
 from runtime.context import EngineContext
+from runtime.deadlines import LearnedBound
 from runtime.errors import RequestTimeout, ServiceUnavailable, ServingError
 from runtime.faults import with_faults
 from runtime.frontend import Frontend
@@ -112,9 +113,15 @@ class Engine:
         self.pool = WorkerPool(self.pool_size, with_faults(backend.make_worker, config.faults),
                                deadline_s=config.worker_deadline_ms / 1000.0, metrics=self.metrics)
         self._backend = backend
+        q = config.decode_wait_quantile
         mode = self.mode_cls(manifest, self.pool, self.frontend, self.metrics, ModeOptions(
             encoders_on_workers=config.encoders_on_workers,
-            systematic_grace_s=config.systematic_grace_ms / 1000.0,
+            systematic_grace_s=(config.systematic_grace_ms or 0.0) / 1000.0,
+            decode_wait=LearnedBound(q, config.decode_wait_cap_ms / 1000.0)
+            if config.systematic_grace_ms is None else None,
+            redispatch=LearnedBound(q, config.redispatch_cap_ms / 1000.0,
+                                    unknown_s=config.redispatch_cap_ms / 1000.0)
+            if config.redispatch_cap_ms > 0 else None,
             new_decoder=device_decoders))
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
                           config.max_queue_size)
@@ -125,8 +132,10 @@ class Engine:
         # One dispatch per compute thread (measured best on 2 cores: bigger batches and no
         # oversubscription; bench/results/serving/profile.md); more only when asked.
         inflight = config.max_inflight_groups or self.threads
+        stall = config.dispatch_stall_cap_ms / 1000.0
         self.scheduler = Scheduler(mode, batcher, inflight, self.metrics,
                                    config.max_groups_per_call,
+                                   stall=LearnedBound(q, stall, unknown_s=stall) if stall else None,
                                    on_dequeue=self.admission.room_changed)
         await self.scheduler.start()
 

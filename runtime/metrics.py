@@ -77,6 +77,18 @@ class Metrics:
         self.encode_seconds = Histogram(
             "coded_encode_duration_seconds", "Frontend encoder time per group",
             buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), registry=r)
+        self.decode_waits = Counter(
+            "coded_decode_waits", "Decodable groups that waited for a missing systematic "
+            "result: outcome exact (it came in time) or decoded (the bound passed)",
+            ("outcome",), registry=r)
+        self.redispatched = Counter(
+            "coded_redispatched_calls", "Systematic slots re-sent to a worker that had "
+            "answered, because their group was still undecodable at its learned deadline",
+            registry=r)
+        self.stalled_dispatches = Counter(
+            "coded_stalled_dispatches", "Dispatches that ran past their learned bound and "
+            "gave their in-flight slot to the next dispatch (waiting only on stragglers)",
+            registry=r)
         self.partial_groups = Counter(
             "coded_partial_groups", "Groups dispatched with fewer than k queries at the "
             "max queue delay (padded)", MODEL_LABELS, registry=r)

@@ -33,7 +33,18 @@ HELP = {
                            "(paper Remark 3)",
     "systematic_grace_ms": "coded mode: once any k results are in, wait up to this long for "
                            "missing systematic results, which give exact answers, before "
-                           "decoding (0 = decode at once, as in the paper)",
+                           "decoding (0 = decode at once, as in the paper); unset = learned: "
+                           "wait until the missing worker's --decode-wait-quantile of recent "
+                           "healthy call times, at most --decode-wait-cap-ms",
+    "decode_wait_quantile": "quantile of recent healthy worker-call times (per worker) that "
+                            "the learned bounds use: decode wait, re-dispatch, dispatch stall",
+    "decode_wait_cap_ms": "the learned decode wait never exceeds this",
+    "redispatch_cap_ms": "coded mode: a group with more missing results than parities at its "
+                         "learned bound (capped here) re-sends its missing systematic slots to "
+                         "workers that already answered (0 = never)",
+    "dispatch_stall_cap_ms": "a dispatch still running past the learned bound of recent "
+                             "dispatch times (capped here) waits only on stragglers: its "
+                             "in-flight slot goes to the next dispatch (0 = never)",
     "frontend_inline_ms": "a frontend call (the encoders of a dispatch, or its heads) that "
                           "warm-up timings predict faster than this runs on the event loop "
                           "instead of the thread pool (0 = always the pool)",

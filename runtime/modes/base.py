@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from runtime.batcher import Batch
+from runtime.deadlines import CompletionTimes, LearnedBound
 from runtime.frontend import Frontend
 from runtime.manifest import Manifest
 from runtime.metrics import Metrics
@@ -38,6 +39,10 @@ Call = tuple[int, str, np.ndarray]  # (worker, model, batch)
 class ModeOptions:
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
     systematic_grace_s: float = 0.0  # coded: wait this long for exact answers before decoding
+    # coded: instead, wait for a missing systematic result until its worker's learned bound
+    decode_wait: LearnedBound | None = None
+    # coded: re-send missing systematic slots when a group is undecodable at this bound
+    redispatch: LearnedBound | None = None
     # coded: shape -> decoder (kernels.coding.OnlineDecoder's interface); None = on the host
     new_decoder: Callable[[tuple[int, ...]], Any] | None = None
 
@@ -64,51 +69,109 @@ def slot(groups: np.ndarray, i: int) -> np.ndarray:
 
 
 class Arrivals:
-    """The calls of one coding group, folded in as they land until they decode."""
+    """The calls of one coding group, folded in as they land until they decode.
 
-    def __init__(self, tasks: dict[asyncio.Task[Any], int], metrics: Metrics) -> None:
-        self.tasks = tasks  # task -> worker
+    Calls are known by their *slot*: the worker they were launched on, or, for a call
+    re-dispatched to another worker (`add`), the slot it stands in for; the first result
+    of a slot counts. Results that land while the group is still open are observed in
+    `times` (per physical worker, from the call's start) to learn deadlines from."""
+
+    def __init__(self, tasks: dict[asyncio.Task[Any], int], metrics: Metrics,
+                 times: CompletionTimes | None = None) -> None:
+        self._now = asyncio.get_running_loop().time
+        self.launched_s = self._now()
+        self.tasks = dict(tasks)  # task -> slot
+        self._origin = {t: (w, self.launched_s) for t, w in tasks.items()}  # worker, start
         self.pending: set[asyncio.Task[Any]] = set(tasks)
-        self.received: set[int] = set()
+        self.received: set[int] = set()  # slots
         self._metrics = metrics
+        self._times = times
 
-    async def until(self, add: Callable[[int, Any], bool]) -> bool:
-        """Wait until `add(worker, result)` (called once per successful result, in worker
+    def add(self, task: asyncio.Task[Any], slot: int, worker: int) -> None:
+        """A further call, on `worker`, for `slot` (a re-dispatch)."""
+        self.tasks[task] = slot
+        self._origin[task] = (worker, self._now())
+        self.pending.add(task)
+
+    def _landed(self, task: asyncio.Task[Any]) -> bool:
+        """Whether `task` is a slot's first successful result (observing its duration)."""
+        if task.cancelled() or task.exception() is not None:
+            return False
+        slot = self.tasks[task]
+        if slot in self.received:
+            return False  # both a re-dispatch and the original landed
+        self.received.add(slot)
+        if self._times is not None:
+            worker, started_s = self._origin[task]
+            self._times.observe(worker, self._now() - started_s)
+        return True
+
+    async def until(self, add: Callable[[int, Any], bool], deadline_s: float | None = None,
+                    on_deadline: Callable[[], None] | None = None) -> bool:
+        """Wait until `add(slot, result)` (called once per slot's first result, in slot
         order among results that land together, so that a systematic result landing with a
-        parity is used as is) returns True; False when every call ended first."""
+        parity is used as is) returns True; False when every call ended first. If the
+        loop clock passes `deadline_s` first, `on_deadline()` runs once (it may `add`)."""
         while self.pending:
-            done, self.pending = await asyncio.wait(self.pending,
+            timeout = None
+            if on_deadline is not None and deadline_s is not None:
+                timeout = max(0.0, deadline_s - self._now())
+            done, self.pending = await asyncio.wait(self.pending, timeout=timeout,
                                                     return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                assert on_deadline is not None  # only a timeout returns nothing
+                on_deadline()
+                on_deadline = None
+                continue
             decodable = False
             for task in sorted(done, key=self.tasks.__getitem__):
-                if not task.cancelled() and task.exception() is None:
-                    worker = self.tasks[task]
-                    self.received.add(worker)
-                    decodable = add(worker, task.result()) or decodable
+                if self._landed(task):
+                    decodable = add(self.tasks[task], task.result()) or decodable
             if decodable:
                 return True
         return False
 
+    async def wait_for(self, slots: set[int], deadline_s: float) -> set[int]:
+        """Wait until the loop clock reaches `deadline_s` for the results of `slots` (or
+        until none can come); returns the slots that landed."""
+        arrived: set[int] = set()
+        while (remaining := deadline_s - self._now()) > 0:
+            waiting = {t for t in self.pending if self.tasks[t] in slots - self.received}
+            if not waiting:
+                break
+            done, _ = await asyncio.wait(waiting, timeout=remaining,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                break
+            self.pending -= done
+            arrived |= {self.tasks[t] for t in done if self._landed(t)}
+        return arrived
+
     def results(self) -> dict[int, Any]:
-        """worker -> result, for every received result."""
-        return {w: t.result() for t, w in self.tasks.items() if w in self.received}
+        """slot -> result, for every received slot (its first successful result)."""
+        out: dict[int, Any] = {}
+        for task, slot in self.tasks.items():
+            if slot in self.received and slot not in out and task.done() and not (
+                    task.cancelled() or task.exception() is not None):
+                out[slot] = task.result()
+        return out
 
     def finish(self, count_erasures: bool = True) -> None:
         """The group is answered: results still in flight are dropped (and counted when
-        they land), and every launched worker whose result was not used is an erasure."""
+        they land), and every launched slot whose result was not used is an erasure."""
         for task in self.pending:
             if task.done():
                 continue
-            worker = self.tasks[task]
+            slot = self.tasks[task]
 
-            def late(t: asyncio.Task[Any], worker: int = worker) -> None:
+            def late(t: asyncio.Task[Any], slot: int = slot) -> None:
                 if not t.cancelled() and t.exception() is None:
-                    self._metrics.late_dropped.labels(worker=str(worker)).inc()
+                    self._metrics.late_dropped.labels(worker=str(slot)).inc()
 
             task.add_done_callback(late)
         if count_erasures:
-            for worker in sorted(set(self.tasks.values()) - self.received):
-                self._metrics.erasures.labels(worker=str(worker)).inc()
+            for slot in sorted(set(self.tasks.values()) - self.received):
+                self._metrics.erasures.labels(worker=str(slot)).inc()
 
 
 class Mode:
@@ -125,6 +188,7 @@ class Mode:
         self.options = options or ModeOptions()
         self.k = manifest.coding.k
         self.tasks = [h.task for h in manifest.heads]
+        self.times = CompletionTimes()  # healthy worker-call durations, per worker
 
     # What the engine needs to know before the pool exists -----------------------------------
     @classmethod
@@ -163,7 +227,7 @@ class Mode:
         """Submit one coding group's calls; `systematic`: its exact-answer workers."""
         group = self.pool.new_group(systematic)
         tasks = {self.pool.submit(i, model, batch, group): i for i, model, batch in calls}
-        return Arrivals(tasks, self.metrics)
+        return Arrivals(tasks, self.metrics, self.times)
 
     def answer(self, batch: Batch, logits: dict[str, np.ndarray], reconstructed: np.ndarray,
                unavailable: tuple[str, ...] = (), rows: np.ndarray | None = None) -> None:

@@ -66,20 +66,24 @@ class CodedMode(Mode):
 
         # One decoder for all G groups: a worker's batch lands at once, so they share the
         # erasure pattern and decode as one (G, *embedding_shape) result per worker.
-        decoder = self.new_decoder((len(groups), *self.manifest.embedding_shape))
-        if not await arrivals.until(decoder.add):
+        shape = (len(groups), *self.manifest.embedding_shape)
+        decoder = self.new_decoder(shape)
+        redispatch = self.options.redispatch
+        deadline_s = None if redispatch is None else (
+            arrivals.launched_s + self.times.bound_s(range(n), redispatch))
+        if not await arrivals.until(decoder.add, deadline_s,
+                                    lambda: self._redispatch(arrivals, calls)):
             batch.fail(ServiceUnavailable(
                 f"only {len(decoder.received)} of {n} workers answered (workers "
                 f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
                 "workers are being restarted"))
             return
-        shape = (len(groups), *self.manifest.embedding_shape)
-        graced = await self._grace(arrivals, decoder.missing)
-        if graced:
+        waited = await self._wait_for_systematic(arrivals, set(decoder.missing))
+        if waited:
             decoder = self._refold(arrivals, shape)  # use what came in time, decode the rest
         missing = set(decoder.missing)
-        # a group the grace made whole lost nothing: its parities were never needed
-        arrivals.finish(count_erasures=not (graced and not missing))
+        # a group the wait made whole lost nothing: its parities were never needed
+        arrivals.finish(count_erasures=not (waited and not missing))
         if not missing:  # every systematic result is in: exact answers, nothing to decode
             results = arrivals.results()
             zs = np.stack([to_host(results[i]) for i in range(k)])  # [k, G, *emb]
@@ -92,18 +96,38 @@ class CodedMode(Mode):
         reconstructed = np.isin(np.arange(m) % k, sorted(missing))  # [m]
         self.answer(batch, logits, reconstructed)
 
-    async def _grace(self, arrivals: Arrivals, missing: tuple[int, ...]) -> bool:
-        """With --systematic-grace-ms > 0, wait that long for the missing systematic results
-        (exact answers) before decoding; True when any of them came in time."""
-        tasks = arrivals.tasks
-        waiting = {t for t in arrivals.pending if tasks[t] in missing}
-        if not waiting or self.options.systematic_grace_s <= 0:
+    async def _wait_for_systematic(self, arrivals: Arrivals, missing: set[int]) -> bool:
+        """A decodable group with systematic results missing waits for them (exact answers)
+        until the learned bound of their workers (--decode-wait-*, measured from the
+        launch), or for --systematic-grace-ms once decodable; True when any came in time."""
+        waiting = {arrivals.tasks[t] for t in arrivals.pending} & missing
+        if not waiting:
             return False
-        done, _ = await asyncio.wait(waiting, timeout=self.options.systematic_grace_s)
-        arrived = {t for t in done if t.exception() is None}
-        arrivals.pending -= done
-        arrivals.received |= {tasks[t] for t in arrived}
+        policy = self.options.decode_wait
+        if policy is not None:
+            deadline_s = arrivals.launched_s + self.times.bound_s(waiting, policy)
+        elif self.options.systematic_grace_s > 0:
+            deadline_s = asyncio.get_running_loop().time() + self.options.systematic_grace_s
+        else:
+            return False
+        if deadline_s <= asyncio.get_running_loop().time():
+            return False  # the bound already passed: waiting no longer pays
+        arrived = await arrivals.wait_for(waiting, deadline_s)
+        self.metrics.decode_waits.labels(outcome="exact" if arrived >= waiting
+                                         else "decoded").inc()
         return bool(arrived)
+
+    def _redispatch(self, arrivals: Arrivals, calls: list[tuple[int, str, np.ndarray]]) -> None:
+        """The group is undecodable at its learned deadline (more stragglers than parities):
+        re-send each missing systematic slot to a worker that has already answered it."""
+        free = [w for w in sorted(arrivals.received)
+                if w < self.k or not self.options.encoders_on_workers]  # workers that run f
+        missing = [s for s in range(self.k) if s not in arrivals.received]
+        group = self.pool.new_group(())  # no systematic: fault injection's straggler is per group
+        for slot_index, worker in zip(missing, free, strict=False):
+            task = self.pool.submit(worker, WORKER_F, calls[slot_index][2], group)
+            arrivals.add(task, slot_index, worker)
+            self.metrics.redispatched.inc()
 
     def _refold(self, arrivals: Arrivals, shape: tuple[int, ...]) -> Any:
         """A decoder fed every received result, systematic ones first, so that the fewest

@@ -8,9 +8,10 @@ import itertools
 
 import numpy as np
 import pytest
-from modes_rig import Rig, decodable_prefix, flags, make_run
-from runtime_harness import settle
+from modes_rig import Rig, Run, decodable_prefix, flags, make_run, worker_result
+from runtime_harness import settle, until
 
+from runtime.deadlines import LearnedBound
 from runtime.errors import InjectedFailure, ServiceUnavailable, WorkerDead, WorkerError, WorkerOverdue
 from runtime.models import ENCODER_THEN_F, WORKER_F
 from runtime.modes import ModeOptions
@@ -181,3 +182,74 @@ async def test_coded_grace_keeps_a_systematic_result_that_came_in_time(wide_rig:
     assert run.count("coded_erasures_total", worker="2") == 1
     assert run.count("coded_erasures_total", worker="1") == 0
     run.check([False, False, True])  # only slot 2 needed decoding
+
+
+# -- learned decode wait and re-dispatch (runtime.deadlines) --------------------------------------
+def _teach(run: Run, worker: int, seconds: float, samples: int = 32) -> None:
+    """Healthy calls of `worker` took `seconds` (what the mode learns its bounds from)."""
+    for _ in range(samples):
+        run.mode.times.observe(worker, seconds)
+
+
+@pytest.mark.asyncio
+async def test_coded_learned_wait_waits_for_a_worker_that_is_usually_slower(tiny_rig: Rig) -> None:
+    # worker 1's healthy calls take ~60 s (far beyond this test): its result is worth waiting for
+    run = make_run(tiny_rig, "coded", 2, options=ModeOptions(decode_wait=LearnedBound(cap_s=120.0)))
+    _teach(run, 1, 60.0)
+    await run.start()
+    await run.land([2, 0])  # decodable, slot 1 missing: within its learned bound
+    assert not run.task.done()
+    await run.land([1])
+    await run.done()
+    run.check([False, False])  # exact: nothing was decoded
+    assert run.count("coded_decode_waits_total", outcome="exact") == 1
+    assert run.count("coded_decode_duration_seconds_count") == 0
+
+
+@pytest.mark.asyncio
+async def test_coded_learned_wait_decodes_at_once_past_the_bound(tiny_rig: Rig) -> None:
+    # healthy calls take no time: once k results are in, the missing one is a straggler
+    run = make_run(tiny_rig, "coded", 2, options=ModeOptions(decode_wait=LearnedBound(cap_s=120.0)))
+    _teach(run, 1, 0.0)
+    await run.start()
+    await run.land([2, 0])
+    await run.done()  # within a few loop turns, no timer involved
+    run.check([False, True])
+    assert run.count("coded_decode_waits_total", outcome="exact") == 0
+    # and before anything is learned (unknown_s = 0) it decodes at once too
+    run = await make_run(tiny_rig, "coded", 2,
+                         options=ModeOptions(decode_wait=LearnedBound(cap_s=120.0))).start()
+    await run.land([2, 0])
+    await run.done()
+    run.check([False, True])
+
+
+@pytest.mark.asyncio
+async def test_coded_redispatches_missing_slots_when_undecodable_at_the_bound(tiny_rig: Rig) -> None:
+    # a bound of 0: the moment the group is still undecodable, the missing slot is re-sent
+    options = ModeOptions(redispatch=LearnedBound(cap_s=0.0))
+    run = await make_run(tiny_rig, "coded", 2, options=options).start()
+    await run.land([0])  # worker 0 answered; 1 and the parity straggle: 1 of 2 needed results
+    await until(lambda: len(run.pool.calls) == 4, "a re-dispatched call")
+    again = run.pool.calls[3]
+    assert again.worker == 0 and again.model == WORKER_F  # a worker that already answered
+    np.testing.assert_array_equal(again.batch, run.pool.call(1).batch)  # slot 1's input
+    again.future.set_result(worker_result(tiny_rig, again.model, again.batch))
+    await run.done()
+    run.check([False, False])  # slot 1's own f, computed on worker 0: exact
+    assert run.count("coded_redispatched_calls_total") == 1
+    assert run.count("coded_erasures_total", worker="1") == 0  # its slot was answered
+    run.pool.land(1)  # the original straggler lands late: dropped, counted
+    await settle()
+    assert run.count("coded_late_results_dropped_total", worker="1") == 1
+
+
+@pytest.mark.asyncio
+async def test_coded_does_not_redispatch_a_decodable_group(tiny_rig: Rig) -> None:
+    run = await make_run(tiny_rig, "coded", 2,
+                         options=ModeOptions(redispatch=LearnedBound(cap_s=0.0))).start()
+    run.pool.land(0)
+    run.pool.land(2)  # both on one loop turn: decodable with the parity, nothing to re-send
+    await run.done()
+    run.check([False, True])
+    assert len(run.pool.calls) == 3 and run.count("coded_redispatched_calls_total") == 0

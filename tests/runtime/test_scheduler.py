@@ -12,6 +12,7 @@ import pytest
 from runtime_harness import FakeClock, metric_sample, settle
 
 from runtime.batcher import Answers, Batch, Batcher, Block
+from runtime.deadlines import LearnedBound
 from runtime.errors import ServiceUnavailable
 from runtime.metrics import Metrics
 from runtime.scheduler import Scheduler
@@ -71,13 +72,15 @@ def _submit(scheduler: Scheduler, count: int) -> list[Block]:
 
 
 def _scheduler(*, inflight: int = 8, per_call: int = 1, delay_s: float = 10.0,
-               queue: int = 64, clock: FakeClock | None = None
+               queue: int = 64, clock: FakeClock | None = None,
+               stall: LearnedBound | None = None
                ) -> tuple[Scheduler, FakeMode, Metrics, FakeClock]:
     clock = clock or FakeClock()
     mode = FakeMode()
     metrics = Metrics("tiny")
     batcher = Batcher(K, delay_s, queue, clock=clock)
-    scheduler = Scheduler(mode, batcher, inflight, metrics, per_call)  # type: ignore[arg-type]
+    scheduler = Scheduler(mode, batcher, inflight, metrics, per_call,  # type: ignore[arg-type]
+                          stall=stall)
     return scheduler, mode, metrics, clock
 
 
@@ -222,3 +225,32 @@ async def test_abandoned_queries_are_never_dispatched() -> None:
     mode.dispatches[0].release()
     await scheduler.stop(timeout_s=0.0)
     assert queries[0].future.cancelled()
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_dispatch_gives_its_slot_to_the_next_one() -> None:
+    # a bound of 0: a dispatch not finished at once is waiting on stragglers
+    scheduler, mode, metrics, _ = _scheduler(inflight=1, stall=LearnedBound(cap_s=0.0))
+    queries = _submit(scheduler, 2 * K)
+    await scheduler.start()
+    await asyncio.wait_for(mode.dispatched(2), SAFETY_S)  # the second went out beside it
+    assert mode.running == 2 and _count(metrics, "coded_stalled_dispatches_total") == 2
+    for dispatch in mode.dispatches:
+        dispatch.release()
+    await settle()
+    assert all(q.future.done() for q in queries)
+    await scheduler.stop(timeout_s=0.0)
+
+
+@pytest.mark.asyncio
+async def test_without_a_stall_bound_the_inflight_limit_holds() -> None:
+    scheduler, mode, metrics, _ = _scheduler(inflight=1)
+    _submit(scheduler, 2 * K)
+    await scheduler.start()
+    await settle()
+    assert mode.running == 1 and len(mode.dispatches) == 1
+    mode.dispatches[0].release()
+    await asyncio.wait_for(mode.dispatched(2), SAFETY_S)
+    mode.dispatches[1].release()
+    await scheduler.stop(timeout_s=0.0)
+    assert _count(metrics, "coded_stalled_dispatches_total") == 0
