@@ -9,11 +9,17 @@ Three arrival patterns:
   the next wave goes out when every query of this one is answered. Groups are always full,
   so a mode that answers queries one by one is not charged for partial groups.
 - `closed`: `concurrency` clients, each sends its next query as soon as its previous one
-  is answered (queries of one group may then straddle two groups).
+  is answered (queries of one group may then straddle two groups). With `duration_s` > 0
+  the clients stop starting queries after that many seconds (`num_requests` is then only
+  a cap): a capacity measurement that takes the same time on a fast and a slow server.
 - `poisson`: open loop, exponential inter-arrival times at `rate_per_s`, scheduled in
   advance from `seed`. Latency is measured from the *scheduled* send time, so a client
   that falls behind (or hits `max_in_flight`) adds to the latency instead of hiding it
   (no coordinated omission).
+
+Every record also holds each request's actual send time (`sent_s`, from the start of the
+measurement): `send_stats` compares the achieved send rate with the schedule, so a run in
+which the load generator itself fell behind says so instead of passing for server latency.
 
 Requests carry one UINT8 image `[1, C, H, W]` as a JSON tensor named `input_name`; the
 images are seeded random bytes (timing does not depend on the content). A response's
@@ -57,6 +63,7 @@ class LoadConfig:
     num_requests: int = 1000
     concurrency: int = 1  # waves / closed loop: queries in flight
     rate_per_s: float = 0.0  # poisson only
+    duration_s: float = 0.0  # closed only: stop starting queries after this (0: send num_requests)
     max_in_flight: int = 512  # poisson only: bound on concurrent connections
     warmup_requests: int = 0  # sent closed-loop first, not recorded
     timeout_s: float = 30.0
@@ -82,6 +89,9 @@ class LoadConfig:
             raise LoadgenError(f"warmup_requests must be >= 0, got {self.warmup_requests}")
         if self.timeout_s <= 0:
             raise LoadgenError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.duration_s < 0 or (self.duration_s > 0 and self.pattern != "closed"):
+            raise LoadgenError(f"duration_s must be >= 0 and is for pattern 'closed' only, got "
+                               f"{self.duration_s} with pattern {self.pattern!r}")
         if self.pattern == "poisson" and not self.rate_per_s > 0:
             raise LoadgenError(
                 f"pattern 'poisson' needs rate_per_s > 0, got {self.rate_per_s}; pass --rate-per-s"
@@ -102,6 +112,7 @@ class LoadRecord:
     status: list[int] = field(default_factory=list)  # HTTP status, 0 = no response
     reconstructed: list[bool] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    sent_s: list[float] = field(default_factory=list)  # when request i's POST began, from the start
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +201,40 @@ def summarize_record(record: LoadRecord) -> dict[str, float]:
     return stats
 
 
+def _peak_overlap(starts_s: np.ndarray, ends_s: np.ndarray) -> int:
+    """Most intervals [start, end) open at once (an end before a start at the same instant)."""
+    times = np.concatenate([starts_s, ends_s])
+    steps = np.concatenate([np.ones(starts_s.size, np.int64), -np.ones(ends_s.size, np.int64)])
+    order = np.lexsort((steps, times))  # by time, ends (-1) first on ties
+    return int(np.cumsum(steps[order]).max()) if times.size else 0
+
+
+def send_stats(record: LoadRecord) -> dict[str, float | int]:
+    """How well the load generator kept to its schedule (Poisson records only).
+
+    `scheduled_rate_per_s` is the rate of the seeded arrival schedule itself (it differs
+    from `rate_per_s` by sampling noise, about 1/sqrt(n)); `send_rate_ratio` = achieved /
+    scheduled, so a ratio below 1 means requests went out late: either this process was
+    short of CPU, or `max_in_flight` requests were already open (`peak_in_flight` says
+    which). `send_lag_*_ms`: actual minus scheduled send time."""
+    cfg = record.config
+    if cfg.get("pattern") != "poisson" or len(record.sent_s) < 2:
+        raise LoadgenError(f"send_stats needs a poisson record of >= 2 requests, got pattern "
+                           f"{cfg.get('pattern')!r} with {len(record.sent_s)}")
+    n = len(record.sent_s)
+    sched_s = poisson_arrivals_s(float(cfg["rate_per_s"]), n, int(cfg["seed"]))  # (n,)
+    sent_s = np.asarray(record.sent_s, dtype=np.float64)  # (n,)
+    lag_ms = (sent_s - sched_s) * 1e3
+    ends_s = sched_s + np.asarray(record.latency_ms, dtype=np.float64) / 1e3
+    scheduled = (n - 1) / max(float(sched_s[-1]), 1e-9)
+    achieved = (n - 1) / max(float(sent_s.max() - sent_s.min()), 1e-9)
+    p50, p99 = np.percentile(lag_ms, [50.0, 99.0])
+    return {"target_rate_per_s": float(cfg["rate_per_s"]), "scheduled_rate_per_s": scheduled,
+            "achieved_send_rate_per_s": achieved, "send_rate_ratio": achieved / scheduled,
+            "send_lag_p50_ms": float(p50), "send_lag_p99_ms": float(p99), "send_lag_max_ms": float(lag_ms.max()),
+            "peak_in_flight": _peak_overlap(sent_s, ends_s), "max_in_flight": int(cfg["max_in_flight"])}
+
+
 async def run_load(config: LoadConfig) -> LoadRecord:
     """Drive the server with `config`'s pattern; one aiohttp session, bounded loops."""
     import aiohttp  # the tests and the driver import this module without needing aiohttp
@@ -199,6 +244,7 @@ async def run_load(config: LoadConfig) -> LoadRecord:
     url = f"{config.url.rstrip('/')}/v2/models/{config.model_name}/infer"
     n = config.num_requests
     latency_ms = [0.0] * n
+    sent_at = [0.0] * n  # absolute perf_counter time of each POST
     status = [0] * n
     reconstructed = [False] * n
     errors: Counter[str] = Counter()
@@ -209,6 +255,8 @@ async def run_load(config: LoadConfig) -> LoadRecord:
     async def one(session: aiohttp.ClientSession, i: int, t0: float) -> None:
         """Send request i; latency counts from t0 (its scheduled or actual send time)."""
         body, headers = requests[i % len(requests)]
+        if i >= 0:
+            sent_at[i] = time.perf_counter()
         try:
             async with session.post(url, data=body, headers=headers) as resp:
                 raw = await resp.read()
@@ -245,12 +293,14 @@ async def run_load(config: LoadConfig) -> LoadRecord:
                 await asyncio.gather(*(one(session, i, t_wave) for i in range(start, stop)))
         elif config.pattern == "closed":
             next_index = iter(range(n))  # shared by the clients: each index sent once
+            deadline = t_start + config.duration_s if config.duration_s > 0 else float("inf")
 
             async def client() -> None:
-                for i in next_index:
+                while time.perf_counter() < deadline and (i := next(next_index, None)) is not None:
                     await one(session, i, time.perf_counter())
 
             await asyncio.gather(*(client() for _ in range(config.concurrency)))
+            n = next(next_index, n)  # the first index no client took: requests sent
         else:
             offsets_s = poisson_arrivals_s(config.rate_per_s, n, config.seed)
             slots = asyncio.Semaphore(config.max_in_flight)
@@ -274,10 +324,11 @@ async def run_load(config: LoadConfig) -> LoadRecord:
     return LoadRecord(
         config=cfg,
         wall_s=wall_s,
-        latency_ms=latency_ms,
-        status=status,
-        reconstructed=reconstructed,
+        latency_ms=latency_ms[:n],
+        status=status[:n],
+        reconstructed=reconstructed[:n],
         errors={k: v for k, v in errors.items() if v},
+        sent_s=[t - t_start for t in sent_at[:n]],
     )
 
 

@@ -78,6 +78,41 @@ def latency_figure(bundles: list[dict[str, Any]], path: Path, title: str) -> Pat
     return path
 
 
+def load_latency_figure(record: dict[str, Any], path: Path, title: str) -> Path:
+    """`python -m bench latency --load-fractions ...`: p99.9 against offered load, one panel
+    per fault setting, one line per mode, the load generator's floor (echo server) dashed.
+    A point whose load generator fell behind its schedule is drawn hollow."""
+    plt = _plt()
+    faults = list(record["fault_settings"])
+    fig, axes = plt.subplots(1, max(len(faults), 1), figsize=(5.5 * max(len(faults), 1), 4.4),
+                             squeeze=False, sharey=True)
+    cap = record["capacity"][record["capacity"]["rates_from"]]["capacity_rps"]
+    floor = [p for p in record["floor"] if "stats" in p]
+    modes = list(dict.fromkeys(r["mode"] for r in record["table"]))
+    for ax, fault in zip(axes[0], faults, strict=False):
+        for mode in modes:
+            pts = [r for r in record["table"] if r["mode"] == mode and r["fault"] == fault and "stats" in r]
+            if not pts:
+                continue
+            color = MODE_COLORS.get(mode)
+            xs, ys = [p["fraction"] for p in pts], [p["stats"]["p99.9_ms"] for p in pts]
+            ax.plot(xs, ys, "-", color=color, label=mode)
+            for x, y, p in zip(xs, ys, pts, strict=True):
+                ax.plot([x], [y], "o", color=color, mfc=color if p["loadgen"]["keeps_up"] else "white")
+        if floor:
+            ax.plot([p["fraction"] for p in floor], [p["stats"]["p99.9_ms"] for p in floor], "--",
+                    color="gray", label="floor: loadgen vs echo")
+        ax.axvline(record["targets"]["fraction"], color="black", lw=0.6, ls=":")  # where the targets are read
+        ax.set_yscale("log")
+        ax.set_xlabel(f"offered load (fraction of uncoded capacity {cap:.0f} q/s)")
+        ax.set_title(record["fault_settings"][fault]["label"], fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("p99.9 latency (ms, log)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(plt, fig, path)
+
+
 def overhead_figure(record: dict[str, Any], path: Path, title: str) -> Path:
     """Fig. 7-like bars (Enc, f, g at batch B), Fig. 8-like Enc vs k, decode time vs k."""
     plt = _plt()
@@ -122,24 +157,42 @@ def overhead_figure(record: dict[str, Any], path: Path, title: str) -> Path:
 
 
 def throughput_figure(record: dict[str, Any], path: Path, title: str) -> Path:
-    """Per mode: CPU-bound ceilings (raw x k/n, with encoders) next to the measured server."""
+    """One panel per body: images/s of every mode and the PyTriton peer by request batch, with
+    the coded compute ceiling and raw ONNX Runtime f at each batch as markers."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    labels, values, colors = [], [], []
-    for mode, srv in record["servers"].items():
-        ideal = srv["ideal_rps"]
-        labels += [f"{mode}\nraw x k/n", f"{mode}\n+ encoders", f"{mode}\nserver"]
-        values += [ideal["raw_x_k_over_n"], ideal["with_encoders"], srv["stats"]["throughput_rps"]]
-        colors += ["lightgray", "gray", MODE_COLORS.get(mode, "tab:blue")]
-    ax.bar(range(len(values)), values, color=colors)
-    ax.set_xticks(range(len(values)), labels, fontsize=8)
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("queries/s")
-    t = record["targets"]
-    ax.set_title(f"server vs raw ONNX Runtime f: {t['mode']} ratio {t['ratio_vs_raw_x_k_over_n']:.2f} (target 0.9)")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(title, fontsize=9)
+    cfg, peer_color = record["config"], "tab:green"
+    series = [(mode, sec, MODE_COLORS.get(mode, "tab:gray")) for mode, sec in record["servers"].items()
+              if "points" in sec]
+    if "points" in record["peer"]:
+        series.append(("triton-peer", record["peer"], peer_color))
+    batches, bodies = cfg["batches"], cfg["bodies"]
+    fig, axes = plt.subplots(1, len(bodies), figsize=(6.5 * len(bodies), 4.6), squeeze=False)
+    width = 0.8 / max(1, len(series))
+    for ax, body in zip(axes[0], bodies, strict=True):
+        for j, (name, sec, color) in enumerate(series):
+            rates = {p["batch"]: p["images_per_s"] for p in sec["points"]
+                     if p["body"] == body and "images_per_s" in p}
+            xs = [i - 0.4 + width * (j + 0.5) for i, b in enumerate(batches) if b in rates]
+            ys = [rates[b] for b in batches if b in rates]
+            ax.bar(xs, ys, width, color=color, label=name)
+            for x, y in zip(xs, ys, strict=True):
+                ax.text(x, y, f"{y:.0f}", ha="center", va="bottom", fontsize=6, rotation=90)
+        for i, b in enumerate(batches):
+            c = record["ceilings"][str(b)]
+            ax.hlines(c["coded"], i - 0.45, i + 0.45, colors="black", lw=1.5,
+                      label="coded compute ceiling" if i == 0 else None)
+            ax.hlines(c["raw_f"], i - 0.45, i + 0.45, colors="gray", linestyles="--", lw=1.2,
+                      label="raw ONNX Runtime f" if i == 0 else None)
+        ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
+        ax.set_ylabel("images/s")
+        ax.set_title(f"{body} bodies", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", ncol=3)
+    met = [t for t in record["targets"] if t["met"] is not None]
+    summary = ", ".join(f"{t['name']} b={t['batch']}: {t['value']:.2f} {'met' if t['met'] else 'MISSED'}"
+                        for t in met)
+    fig.suptitle(f"{title}\n{summary}" if summary else title, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

@@ -93,10 +93,11 @@ def overhead_section(path: Path, png: str) -> list[str]:
     return out
 
 
-def throughput_section(path: Path, png: str) -> list[str]:
-    rec = json.loads(path.read_text())
+def _throughput_section_v1(rec: dict[str, Any], path: Path, png: str) -> list[str]:
+    """Records written before the wrk rewrite (one closed-loop Python client, batch 1)."""
     raw = rec["raw"]
-    out = [f"### Throughput: `{path.name}`", "", f"![throughput]({png})", "",
+    out = [f"### Throughput: `{path.name}` (old layout: Python load generator, batch 1)", "",
+           f"![throughput]({png})", "",
            f"Machine: {_machine(rec)}. Bundle `{rec['config']['bundle']}`, n={rec['n']}, k={rec['k']}, "
            f"{rec['config']['concurrency']} closed-loop clients, no faults.", "",
            f"Raw ONNX Runtime f, batch 1: {raw['images_per_s']:.0f} images/s (best of one session x "
@@ -114,6 +115,73 @@ def throughput_section(path: Path, png: str) -> list[str]:
     out += ["", f"Target ({t['mode']}): server >= 0.9 x raw x k/n: ratio {t['ratio_vs_raw_x_k_over_n']} "
             f"({'met' if t['within_0.9'] else 'MISSED'}).", ""]
     return out
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _throughput_points(name: str, sec: dict[str, Any]) -> list[str]:
+    """Table rows of one server (a mode or the peer): measured, failed or skipped."""
+    if "skipped" in sec:
+        return [f"| {name} | skipped: {sec['skipped'][:160]} ||||||||"]
+    if "error" in sec:
+        return [f"| {name} | error: {sec['error'][:160]} ||||||||"]
+    rows = []
+    for p in sec["points"]:
+        if "error" in p:
+            rows.append(f"| {name} | {p['batch']} | {p['body']} | error: {p['error'][:120]} ||||||")
+            continue
+        c = p["cpu"]
+        rows.append(f"| {name} | {p['batch']} | {p['body']} | {p['images_per_s']:.0f} | {p['requests_per_s']:.1f} | "
+                    f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {c['server_cores']:.2f} + {c['client_cores']:.2f} + "
+                    f"{c.get('other_cores', 0.0):.2f} | {c['busiest_thread_cores']:.2f} |")
+    return rows
+
+
+def throughput_section(path: Path, png: str) -> list[str]:
+    rec = json.loads(path.read_text())
+    if rec.get("layout") != 2:
+        return _throughput_section_v1(rec, path, png)
+    cfg, raw = rec["config"], rec["raw"]
+    out = [f"### Throughput: `{path.name}`", "", f"![throughput]({png})", "",
+           f"Machine: {_machine(rec)}. Bundle `{cfg['bundle']}`, n={rec['n']}, k={rec['k']}, no faults; "
+           f"wrk, {cfg['connections']} connections, {cfg['wrk_threads']} thread, {cfg['duration_s']} s per point "
+           f"after {cfg['warmup_s']} s warm-up; {rec['images']}; server flags: "
+           f"`{' '.join(cfg['server_args']) or '(defaults)'}`; wall {rec['wall_s']:.0f} s.", "",
+           f"Raw ONNX Runtime on {raw['cpus']} cores (best of one session x {raw['cpus']} threads and "
+           f"{raw['cpus']} single-thread sessions; mean of before and after the servers):", "",
+           "| model | batch | best /s | one session /s | session per CPU /s | before /s | after /s | "
+           "other jobs' cores |", "|---|---|---|---|---|---|---|---|"]
+    rows = [("f (images)", b, v) for b, v in raw["f"].items()]
+    rows += [(f"Enc {r} (groups)", g, v) for r, e in raw["encoders"].items() for g, v in e.items()]
+    out += [f"| {name} | {b} | {v['best_per_s']:.0f} | {v['one_session_per_s']:.0f} | "
+            f"{v['session_per_cpu_per_s']:.0f} | {v['best_per_s_before']:.0f} | {v['best_per_s_after']:.0f} | "
+            f"{v.get('other_cores', 0.0):.2f} |" for name, b, v in rows]
+    out += ["", "Ceilings, images/s: coded = k / (n / f(b) + Σ_r 1 / Enc_r(G)), G = ceil(b / k) groups per request; "
+            "the second with f at G, the batch each worker call runs.", "",
+            "| batch | G | raw f | raw f x k/n | coded ceiling | coded ceiling, f at G |", "|---|---|---|---|---|---|"]
+    out += [f"| {b} | {c['groups_per_request']} | {c['raw_f']:.0f} | {c['raw_f_x_k_over_n']:.0f} | {c['coded']:.0f} | "
+            f"{c['coded_f_at_worker_batch']:.0f} |" for b, c in rec["ceilings"].items()]
+    out += ["", "Cores busy during each point: the server's process tree, wrk, and other jobs on the machine; "
+            "the busiest single thread of the server's tree beside them.", "",
+            "| server | batch | body | images/s | requests/s | p50 ms | p99 ms | cores: server + wrk + other | "
+            "busiest thread |", "|---|---|---|---|---|---|---|---|---|"]
+    for mode, sec in rec["servers"].items():
+        out += _throughput_points(mode, sec)
+    out += _throughput_points("PyTriton peer (uncoded)", rec["peer"])
+    out += ["", "| batch | body | coded / ceiling | coded / ceiling (f at G) | coded / (raw f x k/n) | "
+            "uncoded / raw f | coded / peer |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {r['batch']} | {r['body']} | {_fmt(r['coded_vs_ceiling'])} | "
+            f"{_fmt(r['coded_vs_ceiling_f_at_worker_batch'])} | {_fmt(r['coded_vs_raw_f_x_k_over_n'])} | "
+            f"{_fmt(r['uncoded_vs_raw_f'])} | {_fmt(r['coded_vs_peer'])} |" for r in rec["ratios"]]
+    out += ["", "Targets:", ""]
+    for t in rec["targets"]:
+        state = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        limit = f" Limit: {t['limit']}." if t.get("limit") else ""
+        out.append(f"- {t['name']}, batch {t['batch']}, {t['body']} bodies: {_fmt(t['value'], 3)} "
+                   f"(target >= {t['threshold']}): **{state}**.{limit}")
+    return [*out, ""]
 
 
 # (folder under the results dir, record pattern, renderer), in the page's order

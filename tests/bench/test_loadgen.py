@@ -24,6 +24,7 @@ from bench.loadgen import (
     parse_reconstructed,
     poisson_arrivals_s,
     run_load,
+    send_stats,
     summarize,
     summarize_record,
 )
@@ -101,6 +102,10 @@ def test_config_validation_errors() -> None:
         LoadConfig(pattern="poisson")
     with pytest.raises(LoadgenError, match="pattern must be one of"):
         LoadConfig(pattern="burst")
+    with pytest.raises(LoadgenError, match="duration_s must be >= 0 and is for pattern 'closed' only"):
+        LoadConfig(pattern="waves", duration_s=2.0)
+    with pytest.raises(LoadgenError, match="duration_s must be >= 0"):
+        LoadConfig(duration_s=-1.0)
     with pytest.raises(LoadgenError, match=r"LoadConfig: unknown key\(s\) \['rate'\]"):
         LoadConfig.from_dict({"rate": 3})
     args = build_parser().parse_args(["--input-shape", "3,32,32", "--out", "x.json"])
@@ -108,6 +113,38 @@ def test_config_validation_errors() -> None:
     bad = build_parser().parse_args(["--input-shape", "3x32", "--out", "x.json"])
     with pytest.raises(LoadgenError, match="C,H,W"):
         config_from_args(bad)
+
+
+def _poisson_record(sent_s: list[float], latency_ms: list[float], rate: float = 100.0) -> LoadRecord:
+    cfg = LoadConfig(pattern="poisson", rate_per_s=rate, num_requests=len(sent_s), max_in_flight=3)
+    n = len(sent_s)
+    return LoadRecord(config=vars(cfg), wall_s=1.0, latency_ms=latency_ms, status=[200] * n,
+                      reconstructed=[False] * n, errors={}, sent_s=sent_s)
+
+
+def test_send_stats_compare_the_sends_with_the_schedule() -> None:
+    n, rate = 400, 100.0
+    sched = poisson_arrivals_s(rate, n, seed=0)
+    on_time = send_stats(_poisson_record(list(sched + 0.001), [1.0] * n, rate))  # every send 1 ms late
+    assert on_time["send_rate_ratio"] == pytest.approx(1.0)
+    assert on_time["scheduled_rate_per_s"] == pytest.approx((n - 1) / sched[-1])
+    assert on_time["send_lag_p50_ms"] == pytest.approx(1.0) and on_time["send_lag_max_ms"] == pytest.approx(1.0)
+    half = send_stats(_poisson_record(list(sched * 2), [1.0] * n, rate))  # sent at half the rate
+    assert half["send_rate_ratio"] == pytest.approx(0.5) and half["target_rate_per_s"] == rate
+    with pytest.raises(LoadgenError, match="needs a poisson record"):
+        send_stats(LoadRecord(config={"pattern": "closed"}, wall_s=1.0, sent_s=[0.0, 1.0]))
+
+
+def test_send_stats_peak_in_flight_counts_open_requests() -> None:
+    n = 6
+    sched = poisson_arrivals_s(100.0, n, seed=0)
+    # Every request stays open until 10 s after the first: all n open at once at the end.
+    stats = send_stats(_poisson_record(list(sched), [(10.0 - t) * 1e3 for t in sched]))
+    assert stats["peak_in_flight"] == n and stats["max_in_flight"] == 3
+    # Each answered before the next is sent: never more than one open.
+    gaps_ms = np.diff(sched) * 1e3
+    stats = send_stats(_poisson_record(list(sched), [*(0.5 * gaps_ms), 1.0]))
+    assert stats["peak_in_flight"] == 1
 
 
 def _free_port() -> int:
@@ -197,5 +234,20 @@ def test_run_load_against_stub_server(pattern: str, binary: bool) -> None:
     assert sum(record.reconstructed) == 14  # server arrivals 0,3,...,39 (7, the 503, is not one)
     assert all(lat >= 2.0 for lat in record.latency_ms)  # the stub sleeps 2 ms
     assert record.wall_s <= elapsed_s
+    assert len(record.sent_s) == 40 and all(0.0 <= t <= record.wall_s for t in record.sent_s)
+    if pattern == "poisson":  # never sent before its scheduled time
+        sched = poisson_arrivals_s(cfg.rate_per_s, 40, cfg.seed)
+        assert all(t >= s - 1e-6 for t, s in zip(record.sent_s, sched, strict=True))
     rt = LoadRecord.from_dict(json.loads(json.dumps(record.to_dict())))
-    assert rt.status == record.status
+    assert rt.status == record.status and rt.sent_s == record.sent_s
+
+
+def test_closed_loop_with_a_duration_stops_on_time() -> None:
+    with _StubServer() as stub:
+        cfg = LoadConfig(url=f"http://127.0.0.1:{stub.port}", input_shape=(1, 8, 8), pattern="closed",
+                         num_requests=100_000, concurrency=4, duration_s=0.3, timeout_s=10.0)
+        record = asyncio.run(run_load(cfg))
+    n = len(record.status)
+    assert 0 < n < 100_000 and n == len(stub.seen) == len(record.latency_ms) == len(record.sent_s)
+    assert max(record.sent_s) < cfg.duration_s  # no query started after the duration
+    assert record.wall_s < cfg.duration_s + 1.0  # only the last in-flight queries after it

@@ -15,7 +15,7 @@ import pytest
 from bench.latency import LatencyBenchError, LatencyConfig, quantile_curve, server_args_for, targets
 from bench.loadgen import LoadRecord
 from bench.overhead import OverheadBenchError, OverheadConfig, decode_vs_k
-from bench.throughput import ThroughputBenchError, ThroughputConfig, ideal_rps
+from bench.throughput import ThroughputBenchError, ThroughputConfig
 
 
 @pytest.fixture(scope="module")
@@ -119,19 +119,8 @@ def test_overhead_and_throughput_config_errors(bundle: Path, tmp_path: Path) -> 
         OverheadConfig(bundle=str(bundle), ks=(0, 2))
     with pytest.raises(OverheadBenchError, match="--batch-size must be >= 1"):
         OverheadConfig(bundle=str(bundle), batch_size=0)
-    with pytest.raises(ThroughputBenchError, match="--concurrency must be >= 1"):
-        ThroughputConfig(bundle=str(bundle), concurrency=0)
-
-
-def test_throughput_ceilings(bundle: Path) -> None:
-    # f: 600 images/s; one encoder: 100 groups/s. Coded n=5, k=4 per query: 5/4 f + 1/4 Enc.
-    raw = {"images_per_s": 600.0, "encoder_batch1_groups": {"0": {"best_per_s": 100.0}}}
-    coded = ideal_rps(raw, "coded", n=5, k=4)
-    assert coded["raw_x_k_over_n"] == pytest.approx(480.0)
-    assert coded["with_encoders"] == pytest.approx(4 / (5 / 600 + 1 / 100))
-    assert ideal_rps(raw, "uncoded", n=5, k=4) == {"raw_x_k_over_n": 600.0, "with_encoders": 600.0}
-    with pytest.raises(ThroughputBenchError, match="subset of coded,uncoded"):
-        ThroughputConfig(bundle=str(bundle), modes=("parm",))
+    with pytest.raises(ThroughputBenchError, match="--connections must be >= 1"):
+        ThroughputConfig(bundle=str(bundle), connections=0)
 
 
 def test_plots_write_pngs(tmp_path: Path) -> None:
@@ -143,8 +132,13 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
             "poisson": [{"rate_per_s": 10.0, "stats": stats}]}
     png = latency_figure([{"k": 2, "n": 3, "delay_ms": 100.0, "modes": [mode]}], tmp_path / "l.png", "t")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    srv = {"stats": stats, "ideal_rps": {"raw_x_k_over_n": 200.0, "with_encoders": 150.0}}
-    rec = {"servers": {"coded": srv}, "targets": {"mode": "coded", "ratio_vs_raw_x_k_over_n": 0.5}}
+    # throughput: the wrk layout (bench/throughput.py); a failed point and a skipped peer are left out
+    points = [{"batch": 1, "body": "binary", "images_per_s": 900.0}, {"batch": 8, "body": "binary", "error": "x"}]
+    rec = {"config": {"batches": [1, 8], "bodies": ["binary"]}, "servers": {"coded": {"points": points},
+                                                                          "parm": {"skipped": "no parm.onnx"}},
+           "peer": {"skipped": "no venv"},
+           "ceilings": {"1": {"coded": 1500.0, "raw_f": 2000.0}, "8": {"coded": 2500.0, "raw_f": 3000.0}},
+           "targets": [{"name": "coded >= 0.85 x compute ceiling", "batch": 8, "value": None, "met": None}]}
     png = throughput_figure(rec, tmp_path / "t.png", "t")
     assert png.stat().st_size > 1000
 
@@ -167,8 +161,8 @@ def test_cli_flags_map_one_to_one_onto_the_configs(bundle: Path) -> None:
                                  reference_f_presets=("paper",))
     assert overhead.config_from_args(overhead.build_parser().parse_args([b])) == OverheadConfig(bundle=b)
     cfg = throughput.config_from_args(throughput.build_parser().parse_args(
-        [b, "--modes", "coded", "--concurrency", "4", "--raw-duration-s", "0.5"]))
-    assert cfg == ThroughputConfig(bundle=b, modes=("coded",), concurrency=4, raw_duration_s=0.5)
+        [b, "--modes", "coded", "--connections", "4", "--raw-duration-s", "0.5"]))
+    assert cfg == ThroughputConfig(bundle=b, modes=("coded",), connections=4, raw_duration_s=0.5)
     assert throughput.config_from_args(throughput.build_parser().parse_args([b])) == ThroughputConfig(bundle=b)
     args = kernel.build_parser().parse_args(["--ds", "8,16", "--backend", "numpy", "--unfused", "none"])
     assert kernel.KernelBenchConfig.from_dict(dataclass_values(kernel.KernelBenchConfig, vars(args))) == (
