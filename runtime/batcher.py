@@ -11,7 +11,9 @@ repeats of the last query, padded answers dropped). Under load one dispatch also
 every further complete group already queued (up to `max_groups_per_call`), and each
 worker runs its slot of all of them as one batch. A dispatch may end inside a block: the
 rest of that block stays first in the queue (it is the oldest) and goes out next.
-Blocks whose request already gave up (timed out, client gone) are skipped, never computed.
+Blocks whose request already gave up (timed out, client gone) are skipped, never computed;
+`on_cancelled(rows)` hears how many queued rows each skip dropped (the metric
+coded_cancelled_queries).
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class Batch:
 
     def __init__(self, pieces: list[Piece]) -> None:
         self.pieces = pieces
+        # the scheduler's: called once when the batch only waits on stragglers
+        self.on_stall: Callable[[], None] | None = None
         xs = [p.block.x[p.start:p.stop] for p in pieces]
         self.x = xs[0] if len(xs) == 1 else np.concatenate(xs)  # [m, C, H, W]
 
@@ -149,8 +153,10 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         clock: Callable[[], float] | None = None,
+        on_cancelled: Callable[[int], None] | None = None,
     ) -> None:
         self.group_size = group_size
+        self.on_cancelled = on_cancelled  # rows of a given-up block dropped before dispatch
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._clock = clock
@@ -184,11 +190,24 @@ class Batcher:
         blocks = list(self._queue)
         self._queue.clear()
         self._queued = 0
+        for block in blocks:
+            if block.future.done():
+                self._cancelled(block)
         return blocks
+
+    def _cancelled(self, block: Block) -> None:
+        """A block whose request gave up leaves the queue: its rows are never computed."""
+        if block.remaining and self.on_cancelled is not None:
+            self.on_cancelled(block.remaining)
+
+    def _drop_head(self) -> None:
+        block = self._queue.popleft()
+        self._queued -= block.remaining
+        self._cancelled(block)
 
     def _drop_dead(self) -> None:
         while self._queue and self._queue[0].future.done():
-            self._queued -= self._queue.popleft().remaining
+            self._drop_head()
 
     def live_count(self, at_most: int | None = None) -> int:
         """Queued queries whose request still waits for them (scans blocks, stopping once
@@ -233,7 +252,7 @@ class Batcher:
         while self._queue and at < take:
             block = self._queue[0]
             if block.future.done():
-                self._queued -= self._queue.popleft().remaining
+                self._drop_head()
                 continue
             rows = min(block.remaining, take - at)
             pieces.append(Piece(block, block.taken, block.taken + rows, at))

@@ -58,6 +58,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     http_port: int = 8000  # 0 picks a free port (tests)
     metrics_port: int = 8002  # 0 picks a free port; -1 disables the metrics endpoint
+    grpc_port: int = 8001  # KServe v2 gRPC; 0 picks a free port; -1 disables it
     workers: int = 0  # compute threads shared by all workers; 0 = min(n, cpu count)
     mode: str = "coded"  # a name in runtime.modes.MODES
     workers_backend: str = "thread"  # a name in runtime.worker.BACKENDS
@@ -67,12 +68,13 @@ class ServerConfig:
     systematic_grace_ms: float | None = None  # coded: once k results are in, wait this long
     # for missing systematic results (exact answers) before decoding; 0 = decode at once
     # (paper); None = learned: wait until the missing worker's healthy-call quantile
-    decode_wait_quantile: float = 0.99  # the learned bounds' quantile of healthy call times
+    decode_wait_quantile: float = 0.99  # the learned wait's quantile of healthy call times
     decode_wait_cap_ms: float = 5.0  # the learned decode wait never exceeds this
-    redispatch_cap_ms: float = 20.0  # coded: a group still undecodable at its learned bound
-    # (capped here) re-sends its missing systematic slots; 0 = never
-    dispatch_stall_cap_ms: float = 20.0  # a dispatch running past its learned bound (capped
-    # here) frees its in-flight slot; 0 = never
+    straggler_scale: float = 2.0  # a call missing this many times later than its dispatch's
+    # first result is a straggler: its dispatch frees its in-flight slot; 0 = never
+    straggler_min_ms: float = 2.0  # ... and at least this long after the launch
+    redispatch: bool = True  # coded: a group undecodable when its missing calls became
+    # stragglers re-sends its missing systematic slots to workers that answered
     frontend_inline_ms: float = 1.0  # frontend calls predicted faster run on the event loop
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
     max_groups_per_call: int = 32  # complete queued groups batched into one worker call
@@ -113,6 +115,8 @@ class ServerConfig:
         _check(0 <= self.http_port <= 65535, f"--http-port must be 0..65535, got {self.http_port}")
         _check(-1 <= self.metrics_port <= 65535,
                f"--metrics-port must be -1 (off) or 0..65535, got {self.metrics_port}")
+        _check(-1 <= self.grpc_port <= 65535,
+               f"--grpc-port must be -1 (off) or 0..65535, got {self.grpc_port}")
         _check(self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}")
         _check(self.max_inflight_groups >= 0,
                f"--max-inflight-groups must be >= 0 (0 = auto), got {self.max_inflight_groups}")
@@ -126,8 +130,8 @@ class ServerConfig:
             f"--systematic-grace-ms must be a finite number >= 0, got {self.systematic_grace_ms}")
         _check(0.0 < self.decode_wait_quantile <= 1.0,
                f"--decode-wait-quantile must be in (0, 1], got {self.decode_wait_quantile}")
-        for name in ("max_queue_delay_ms", "decode_wait_cap_ms", "redispatch_cap_ms",
-                     "dispatch_stall_cap_ms", "frontend_inline_ms",
+        for name in ("max_queue_delay_ms", "decode_wait_cap_ms", "straggler_scale",
+                     "straggler_min_ms", "frontend_inline_ms",
                      "worker_deadline_ms", "request_timeout_ms", "drain_timeout_s",
                      "keepalive_timeout_s", "read_timeout_s", "admission_wait_ms"):
             value = getattr(self, name)

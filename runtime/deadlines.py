@@ -1,18 +1,17 @@
-"""Deadlines learned from recent completion times: when waiting still pays.
+"""The decode wait learned from recent completion times: waiting only while it pays.
 
-A `CompletionTimes` keeps, per key (a worker index, or one key for whole dispatches), the
-last `window` durations of calls that were *used* (results that arrived before their group
-was answered); a `LearnedBound` turns them into a deadline: a high quantile, capped. Late
-results are never observed, so one straggler does not teach the server to wait for the
-next: the learned bound describes a healthy call, and waiting past it no longer pays.
+A `CompletionTimes` keeps, per worker, the last `window` durations of calls that were
+*used* (results that arrived before their group was answered); a `LearnedBound` turns them
+into a deadline: a high quantile, capped. Late results are never observed, so one
+straggler does not teach the server to wait for the next: the bound describes a healthy
+call, and waiting past it no longer pays. runtime/modes/coded.py uses it: a decodable
+group whose systematic result is missing waits for it until its worker's bound (then its
+answer is exact), then decodes.
 
-Three uses (runtime/modes/coded.py, runtime/scheduler.py):
-- decode wait: a decodable group whose systematic result is missing waits for it until its
-  worker's bound (then its answer is exact), then decodes;
-- re-dispatch: a group still undecodable at the bound (more stragglers than parities)
-  re-sends its missing systematic slots to workers that already answered;
-- dispatch stall: a dispatch running past the bound only waits on stragglers, so its
-  in-flight slot goes to the next dispatch.
+Waiting is the only thing such a bound may decide: it costs latency, never work. What adds
+work (re-sending a straggler's slot, letting another dispatch run) is decided relative to
+the dispatch's own results instead (runtime.modes.base.StragglerWatch), because under
+overload every call outlives any absolute bound, and acting on that feeds the overload.
 """
 
 from __future__ import annotations

@@ -119,12 +119,12 @@ class Engine:
             systematic_grace_s=(config.systematic_grace_ms or 0.0) / 1000.0,
             decode_wait=LearnedBound(q, config.decode_wait_cap_ms / 1000.0)
             if config.systematic_grace_ms is None else None,
-            redispatch=LearnedBound(q, config.redispatch_cap_ms / 1000.0,
-                                    unknown_s=config.redispatch_cap_ms / 1000.0)
-            if config.redispatch_cap_ms > 0 else None,
+            straggler_scale=config.straggler_scale or None,
+            straggler_min_s=config.straggler_min_ms / 1000.0,
+            redispatch=config.redispatch,
             new_decoder=device_decoders))
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
-                          config.max_queue_size)
+                          config.max_queue_size, on_cancelled=self.metrics.queries_cancelled)
         self.admission = AdmissionControl(
             lambda: len(batcher), config.max_queue_size, live=batcher.live_count,
             wait_s=config.admission_wait_ms / 1000.0, max_waiting=config.max_waiting_requests,
@@ -132,10 +132,8 @@ class Engine:
         # One dispatch per compute thread (measured best on 2 cores: bigger batches and no
         # oversubscription; bench/results/serving/profile.md); more only when asked.
         inflight = config.max_inflight_groups or self.threads
-        stall = config.dispatch_stall_cap_ms / 1000.0
         self.scheduler = Scheduler(mode, batcher, inflight, self.metrics,
                                    config.max_groups_per_call,
-                                   stall=LearnedBound(q, stall, unknown_s=stall) if stall else None,
                                    on_dequeue=self.admission.room_changed)
         await self.scheduler.start()
 

@@ -9,6 +9,8 @@ The runtime's own metrics are ordinary Counters/Histograms named `coded_*`.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -83,11 +85,13 @@ class Metrics:
             ("outcome",), registry=r)
         self.redispatched = Counter(
             "coded_redispatched_calls", "Systematic slots re-sent to a worker that had "
-            "answered, because their group was still undecodable at its learned deadline",
+            "answered, because their group was undecodable when its missing calls became "
+            "stragglers",
             registry=r)
         self.stalled_dispatches = Counter(
-            "coded_stalled_dispatches", "Dispatches that ran past their learned bound and "
-            "gave their in-flight slot to the next dispatch (waiting only on stragglers)",
+            "coded_stalled_dispatches", "Dispatches whose missing calls became stragglers "
+            "(--straggler-scale times later than the first result); each gave its in-flight "
+            "slot to the next dispatch",
             registry=r)
         self.partial_groups = Counter(
             "coded_partial_groups", "Groups dispatched with fewer than k queries at the "
@@ -95,6 +99,10 @@ class Metrics:
         self.padded_queries = Counter(
             "coded_padded_queries", "Padding slots added to partial groups", MODEL_LABELS,
             registry=r)
+        self.cancelled_queries = Counter(
+            "coded_cancelled_queries", "Queued queries dropped before dispatch because their "
+            "request gave up (client gone, timeout): never computed", MODEL_LABELS, registry=r)
+        self.last_inference_s = 0.0  # wall clock (epoch seconds) of the last execution
 
     # Triton-style helpers (always labelled with this model) --------------------------------
     def request_success(self, duration_s: float) -> None:
@@ -107,10 +115,15 @@ class Metrics:
         self._request_us.labels(**self.labels).inc(duration_s * 1e6)
 
     def group_executed(self, queries: int, queue_s: float, compute_s: float) -> None:
+        self.last_inference_s = time.time()
         self._exec_count.labels(**self.labels).inc()
         self._count.labels(**self.labels).inc(queries)
         self._queue_us.labels(**self.labels).inc(queue_s * 1e6)
         self._compute_us.labels(**self.labels).inc(compute_s * 1e6)
+
+    def queries_cancelled(self, queries: int) -> None:
+        """`queries` queued queries were dropped before dispatch (their request gave up)."""
+        self.cancelled_queries.labels(**self.labels).inc(queries)
 
     def set_pending(self, queries: int) -> None:
         self._pending.labels(**self.labels).set(queries)
@@ -131,11 +144,15 @@ class Metrics:
             "queue_us": total("nv_inference_queue_duration_us", **labels),
             "compute_us": total("nv_inference_compute_infer_duration_us", **labels),
             "request_us": total("nv_inference_request_duration_us", **labels),
+            "success_us": 1e6 * total("coded_request_latency_seconds_sum", **labels),
+            "last_inference_ms": 1e3 * self.last_inference_s,
             "reconstructed": total("coded_reconstructed_responses_total", **labels),
             "erasures": total("coded_erasures_total"),
             "late_results_dropped": total("coded_late_results_dropped_total"),
             "partial_groups": total("coded_partial_groups_total", **labels),
             "padded_queries": total("coded_padded_queries_total", **labels),
+            "redispatched_calls": total("coded_redispatched_calls_total"),
+            "cancelled_queries": total("coded_cancelled_queries_total", **labels),
             "worker_failures": total("coded_worker_failures_total"),
             "worker_restarts": total("coded_worker_restarts_total"),
         }

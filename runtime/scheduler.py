@@ -1,9 +1,10 @@
 """The dispatch loop: batcher -> (bounded number of in-flight dispatches) -> mode.execute.
 
 The bound keeps the CPUs busy without oversubscribing them and lets batches grow under
-load. A dispatch still running past the learned bound of healthy dispatch times (`stall`,
-runtime.deadlines) is only waiting on stragglers, not using the CPUs: it gives its slot to
-the next dispatch, so one slow result never holds back the queue behind it."""
+load. A dispatch whose missing calls became stragglers (runtime.modes.base.StragglerWatch:
+far later than the dispatch's first result) only waits, not using the CPUs: it gives its
+slot to the next dispatch (`Batch.on_stall`), so one slow result never holds back the
+queue behind it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from collections.abc import Callable
 import numpy as np
 
 from runtime.batcher import Batch, Batcher, Block
-from runtime.deadlines import CompletionTimes, LearnedBound
 from runtime.errors import ServiceUnavailable
 from runtime.metrics import Metrics
 from runtime.modes import Mode
@@ -26,16 +26,13 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     def __init__(self, mode: Mode, batcher: Batcher, max_inflight_groups: int,
                  metrics: Metrics, max_groups_per_call: int = 1,
-                 on_dequeue: Callable[[], None] | None = None,
-                 stall: LearnedBound | None = None) -> None:
+                 on_dequeue: Callable[[], None] | None = None) -> None:
         self._on_dequeue = on_dequeue  # the queue has room again (admission control)
         self.max_groups_per_call = max_groups_per_call
         self.mode = mode
         self.batcher = batcher
         self.metrics = metrics
         self._slots = asyncio.Semaphore(max_inflight_groups)
-        self._stall = stall
-        self._times = CompletionTimes()  # healthy dispatch durations (key 0)
         self._inflight: dict[asyncio.Task[None], Batch] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -67,18 +64,13 @@ class Scheduler:
     async def _run_group(self, batch: Batch) -> None:
         released = False
 
-        def release(stalled: bool) -> None:
+        def release() -> None:
             nonlocal released
             if not released:
                 released = True
                 self._slots.release()
-                if stalled:
-                    self.metrics.stalled_dispatches.inc()
 
-        timer = None
-        if self._stall is not None:
-            timer = asyncio.get_running_loop().call_later(
-                self._times.bound_s((0,), self._stall), release, True)
+        batch.on_stall = release  # a dispatch waiting only on stragglers frees its slot
         now = self.batcher.now()
         queue_s = 0.0
         for p in batch.pieces:
@@ -93,11 +85,7 @@ class Scheduler:
                              self.mode.name)
             batch.fail(exc)
         finally:
-            if timer is not None:
-                timer.cancel()
-            if not released:  # a dispatch that finished within its bound: a healthy time
-                self._times.observe(0, time.perf_counter() - t0)
-            release(False)
+            release()
         self.metrics.group_executed(len(batch), queue_s, time.perf_counter() - t0)
 
     async def stop(self, timeout_s: float) -> None:

@@ -24,6 +24,7 @@ HELP = {
     "host": "address to listen on",
     "http_port": "KServe v2 HTTP port (0 = any free port)",
     "metrics_port": "Prometheus /metrics port (0 = any free port, -1 = off)",
+    "grpc_port": "KServe v2 gRPC port, GRPCInferenceService (0 = any free port, -1 = off)",
     "workers": "compute threads shared by all workers (0 = min(workers, CPU count))",
     "mode": "serving scheme",
     "workers_backend": "where the n workers run: thread = threads of this process",
@@ -36,15 +37,16 @@ HELP = {
                            "decoding (0 = decode at once, as in the paper); unset = learned: "
                            "wait until the missing worker's --decode-wait-quantile of recent "
                            "healthy call times, at most --decode-wait-cap-ms",
-    "decode_wait_quantile": "quantile of recent healthy worker-call times (per worker) that "
-                            "the learned bounds use: decode wait, re-dispatch, dispatch stall",
+    "decode_wait_quantile": "quantile of recent healthy call times (per worker) that the "
+                            "learned decode wait uses",
     "decode_wait_cap_ms": "the learned decode wait never exceeds this",
-    "redispatch_cap_ms": "coded mode: a group with more missing results than parities at its "
-                         "learned bound (capped here) re-sends its missing systematic slots to "
-                         "workers that already answered (0 = never)",
-    "dispatch_stall_cap_ms": "a dispatch still running past the learned bound of recent "
-                             "dispatch times (capped here) waits only on stragglers: its "
-                             "in-flight slot goes to the next dispatch (0 = never)",
+    "straggler_scale": "a worker call still missing this many times later than its "
+                       "dispatch's first result is a straggler: the dispatch frees its "
+                       "in-flight slot for the next one, and coded mode re-sends what it "
+                       "cannot decode (0 = never)",
+    "straggler_min_ms": "a call is never a straggler sooner than this after its launch",
+    "redispatch": "coded mode: a group that has more stragglers than parities re-sends its "
+                  "missing systematic slots to workers that already answered it",
     "frontend_inline_ms": "a frontend call (the encoders of a dispatch, or its heads) that "
                           "warm-up timings predict faster than this runs on the event loop "
                           "instead of the thread pool (0 = always the pool)",

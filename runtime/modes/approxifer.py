@@ -45,7 +45,7 @@ class ApproxIFERMode(Mode):
         coded = np.stack([self.code.encode(g) for g in groups]).astype(np.float32)  # [G, n, C, H, W]
         self.metrics.encode_seconds.observe(time.perf_counter() - t0)
         arrivals = self.launch([(i, WORKER_F_HEADS, slot(coded, i)) for i in range(n)],
-                               systematic=range(k))
+                               systematic=range(k), batch=batch)
         results: dict[int, np.ndarray] = {}  # worker -> [G, sum(classes)]
         needed = min(k, n)
 

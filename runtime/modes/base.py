@@ -41,8 +41,12 @@ class ModeOptions:
     systematic_grace_s: float = 0.0  # coded: wait this long for exact answers before decoding
     # coded: instead, wait for a missing systematic result until its worker's learned bound
     decode_wait: LearnedBound | None = None
-    # coded: re-send missing systematic slots when a group is undecodable at this bound
-    redispatch: LearnedBound | None = None
+    # a call still missing `straggler_scale` times later than its dispatch's first result
+    # (and at least straggler_min_s after the launch) is a straggler; None = never (the
+    # server's --straggler-scale 0), 0.0 = as soon as the first result is in (tests)
+    straggler_scale: float | None = None
+    straggler_min_s: float = 0.002
+    redispatch: bool = False  # coded: re-send a straggling group's missing systematic slots
     # coded: shape -> decoder (kernels.coding.OnlineDecoder's interface); None = on the host
     new_decoder: Callable[[tuple[int, ...]], Any] | None = None
 
@@ -68,16 +72,76 @@ def slot(groups: np.ndarray, i: int) -> np.ndarray:
     return np.ascontiguousarray(groups[:, i])
 
 
+class StragglerWatch:
+    """One dispatch's clock. A call still missing `scale` times later than the dispatch's
+    first result (and at least `min_s` after the launch) is a straggler: late for its own
+    reasons, not because the CPUs are busy, which makes every result of the dispatch late
+    alike. Relative to the dispatch on purpose: a fixed or learned absolute deadline calls
+    every call late under overload, and acting on that (re-sending work, letting more
+    dispatches run) would feed the overload.
+
+    `stalled()` (once per dispatch) tells the scheduler the dispatch only waits on
+    stragglers, so its in-flight slot can go to the next dispatch."""
+
+    def __init__(self, scale: float | None, min_s: float, on_stall: Callable[[], None] | None,
+                 metrics: Metrics) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.launched_s = loop.time()
+        self.scale, self.min_s = scale, min_s
+        self.first_s: float | None = None  # the dispatch's first result, since the launch
+        self.expired: asyncio.Future[None] = loop.create_future()  # set at the deadline
+        self._on_stall = on_stall
+        self._metrics = metrics
+        self.fired = False
+
+    def landed(self) -> None:
+        if self.first_s is None:
+            self.first_s = self._loop.time() - self.launched_s
+            deadline = self.deadline_s()
+            if deadline is not None:  # wakes every Arrivals of the dispatch that still waits
+                self._loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        if not self.expired.done():
+            self.expired.set_result(None)
+
+    def rearm(self) -> asyncio.Future[None]:
+        """A further straggler deadline, as far from now as the first was from the launch
+        (after a re-dispatch: the re-sent calls may straggle too)."""
+        deadline = self.deadline_s()
+        assert deadline is not None  # rearmed only after the first deadline passed
+        self.expired = self._loop.create_future()
+        self._loop.call_at(self._loop.time() + deadline - self.launched_s, self._expire)
+        return self.expired
+
+    def deadline_s(self) -> float | None:
+        """When the calls still missing become stragglers (loop clock); None: not yet known
+        (no result yet) or never (no scale)."""
+        if self.scale is None or self.first_s is None:
+            return None
+        return self.launched_s + max(self.scale * self.first_s, self.min_s)
+
+    def stalled(self) -> None:
+        if not self.fired:
+            self.fired = True
+            self._metrics.stalled_dispatches.inc()
+            if self._on_stall is not None:
+                self._on_stall()
+
+
 class Arrivals:
     """The calls of one coding group, folded in as they land until they decode.
 
     Calls are known by their *slot*: the worker they were launched on, or, for a call
     re-dispatched to another worker (`add`), the slot it stands in for; the first result
     of a slot counts. Results that land while the group is still open are observed in
-    `times` (per physical worker, from the call's start) to learn deadlines from."""
+    `times` (per physical worker, from the call's start) to learn deadlines from; every
+    landing is told to the dispatch's `watch`."""
 
     def __init__(self, tasks: dict[asyncio.Task[Any], int], metrics: Metrics,
-                 times: CompletionTimes | None = None) -> None:
+                 times: CompletionTimes | None = None, watch: StragglerWatch | None = None
+                 ) -> None:
         self._now = asyncio.get_running_loop().time
         self.launched_s = self._now()
         self.tasks = dict(tasks)  # task -> slot
@@ -86,6 +150,7 @@ class Arrivals:
         self.received: set[int] = set()  # slots
         self._metrics = metrics
         self._times = times
+        self.watch = watch
 
     def add(self, task: asyncio.Task[Any], slot: int, worker: int) -> None:
         """A further call, on `worker`, for `slot` (a re-dispatch)."""
@@ -101,28 +166,39 @@ class Arrivals:
         if slot in self.received:
             return False  # both a re-dispatch and the original landed
         self.received.add(slot)
+        if self.watch is not None:
+            self.watch.landed()
         if self._times is not None:
             worker, started_s = self._origin[task]
             self._times.observe(worker, self._now() - started_s)
         return True
 
-    async def until(self, add: Callable[[int, Any], bool], deadline_s: float | None = None,
-                    on_deadline: Callable[[], None] | None = None) -> bool:
+    async def until(self, add: Callable[[int, Any], bool],
+                    on_straggler: Callable[[int], bool] | None = None,
+                    rounds: int = 1) -> bool:
         """Wait until `add(slot, result)` (called once per slot's first result, in slot
         order among results that land together, so that a systematic result landing with a
-        parity is used as is) returns True; False when every call ended first. If the
-        loop clock passes `deadline_s` first, `on_deadline()` runs once (it may `add`)."""
+        parity is used as is) returns True; False when every call ended first. When the
+        watch's straggler deadline passes first, the dispatch is `stalled()` and
+        `on_straggler(round)` runs (it may `add` calls); while it returns True (it re-sent
+        something), up to `rounds` times, a further deadline follows."""
+        expired = None if self.watch is None else self.watch.expired
+        round_ = 0
         while self.pending:
-            timeout = None
-            if on_deadline is not None and deadline_s is not None:
-                timeout = max(0.0, deadline_s - self._now())
-            done, self.pending = await asyncio.wait(self.pending, timeout=timeout,
-                                                    return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                assert on_deadline is not None  # only a timeout returns nothing
-                on_deadline()
-                on_deadline = None
-                continue
+            waiting: set[asyncio.Future[Any]] = set(self.pending)
+            if expired is not None:
+                waiting.add(expired)
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if expired is not None and expired in done:  # the rest are stragglers now
+                assert self.watch is not None
+                done.discard(expired)
+                expired = None
+                self.watch.stalled()
+                if on_straggler is not None and on_straggler(round_):
+                    round_ += 1
+                    if round_ < rounds:
+                        expired = self.watch.rearm()
+            self.pending -= done
             decodable = False
             for task in sorted(done, key=self.tasks.__getitem__):
                 if self._landed(task):
@@ -223,11 +299,17 @@ class Mode:
             self.metrics.partial_groups.labels(**self.metrics.labels).inc()
             self.metrics.padded_queries.labels(**self.metrics.labels).inc(padded)
 
-    def launch(self, calls: Sequence[Call], systematic: Sequence[int]) -> Arrivals:
+    def watch(self, batch: Batch) -> StragglerWatch:
+        """The straggler clock of one dispatch."""
+        options = self.options
+        return StragglerWatch(options.straggler_scale, options.straggler_min_s, batch.on_stall,
+                              self.metrics)
+
+    def launch(self, calls: Sequence[Call], systematic: Sequence[int], batch: Batch) -> Arrivals:
         """Submit one coding group's calls; `systematic`: its exact-answer workers."""
         group = self.pool.new_group(systematic)
-        tasks = {self.pool.submit(i, model, batch, group): i for i, model, batch in calls}
-        return Arrivals(tasks, self.metrics, self.times)
+        tasks = {self.pool.submit(i, model, x, group): i for i, model, x in calls}
+        return Arrivals(tasks, self.metrics, self.times, self.watch(batch))
 
     def answer(self, batch: Batch, logits: dict[str, np.ndarray], reconstructed: np.ndarray,
                unavailable: tuple[str, ...] = (), rows: np.ndarray | None = None) -> None:

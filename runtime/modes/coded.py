@@ -16,6 +16,8 @@ from runtime.manifest import Manifest
 from runtime.models import WORKER_F, encoder_then_f
 from runtime.modes.base import Arrivals, Mode, as_groups, slot
 
+REDISPATCH_ROUNDS = 3  # re-sent calls may straggle too; each round costs only then
+
 
 class CodedMode(Mode):
     name = "coded"
@@ -62,17 +64,15 @@ class CodedMode(Mode):
             parities = await self.frontend.encode(groups)  # n-k x [G, C, H, W]
             self.metrics.encode_seconds.observe(time.perf_counter() - t0)
             calls += [(k + r, WORKER_F, parities[r]) for r in range(n - k)]
-        arrivals = self.launch(calls, systematic=range(k))
+        arrivals = self.launch(calls, systematic=range(k), batch=batch)
 
         # One decoder for all G groups: a worker's batch lands at once, so they share the
         # erasure pattern and decode as one (G, *embedding_shape) result per worker.
         shape = (len(groups), *self.manifest.embedding_shape)
         decoder = self.new_decoder(shape)
-        redispatch = self.options.redispatch
-        deadline_s = None if redispatch is None else (
-            arrivals.launched_s + self.times.bound_s(range(n), redispatch))
-        if not await arrivals.until(decoder.add, deadline_s,
-                                    lambda: self._redispatch(arrivals, calls)):
+        redispatch = ((lambda round_: self._redispatch(arrivals, calls, round_))
+                      if self.options.redispatch else None)
+        if not await arrivals.until(decoder.add, redispatch, REDISPATCH_ROUNDS):
             batch.fail(ServiceUnavailable(
                 f"only {len(decoder.received)} of {n} workers answered (workers "
                 f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
@@ -117,17 +117,24 @@ class CodedMode(Mode):
                                          else "decoded").inc()
         return bool(arrived)
 
-    def _redispatch(self, arrivals: Arrivals, calls: list[tuple[int, str, np.ndarray]]) -> None:
-        """The group is undecodable at its learned deadline (more stragglers than parities):
-        re-send each missing systematic slot to a worker that has already answered it."""
+    def _redispatch(self, arrivals: Arrivals, calls: list[tuple[int, str, np.ndarray]],
+                    round_: int) -> bool:
+        """The group is undecodable when its missing calls became stragglers (more of them
+        than parities): re-send each missing systematic slot to a worker that has already
+        answered this group (a second line of defence, paid only when needed); a later
+        round picks other workers. True when anything was sent."""
         free = [w for w in sorted(arrivals.received)
                 if w < self.k or not self.options.encoders_on_workers]  # workers that run f
         missing = [s for s in range(self.k) if s not in arrivals.received]
+        if not free or not missing:
+            return False
+        free = free[round_ % len(free):] + free[:round_ % len(free)]
         group = self.pool.new_group(())  # no systematic: fault injection's straggler is per group
         for slot_index, worker in zip(missing, free, strict=False):
             task = self.pool.submit(worker, WORKER_F, calls[slot_index][2], group)
             arrivals.add(task, slot_index, worker)
             self.metrics.redispatched.inc()
+        return True
 
     def _refold(self, arrivals: Arrivals, shape: tuple[int, ...]) -> Any:
         """A decoder fed every received result, systematic ones first, so that the fewest

@@ -41,7 +41,7 @@ class ParMMode(Mode):
         self.count_partial(m)
         groups = as_groups(batch.x, k)  # [G, k, C, H, W]
         calls = [(i, WORKER_F, slot(groups, i)) for i in range(k)] + [(k, WORKER_PARM, groups)]
-        arrivals = self.launch(calls, systematic=range(k))
+        arrivals = self.launch(calls, systematic=range(k), batch=batch)
         results: dict[int, np.ndarray] = {}  # primary: [G, *emb]; parity: [G, classes]
 
         def add(worker: int, result: np.ndarray) -> bool:

@@ -11,7 +11,7 @@ from runtime.batcher import Batch
 from runtime.errors import ServiceUnavailable
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F
-from runtime.modes.base import Arrivals, Mode
+from runtime.modes.base import Arrivals, Mode, StragglerWatch
 
 
 class UncodedMode(Mode):
@@ -41,13 +41,15 @@ class UncodedMode(Mode):
         slots = [(s, rows) for s, rows in slots if len(rows)]
         # one group tag for the dispatch: its systematic workers are the ones it uses
         group = self.pool.new_group(sorted(s for s, _ in slots))
-        await asyncio.gather(*(self._one(batch, rows, s, group) for s, rows in slots))
+        watch = self.watch(batch)  # one straggler clock for the dispatch's slots
+        await asyncio.gather(*(self._one(batch, rows, s, group, watch) for s, rows in slots))
 
-    async def _one(self, batch: Batch, rows: np.ndarray, slot: int, group: Any) -> None:
+    async def _one(self, batch: Batch, rows: np.ndarray, slot: int, group: Any,
+                   watch: StragglerWatch) -> None:
         xs = batch.x[rows]  # [b, C, H, W]
         replicas = [slot + r * self.k for r in range(self.replicas)]
         arrivals = Arrivals({self.pool.submit(w, WORKER_F, xs, group): w for w in replicas},
-                            self.metrics, self.times)
+                            self.metrics, self.times, watch)
         results: list[np.ndarray] = []
 
         def first(worker: int, zs: np.ndarray) -> bool:  # any one copy answers the queries

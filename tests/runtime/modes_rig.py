@@ -168,9 +168,15 @@ class Run:
     xs: np.ndarray  # [m, C, H, W] normalised
     queries: list[Block]  # one block (request) per query, answered as one batch
     task: asyncio.Task[None] | None = None
+    stalls: int = 0  # times the mode told the scheduler its dispatch only waits on stragglers
 
     async def start(self) -> Run:
         batch = Batch([Piece(b, 0, 1, q) for q, b in enumerate(self.queries)])
+
+        def stalled() -> None:
+            self.stalls += 1
+
+        batch.on_stall = stalled
         self.task = asyncio.create_task(self.mode.execute(batch))
         expected = self.mode.pool_size(self.rig.manifest)
         if self.mode.name in ("uncoded", "replication"):  # only the slots in use are called

@@ -128,7 +128,7 @@ def _wait_pending(srv: ServerThread, queries: int) -> None:
 def test_overload_is_refused_before_the_body_is_read(tiny: TinyModel) -> None:
     config = server_config(tiny.bundle, fault_delay_ms=300.0, fault_delay_prob=1.0,
                            max_queue_size=4, max_batch_size=4, max_inflight_groups=1,
-                           dispatch_stall_cap_ms=0, max_groups_per_call=1, max_queue_delay_ms=1.0, admission_wait_ms=0)
+                           straggler_scale=0, max_groups_per_call=1, max_queue_delay_ms=1.0, admission_wait_ms=0)
     with ServerThread(config) as srv:
         pool = ClientPool(srv.url, threads=2)
         try:

@@ -31,7 +31,7 @@ def _post(url: str, images: np.ndarray, parameters: dict | None = None
 def test_full_queue_503_retry_after_and_timeouts(tiny: TinyModel) -> None:
     config = server_config(tiny.bundle, fault_delay_ms=500.0, fault_delay_prob=1.0,
                            max_queue_size=4, max_batch_size=4, admission_wait_ms=0,
-                           max_inflight_groups=1, dispatch_stall_cap_ms=0,
+                           max_inflight_groups=1, straggler_scale=0,
                            max_groups_per_call=1,
                            max_queue_delay_ms=1.0)
     with ServerThread(config) as srv, concurrent.futures.ThreadPoolExecutor(2) as pool:

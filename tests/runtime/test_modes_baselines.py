@@ -9,11 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 from modes_rig import PRIMARY, TOLERANCE, Rig, Run, flags, make_run, one
-from runtime_harness import CHW, TASKS
+from runtime_harness import CHW, TASKS, until
 
 from kernels.berrut import BerrutCode
 from runtime.errors import ServiceUnavailable
 from runtime.models import WORKER_F, WORKER_PARM
+from runtime.modes import ModeOptions
 
 # -- every mode: partial groups, several groups, cancelled requests -----------------------------
 ALL_MODES = ["coded", "uncoded", "replication", "parm", "approxifer"]
@@ -285,3 +286,35 @@ async def test_cancelled_queries_are_not_failed_either(tiny_rig: Rig) -> None:
     assert run.queries[0].future.cancelled()
     with pytest.raises(ServiceUnavailable):
         run.queries[1].future.result()
+
+
+@pytest.mark.asyncio
+async def test_uncoded_dispatch_with_a_straggling_slot_frees_its_slot(tiny_rig: Rig) -> None:
+    options = ModeOptions(straggler_scale=0.0, straggler_min_s=0.0)
+    run = await make_run(tiny_rig, "uncoded", 2, options=options).start()
+    await run.land([0])  # slot 1 is now `scale` times later than the dispatch's first result
+    await until(lambda: run.stalls == 1, "the dispatch reported stalled")
+    assert run.count("coded_stalled_dispatches_total") == 1
+    await run.land([1])  # uncoded still waits for it: nothing else can answer query 1
+    await run.done()
+    run.check([False, False])
+
+
+@pytest.mark.asyncio
+async def test_straggler_watch_is_relative_to_the_first_result() -> None:
+    from runtime.metrics import Metrics
+    from runtime.modes.base import StragglerWatch
+
+    fired: list[int] = []
+    watch = StragglerWatch(4.0, 0.002, lambda: fired.append(1), Metrics("tiny"))
+    assert watch.deadline_s() is None  # nothing landed: no reference yet
+    watch.launched_s -= 0.010  # the first result lands 10 ms after the launch
+    watch.landed()
+    assert watch.deadline_s() == pytest.approx(watch.launched_s + 4 * watch.first_s)
+    assert watch.first_s == pytest.approx(0.010, abs=0.005)
+    watch.first_s = 0.0001  # a very fast first result: the floor holds
+    assert watch.deadline_s() == pytest.approx(watch.launched_s + 0.002)
+    watch.stalled()
+    watch.stalled()
+    assert fired == [1]  # once per dispatch
+    assert StragglerWatch(None, 0.0, None, Metrics("tiny")).deadline_s() is None

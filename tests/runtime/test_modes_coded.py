@@ -15,6 +15,7 @@ from runtime.deadlines import LearnedBound
 from runtime.errors import InjectedFailure, ServiceUnavailable, WorkerDead, WorkerError, WorkerOverdue
 from runtime.models import ENCODER_THEN_F, WORKER_F
 from runtime.modes import ModeOptions
+from runtime.modes.coded import REDISPATCH_ROUNDS
 
 
 # -- coded ---------------------------------------------------------------------------------------
@@ -226,18 +227,22 @@ async def test_coded_learned_wait_decodes_at_once_past_the_bound(tiny_rig: Rig) 
 
 @pytest.mark.asyncio
 async def test_coded_redispatches_missing_slots_when_undecodable_at_the_bound(tiny_rig: Rig) -> None:
-    # a bound of 0: the moment the group is still undecodable, the missing slot is re-sent
-    options = ModeOptions(redispatch=LearnedBound(cap_s=0.0))
+    # scale 0, no floor: once the first result is in, the missing calls are stragglers
+    options = ModeOptions(straggler_scale=0.0, straggler_min_s=0.0, redispatch=True)
     run = await make_run(tiny_rig, "coded", 2, options=options).start()
     await run.land([0])  # worker 0 answered; 1 and the parity straggle: 1 of 2 needed results
-    await until(lambda: len(run.pool.calls) == 4, "a re-dispatched call")
-    again = run.pool.calls[3]
-    assert again.worker == 0 and again.model == WORKER_F  # a worker that already answered
-    np.testing.assert_array_equal(again.batch, run.pool.call(1).batch)  # slot 1's input
-    again.future.set_result(worker_result(tiny_rig, again.model, again.batch))
+    # scale 0, no floor: each round's deadline is its start, so all rounds go out at once
+    await until(lambda: len(run.pool.calls) == 3 + REDISPATCH_ROUNDS, "the re-dispatched calls")
+    again = run.pool.calls[3:]
+    for call in again:  # each on a worker that already answered, with slot 1's input
+        assert call.worker == 0 and call.model == WORKER_F
+        np.testing.assert_array_equal(call.batch, run.pool.call(1).batch)
+    last = again[-1]
+    last.future.set_result(worker_result(tiny_rig, last.model, last.batch))
     await run.done()
     run.check([False, False])  # slot 1's own f, computed on worker 0: exact
-    assert run.count("coded_redispatched_calls_total") == 1
+    assert run.count("coded_redispatched_calls_total") == REDISPATCH_ROUNDS
+    assert run.count("coded_stalled_dispatches_total") == 1 and run.stalls == 1
     assert run.count("coded_erasures_total", worker="1") == 0  # its slot was answered
     run.pool.land(1)  # the original straggler lands late: dropped, counted
     await settle()
@@ -246,10 +251,22 @@ async def test_coded_redispatches_missing_slots_when_undecodable_at_the_bound(ti
 
 @pytest.mark.asyncio
 async def test_coded_does_not_redispatch_a_decodable_group(tiny_rig: Rig) -> None:
-    run = await make_run(tiny_rig, "coded", 2,
-                         options=ModeOptions(redispatch=LearnedBound(cap_s=0.0))).start()
+    run = await make_run(tiny_rig, "coded", 2, options=ModeOptions(
+        straggler_scale=0.0, straggler_min_s=0.0, redispatch=True)).start()
     run.pool.land(0)
     run.pool.land(2)  # both on one loop turn: decodable with the parity, nothing to re-send
     await run.done()
     run.check([False, True])
     assert len(run.pool.calls) == 3 and run.count("coded_redispatched_calls_total") == 0
+
+
+@pytest.mark.asyncio
+async def test_coded_without_redispatch_only_frees_the_slot(tiny_rig: Rig) -> None:
+    options = ModeOptions(straggler_scale=0.0, straggler_min_s=0.0, redispatch=False)
+    run = await make_run(tiny_rig, "coded", 2, options=options).start()
+    await run.land([0])
+    await until(lambda: run.stalls == 1, "the dispatch reported stalled")
+    assert len(run.pool.calls) == 3  # nothing re-sent
+    await run.land([2])
+    await run.done()
+    run.check([False, True])
