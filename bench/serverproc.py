@@ -75,9 +75,11 @@ class ServerProcess:
         self.bundle = Path(bundle)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"  # KServe v2 gRPC (host:port)
         self.command = [sys.executable, "-m", "runtime", "serve", str(self.bundle),
                         "--host", "127.0.0.1", "--http-port", str(self.port),
-                        "--metrics-port", "-1", *args]
+                        "--grpc-port", str(self.grpc_port), "--metrics-port", "-1", *args]
         self.log_path = log_path
         self.ready_timeout_s = ready_timeout_s
         self.stop_timeout_s = stop_timeout_s

@@ -8,6 +8,7 @@ is a second module like this one, registered in runtime/server.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import time
@@ -21,6 +22,7 @@ from aiohttp import web, web_response
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
+from runtime import model_config
 from runtime.engine import Engine
 from runtime.errors import (
     BadRequest,
@@ -31,13 +33,12 @@ from runtime.errors import (
     ServiceUnavailable,
     ServingError,
 )
-from runtime.model_io import output_specs
 from runtime.protocol import HEADER_LENGTH, InferRequest, encode_response, parse_infer_request
 
 logger = logging.getLogger(__name__)
 
-SERVER_NAME = "coded-invnet-runtime"
-SERVER_VERSION = "0.1.0"
+SERVER_NAME = model_config.SERVER_NAME
+SERVER_VERSION = model_config.SERVER_VERSION
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # aiohttp stamps `Server: Python/3.x aiohttp/3.y` on every response it makes, including the
@@ -47,6 +48,22 @@ web_response.SERVER_SOFTWARE = SERVER_NAME
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _ready_only(body: bytes) -> bool:
+    """A repository index request's body: empty, or {"ready": bool} (list only ready models)."""
+    if not body.strip():
+        return False
+    try:
+        request = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest('repository index body must be empty or JSON {"ready": true|false}'
+                         ) from None
+    if not isinstance(request, dict) or set(request) - {"ready"} \
+            or not isinstance(request.get("ready", False), bool):
+        raise BadRequest('repository index body must be empty or JSON {"ready": true|false}, '
+                         f"got {body[:80]!r}")
+    return request.get("ready", False)
 
 
 class ProtocolLogger:
@@ -110,16 +127,25 @@ class HttpFrontend:
         return self._parser
 
     def app(self) -> web.Application:
+        # handler_cancellation: a client that disconnects cancels its handler, so its queued
+        # queries are dropped, never computed (counted as coded_cancelled_queries)
         app = web.Application(client_max_size=self.config.max_body_bytes,
-                              middlewares=[self._errors])
+                              middlewares=[self._errors],
+                              handler_args={"handler_cancellation": True})
         app.on_response_prepare.append(self._headers)
         r = app.router
         r.add_get("/v2/health/live", self._live)
         r.add_get("/v2/health/ready", self._ready)
         r.add_get("/v2", self._server_metadata)
+        r.add_get("/v2/models/stats", self._statistics)  # before /v2/models/{name}
+        r.add_post("/v2/repository/index", self._repository_index)
+        for action in ("load", "unload"):
+            r.add_post("/v2/repository/models/{name}/" + action, self._repository_action)
         for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             r.add_get(prefix, self._model_metadata)
             r.add_get(prefix + "/ready", self._model_ready)
+            r.add_get(prefix + "/config", self._model_config)
+            r.add_get(prefix + "/stats", self._statistics)
             r.add_post(prefix + "/infer", self._infer)
         return app
 
@@ -129,6 +155,12 @@ class HttpFrontend:
         started = time.perf_counter()
         try:
             return await handler(request)
+        except asyncio.CancelledError:  # the client went away (handler_cancellation), or
+            # the server closed the connection at shutdown: counted, nobody to answer
+            if request.path.endswith("/infer"):
+                reason = "Cancelled" if self.engine.draining else "ClientDisconnected"
+                self.metrics.request_failure(reason, time.perf_counter() - started)
+            raise
         except ServingError as exc:  # includes ClientDisconnected: counted, not logged
             reason, status, message = type(exc).__name__, exc.status, str(exc)
             headers = ({"Retry-After": str(exc.retry_after_s)}
@@ -168,8 +200,7 @@ class HttpFrontend:
         return web.json_response({"ready": True})
 
     async def _server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": SERVER_NAME, "version": SERVER_VERSION,
-                                  "extensions": ["binary_tensor_data", "parameters"]})
+        return web.json_response(model_config.server_metadata())
 
     def _check_model(self, request: web.Request) -> None:
         name = request.match_info["name"]
@@ -185,32 +216,40 @@ class HttpFrontend:
 
     async def _model_metadata(self, request: web.Request) -> web.Response:
         self._check_model(request)
-        manifest = self.engine.manifest
-        spec, coding = manifest.input, manifest.coding
-        return web.json_response({
-            "name": self.model_name,
-            "versions": ["1"],
-            "platform": "coded-invnet",
-            "inputs": [{"name": spec.name, "datatype": dt, "shape": [-1, *spec.shape]}
-                       for dt in spec.accepted_dtypes],
-            "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
-                        for o in output_specs(manifest)],
-            "parameters": {
-                "mode": self.config.mode, "n": coding.n, "k": coding.k,
-                "workers": self.engine.pool_size, "engine": self.config.engine,
-                "classes": {h.task: list(h.classes) for h in manifest.heads},
-                "preprocessing": {"mean": list(spec.preprocessing.mean),
-                                  "std": list(spec.preprocessing.std),
-                                  "raw": "UINT8 0..255 or FP32 in [0, 1]; the server normalises"},
-                "outputs": ("<task>_logits: FP32 [B, classes]; <task>_class: INT64 [B] argmax "
-                            "(-1 when the head is unavailable); reconstructed: BOOL [B], true "
-                            "when the answer was decoded from coded results. Response "
-                            "parameters: reconstructed (any), reconstructed_queries, mode, "
-                            "unavailable_heads (ParM)"),
-                "request_parameters": "timeout_ms (or Triton's timeout in us), "
-                                      "binary_data_output",
-            },
-        })
+        return web.json_response(model_config.model_metadata(self.engine.manifest,
+                                                             self.config.mode))
+
+    async def _model_config(self, request: web.Request) -> web.Response:
+        self._check_model(request)
+        return web.json_response(model_config.model_config(self.engine.manifest, self.config))
+
+    async def _statistics(self, request: web.Request) -> web.Response:
+        """Triton's statistics extension; each model's entry adds "coded" (the coded-serving
+        counters, which Triton's statistics have no field for)."""
+        if "name" in request.match_info:
+            self._check_model(request)
+        snapshot = self.engine.statistics()
+        stats = model_config.model_statistics(self.engine.manifest, snapshot)
+        stats["coded"] = model_config.coded_statistics(snapshot)
+        return web.json_response({"model_stats": [stats]})
+
+    async def _repository_index(self, request: web.Request) -> web.Response:
+        ready_only = _ready_only(await self._read_body(request))
+        health = self.engine.health()
+        models = model_config.repository_index(self.engine.manifest, health.ready,
+                                               health.reason or "")
+        if ready_only:
+            models = [m for m in models if m["state"] == "READY"]
+        return web.json_response(models)
+
+    async def _repository_action(self, request: web.Request) -> web.Response:
+        """This server serves one model, loaded at start: loading it is a no-op; unloading
+        is refused (stop the server instead)."""
+        self._check_model(request)
+        if request.path.endswith("/unload"):
+            raise BadRequest(f"model {self.model_name!r} cannot be unloaded: this server serves "
+                             "it from start to shutdown; stop the server instead")
+        return web.json_response({})
 
     async def _infer(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -226,6 +265,19 @@ class HttpFrontend:
         return web.Response(body=body, headers=headers, content_type=content_type)
 
     async def _read_request(self, request: web.Request) -> InferRequest:
+        body = await self._read_body(request)
+        if not body:
+            raise BadRequest("empty request body; send a KServe v2 JSON inference request")
+
+        args = (body, request.headers.get(HEADER_LENGTH), self.engine.manifest.input,
+                self.output_names, self.config.max_batch_size, self.model_name,
+                request.match_info.get("version"))
+        if len(body) <= self.config.large_body_bytes:
+            return parse_infer_request(*args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._large_body_parser(), parse_infer_request, *args)
+
+    async def _read_body(self, request: web.Request) -> bytes:
         length = request.content_length
         if length is not None and length > self.config.max_body_bytes:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds the "
@@ -239,12 +291,4 @@ class HttpFrontend:
             raise ClientDisconnected(f"client went away mid-body: {exc}") from None
         except HttpProcessingError as exc:  # e.g. a bad chunk size arriving after the headers
             raise BadRequest(f"malformed request body framing: {exc.message}") from None
-        if not body:
-            raise BadRequest("empty request body; send a KServe v2 JSON inference request")
-
-        args = (body, request.headers.get(HEADER_LENGTH), self.engine.manifest.input,
-                self.output_names, self.config.max_batch_size)
-        if len(body) <= self.config.large_body_bytes:
-            return parse_infer_request(*args)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._large_body_parser(), parse_infer_request, *args)
+        return body

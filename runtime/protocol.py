@@ -35,6 +35,8 @@ DATATYPES: dict[str, np.dtype | None] = {
 NUMPY_TO_DATATYPE = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64",
                      np.dtype(np.bool_): "BOOL"}
 KNOWN_PARAMETERS = {"timeout_ms", "timeout", "binary_data_output"}
+REQUEST_FIELDS = {"id", "model_name", "model_version", "inputs", "outputs", "parameters"}
+MODEL_VERSION = "1"  # the served model's one version
 
 
 @dataclass(frozen=True)
@@ -150,14 +152,40 @@ def _tensor_from_json(data: Any, dtype: str, count: int, where: str) -> np.ndarr
     return values.astype(np.float32)
 
 
+def _check_target(request: dict[str, Any], model_name: str | None,
+                  model_version: str | None) -> None:
+    """The body's optional model_name / model_version must be the request's own model."""
+    if "model_name" in request:
+        name = request["model_name"]
+        if not isinstance(name, str):
+            raise BadRequest(f"request 'model_name' must be a string, got {_show(name)}")
+        if model_name is not None and name != model_name:
+            raise BadRequest(f"request 'model_name' is {_show(name)} but the request was sent "
+                             f"to model {model_name!r}; they must match (or leave it out)")
+    if "model_version" in request:
+        version = request["model_version"]
+        if not isinstance(version, str):
+            raise BadRequest(f"request 'model_version' must be a string, got {_show(version)}")
+        expected = model_version or MODEL_VERSION
+        if version not in ("", expected):
+            raise BadRequest(f"request 'model_version' is {_show(version)} but the request was "
+                             f"sent to version {expected!r}; they must match (or leave it out)")
+
+
 def parse_infer_request(
     body: bytes,
     header_length: str | None,
     spec: InputSpec,
     output_names: list[str],
     max_batch_size: int,
+    model_name: str | None = None,
+    model_version: str | None = None,
 ) -> InferRequest:
-    """Validate a KServe v2 infer request against the model's single image input."""
+    """Validate a KServe v2 infer request against the model's single image input.
+
+    `model_name` / `model_version`: the model (and version, None when not given) that the
+    request was sent to; a body naming them too (the KServe SDK's REST client sends
+    `model_name`) must name the same."""
     binary = b""
     if header_length is not None:
         if not (header_length.isascii() and header_length.isdigit()) or len(header_length) > 12:
@@ -173,10 +201,11 @@ def parse_infer_request(
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"request 'id' must be a string, got {type(request_id).__name__}")
     params = _obj(request.get("parameters", {}), "request 'parameters'")
-    unknown_keys = set(request) - {"id", "inputs", "outputs", "parameters"}
+    unknown_keys = set(request) - REQUEST_FIELDS
     if unknown_keys:
         raise BadRequest(f"unknown request field(s) {sorted(unknown_keys)}; a KServe v2 request "
-                         "has id, inputs, outputs, parameters")
+                         f"has {', '.join(sorted(REQUEST_FIELDS))}")
+    _check_target(request, model_name, model_version)
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest(f"request needs a non-empty 'inputs' list with the tensor {spec.name!r}")

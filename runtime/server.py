@@ -5,8 +5,9 @@ Start-up order: manifest + checksums -> every protocol listening (live = 200, re
 requests get 503 + Connection: close, in-flight requests get `drain_timeout_s` to finish,
 then the sockets stop accepting and the engine's workers and threads stop.
 
-To add a protocol: a module like runtime/http_server.py whose frontend takes the engine
-and gives an aiohttp app (or starts its own listener), listed in `startup()` below.
+Protocols: KServe v2 over HTTP (runtime/http_server.py, an aiohttp app) and over gRPC
+(runtime/grpc_server.py, its own grpc.aio listener in the same loop). To add one: a module
+whose frontend takes the engine, started in `start_listening()` and stopped in `shutdown()`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -37,6 +39,8 @@ class Server:
         self.metrics = self.engine.metrics
         self.http_port: int | None = None
         self.metrics_port: int | None = None
+        self.grpc_port: int | None = None
+        self._grpc: Any = None  # grpc.aio.Server, imported only when gRPC is on
         self._runners: list[web.AppRunner] = []
         self._sites: list[web.TCPSite] = []
         self._http: HttpFrontend | None = None
@@ -55,12 +59,18 @@ class Server:
         site, self.http_port = await self._listen(self._http.app(), config.http_port,
                                                   self._http.access_log_class())
         self._sites.append(site)
+        if config.grpc_port >= 0:
+            from runtime.grpc_server import start_grpc
+
+            self._grpc, self.grpc_port = await start_grpc(self.engine, config.host,
+                                                          config.grpc_port)
         if config.metrics_port >= 0:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", self._metrics_handler)
             _, self.metrics_port = await self._listen(metrics_app, config.metrics_port)
-        logger.info("serving %s on http://%s:%d, metrics %s; %s loop=%s", self.model_name,
-                    config.host, self.http_port,
+        logger.info("serving %s on http://%s:%d, gRPC %s, metrics %s; %s loop=%s",
+                    self.model_name, config.host, self.http_port,
+                    f"{config.host}:{self.grpc_port}" if self.grpc_port else "off",
                     f"http://{config.host}:{self.metrics_port}/metrics" if self.metrics_port
                     else "off", self.engine.summary(),
                     type(asyncio.get_running_loop()).__module__)
@@ -101,6 +111,8 @@ class Server:
         await asyncio.sleep(LISTEN_LINGER_S)  # let the accept loop empty the backlog
         for site in self._sites:
             await site.stop()  # stop accepting connections
+        if self._grpc is not None:  # drained already: calls still running get CLOSE_TIMEOUT_S
+            await self._grpc.stop(CLOSE_TIMEOUT_S)
         await self.engine.stop()
         for runner in self._runners:
             await runner.cleanup()

@@ -197,6 +197,11 @@ class ServerThread:
         return f"127.0.0.1:{self.server.http_port}"
 
     @property
+    def grpc_url(self) -> str:
+        assert self.server is not None and self.server.grpc_port is not None
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
     def metrics_url(self) -> str:
         assert self.server is not None and self.server.metrics_port is not None
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
@@ -204,7 +209,7 @@ class ServerThread:
 
 def server_config(bundle: Path, **overrides: object) -> ServerConfig:
     options: dict[str, object] = {"bundle": str(bundle), "http_port": 0, "metrics_port": 0,
-                                  "log_level": "WARNING"}
+                                  "grpc_port": 0, "log_level": "WARNING"}
     options.update(overrides)
     return ServerConfig.from_dict(options)
 

@@ -75,11 +75,15 @@ def test_serving_imports_no_torch_at_runtime() -> None:
     assert result.stdout.strip() == "[]"
 
 
+IMPORT_NAMES = {"grpcio": "grpc", "protobuf": "google"}  # distributions named unlike their module
+
+
 def _serve_extra() -> set[str]:
     """Import names of pyproject's core dependencies and its `serve` extra (the one list)."""
     project = tomllib.loads((RUNTIME.parent / "pyproject.toml").read_text())["project"]
     specs = [*project["dependencies"], *project["optional-dependencies"]["serve"]]
-    return {re.split(r"[=<>;\[ ]", spec, maxsplit=1)[0].replace("-", "_") for spec in specs}
+    names = {re.split(r"[=<>;\[ ]", spec, maxsplit=1)[0] for spec in specs}
+    return {IMPORT_NAMES.get(name, name.replace("-", "_")) for name in names}
 
 
 SERVE_EXTRA = _serve_extra()

@@ -134,6 +134,14 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      "nested too deeply"),
     ("json-huge-integer", "tiny", b'{"inputs": [], "id": ' + b"9" * 5000 + b"}", {}, 400,
      "cannot read"),
+    ("model-name-mismatch", "tiny", _json({"model_name": "mnist", "inputs": [GOOD]}), {}, 400,
+     "request 'model_name' is 'mnist' but the request was sent to model 'tiny'"),
+    ("model-name-not-string", "tiny", _json({"model_name": ["tiny"], "inputs": [GOOD]}), {}, 400,
+     "request 'model_name' must be a string"),
+    ("model-version-mismatch", "tiny/versions/1", _json({"model_version": "2", "inputs": [GOOD]}),
+     {}, 400, "request 'model_version' is '2' but the request was sent to version '1'"),
+    ("model-version-not-string", "tiny", _json({"model_version": 1, "inputs": [GOOD]}), {}, 400,
+     "request 'model_version' must be a string"),
 ]
 # answered by the HTTP layer before the KServe parser (runtime/protocol.py) sees the body
 HTTP_LAYER_CASES = {"empty-body"}
@@ -185,12 +193,14 @@ def test_every_parse_error_has_a_case(tiny: TinyModel) -> None:
     manifest = Manifest.load(tiny.bundle)
     config = server_config(tiny.bundle, max_body_bytes=MAX_BODY)
     reached: dict[int, list[str]] = {}
-    for case_id, _, body, headers, status, fragment in CASES:
+    for case_id, path, body, headers, status, fragment in CASES:
         if status != 400 or case_id in HTTP_LAYER_CASES:
             continue
+        model, _, version = path.partition("/versions/")  # the model the URL names
         with pytest.raises(BadRequest, match=re.escape(fragment)) as err:
             parse_infer_request(body, headers.get(HEADER_LENGTH), manifest.input,
-                                manifest.output_names(), config.max_batch_size)
+                                manifest.output_names(), config.max_batch_size, model,
+                                version or None)
         reached.setdefault(_raised_at(err.value), []).append(case_id)
     raises = _bad_request_raises()
     assert len(raises) >= 30  # the scan itself works

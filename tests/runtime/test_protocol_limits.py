@@ -85,3 +85,32 @@ def test_header_length_digits_split_the_body() -> None:
 def test_a_batch_larger_than_the_queue_is_refused_at_start() -> None:
     with pytest.raises(ConfigError, match="--max-batch-size 64 exceeds --max-queue-size 16"):
         ServerConfig(bundle="b", max_batch_size=64, max_queue_size=16)
+
+
+def _parse_for(body: dict, model: str = "tiny", version: str | None = None):  # noqa: ANN202
+    return parse_infer_request(json.dumps(body).encode(), None, SPEC, OUTPUTS, 8, model, version)
+
+
+@pytest.mark.parametrize(("fields", "version"), [
+    ({"model_name": "tiny"}, None),  # the KServe SDK's REST client sends this
+    ({"model_name": "tiny", "model_version": "1"}, None),
+    ({"model_version": "1"}, "1"),
+    ({"model_name": "tiny", "model_version": ""}, "1"),  # empty: the default version
+])
+def test_model_name_and_version_that_match_the_url_are_accepted(fields: dict,
+                                                                 version: str | None) -> None:
+    assert _parse_for({**fields, **_body()}, version=version).raw.shape == (1, 1, 2, 2)
+
+
+@pytest.mark.parametrize(("fields", "version", "message"), [
+    ({"model_name": "mnist"}, None, "'model_name' is 'mnist' but .* model 'tiny'"),
+    ({"model_name": 7}, None, "'model_name' must be a string"),
+    ({"model_version": "2"}, None, "'model_version' is '2' but .* version '1'"),
+    ({"model_version": "1"}, "3", "'model_version' is '1' but .* version '3'"),
+    ({"model_version": 1}, None, "'model_version' must be a string"),
+    ({"model": "tiny"}, None, r"unknown request field\(s\) \['model'\]"),  # still strict
+])
+def test_model_name_and_version_that_differ_are_bad_requests(fields: dict, version: str | None,
+                                                             message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        _parse_for({**fields, **_body()}, version=version)
