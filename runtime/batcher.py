@@ -175,6 +175,8 @@ class Batcher:
         """Queue the queries xs [B, C, H, W] as one block; all-or-nothing so a request is
         never split between "queued" and "rejected". Raises ServiceUnavailable when full."""
         if self._queued + len(xs) > self.max_queue_size:
+            self._purge_dead()  # O(queue), only when it looks full: given-up blocks hold room
+        if self._queued + len(xs) > self.max_queue_size:
             raise ServiceUnavailable(
                 f"server overloaded: {self._queued} queries queued, limit "
                 f"{self.max_queue_size}; retry after the Retry-After delay")
@@ -204,6 +206,17 @@ class Batcher:
         block = self._queue.popleft()
         self._queued -= block.remaining
         self._cancelled(block)
+
+    def _purge_dead(self) -> None:
+        """Drop every queued block whose request gave up, wherever it is in the queue."""
+        live: collections.deque[Block] = collections.deque()
+        for block in self._queue:
+            if block.future.done():
+                self._queued -= block.remaining
+                self._cancelled(block)
+            else:
+                live.append(block)
+        self._queue = live
 
     def _drop_dead(self) -> None:
         while self._queue and self._queue[0].future.done():

@@ -67,8 +67,8 @@ class ServerConfig:
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
     systematic_grace_ms: float | None = None  # coded: once k results are in, wait this long
     # for missing systematic results (exact answers) before decoding; 0 = decode at once
-    # (paper); None = learned: wait until the missing worker's healthy-call quantile
-    decode_wait_quantile: float = 0.99  # the learned wait's quantile of healthy call times
+    # (paper); None = learned: wait as long as such waits recently paid (runtime.deadlines)
+    decode_wait_quantile: float = 0.99  # the learned wait's quantile of recent latenesses
     decode_wait_cap_ms: float = 5.0  # the learned decode wait never exceeds this
     straggler_scale: float = 2.0  # a call missing this many times later than its dispatch's
     # first result is a straggler: its dispatch frees its in-flight slot; 0 = never

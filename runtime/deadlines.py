@@ -1,82 +1,77 @@
-"""The decode wait learned from recent completion times: waiting only while it pays.
+"""The decode wait, learned from how late missing systematic results really come.
 
-A `CompletionTimes` keeps, per worker, the last `window` durations of calls that were
-*used* (results that arrived before their group was answered); a `LearnedBound` turns them
-into a deadline: a high quantile, capped. Late results are never observed, so one
-straggler does not teach the server to wait for the next: the bound describes a healthy
-call, and waiting past it no longer pays. runtime/modes/coded.py uses it: a decodable
-group whose systematic result is missing waits for it until its worker's bound (then its
-answer is exact), then decodes.
+When a coding group becomes decodable with a systematic result still missing, waiting for
+that result gives an exact answer instead of a reconstructed one, at the price of the
+wait. `Lateness` records, for every such result, how long after the group became
+decodable it landed, whether it came during the wait or after the group was answered
+(so nothing is censored), or that it never came (a failure). `DecodeWait` turns the recent
+window into the wait: when at least `min_pay` of those results came within `cap_s`, wait up
+to the `quantile` of the ones that did (then most waits end with an exact answer); when
+fewer did (e.g. a worker that straggles in every group) waiting does not pay, so decode at
+once. Until `min_samples` are seen it waits `cap_s`, to learn.
 
-Waiting is the only thing such a bound may decide: it costs latency, never work. What adds
-work (re-sending a straggler's slot, letting another dispatch run) is decided relative to
-the dispatch's own results instead (runtime.modes.base.StragglerWatch), because under
-overload every call outlives any absolute bound, and acting on that feeds the overload.
+Waiting costs latency, never work. What adds work (re-sending a straggler's slot, letting
+another dispatch run) is decided relative to the dispatch's own results instead
+(runtime.modes.base.StragglerWatch): under overload every call outlives any absolute bound,
+and acting on that would feed the overload.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 
 @dataclass(frozen=True)
-class LearnedBound:
-    quantile: float = 0.99  # of recent healthy completion times
+class DecodeWait:
+    quantile: float = 0.99  # of the latenesses that came within cap_s
     cap_s: float = 0.005  # never wait longer than this
-    min_samples: int = 32  # below this many observations the bound is `unknown_s`
-    unknown_s: float = 0.0  # the bound before enough has been seen
+    min_pay: float = 0.5  # wait only when at least this fraction came within cap_s
+    min_samples: int = 32  # before this many observations: wait cap_s (learning)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.quantile <= 1.0:
             raise ValueError(f"quantile must be in (0, 1], got {self.quantile}")
-        if self.cap_s < 0 or self.unknown_s < 0 or self.min_samples < 1:
-            raise ValueError("cap_s and unknown_s must be >= 0 and min_samples >= 1")
+        if self.cap_s < 0 or not 0.0 <= self.min_pay <= 1.0 or self.min_samples < 1:
+            raise ValueError("cap_s must be >= 0, min_pay in [0, 1] and min_samples >= 1")
 
 
-class CompletionTimes:
-    """Recent durations per key, in ring buffers; quantiles cached and refreshed every
-    `refresh` observations of a key (a quantile per call would cost more than the call)."""
+class Lateness:
+    """Recent latenesses (seconds after decodability; inf = never came) in a ring buffer;
+    the wait is recomputed every `refresh` observations, not per group."""
 
-    def __init__(self, window: int = 512, refresh: int = 32) -> None:
-        self.window = window
-        self.refresh = refresh
-        self._buffers: dict[int, np.ndarray] = {}
-        self._counts: dict[int, int] = {}
-        self._cache: dict[tuple[int, float], tuple[int, float]] = {}  # -> (count, value)
+    def __init__(self, policy: DecodeWait, window: int = 256, refresh: int = 16) -> None:
+        self.policy = policy
+        self.window, self.refresh = window, refresh
+        self._values = np.empty(window, np.float64)
+        self._count = 0
+        self._wait_s = policy.cap_s
+        self._computed_at = 0
 
-    def observe(self, key: int, seconds: float) -> None:
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._buffers[key] = np.empty(self.window, np.float64)
-        count = self._counts.get(key, 0)
-        buffer[count % self.window] = seconds
-        self._counts[key] = count + 1
+    def observe(self, seconds: float) -> None:
+        self._values[self._count % self.window] = seconds
+        self._count += 1
 
-    def samples(self, key: int) -> int:
-        return min(self._counts.get(key, 0), self.window)
+    @property
+    def samples(self) -> int:
+        return min(self._count, self.window)
 
-    def quantile(self, key: int, q: float) -> float | None:
-        """The q-quantile of key's recent durations; None before any observation."""
-        count = self._counts.get(key, 0)
-        if count == 0:
-            return None
-        cached = self._cache.get((key, q))
-        if cached is not None and count - cached[0] < self.refresh:
-            return cached[1]
-        value = float(np.quantile(self._buffers[key][:min(count, self.window)], q))
-        self._cache[(key, q)] = (count, value)
-        return value
-
-    def bound_s(self, keys: Iterable[int], bound: LearnedBound) -> float:
-        """The longest learned bound among `keys` (the wait for the slowest of them)."""
-        longest = 0.0
-        for key in keys:
-            if self.samples(key) < bound.min_samples:
-                value = bound.unknown_s
+    def wait_s(self) -> float:
+        """How long a decodable group waits now for its missing systematic result."""
+        policy = self.policy
+        if self.samples < policy.min_samples:
+            return policy.cap_s
+        if self._count - self._computed_at >= self.refresh or self._computed_at == 0:
+            values = self._values[:self.samples]
+            within = values[values <= policy.cap_s]
+            if len(within) < policy.min_pay * len(values) or not len(within):
+                self._wait_s = 0.0
             else:
-                value = min(self.quantile(key, bound.quantile) or 0.0, bound.cap_s)
-            longest = max(longest, value)
-        return longest
+                self._wait_s = float(min(np.quantile(within, policy.quantile), policy.cap_s))
+            self._computed_at = self._count
+        return self._wait_s
+
+
+NEVER = math.inf  # the lateness of a result that failed instead of landing

@@ -27,7 +27,7 @@ from runtime.admission import Admission, AdmissionControl
 from runtime.batcher import Batcher
 from runtime.config import ServerConfig
 from runtime.context import EngineContext
-from runtime.deadlines import LearnedBound
+from runtime.deadlines import DecodeWait
 from runtime.errors import RequestTimeout, ServiceUnavailable, ServingError
 from runtime.faults import with_faults
 from runtime.frontend import Frontend
@@ -113,11 +113,10 @@ class Engine:
         self.pool = WorkerPool(self.pool_size, with_faults(backend.make_worker, config.faults),
                                deadline_s=config.worker_deadline_ms / 1000.0, metrics=self.metrics)
         self._backend = backend
-        q = config.decode_wait_quantile
         mode = self.mode_cls(manifest, self.pool, self.frontend, self.metrics, ModeOptions(
             encoders_on_workers=config.encoders_on_workers,
             systematic_grace_s=(config.systematic_grace_ms or 0.0) / 1000.0,
-            decode_wait=LearnedBound(q, config.decode_wait_cap_ms / 1000.0)
+            decode_wait=DecodeWait(config.decode_wait_quantile, config.decode_wait_cap_ms / 1000.0)
             if config.systematic_grace_ms is None else None,
             straggler_scale=config.straggler_scale or None,
             straggler_min_s=config.straggler_min_ms / 1000.0,

@@ -35,10 +35,11 @@ HELP = {
     "systematic_grace_ms": "coded mode: once any k results are in, wait up to this long for "
                            "missing systematic results, which give exact answers, before "
                            "decoding (0 = decode at once, as in the paper); unset = learned: "
-                           "wait until the missing worker's --decode-wait-quantile of recent "
-                           "healthy call times, at most --decode-wait-cap-ms",
-    "decode_wait_quantile": "quantile of recent healthy call times (per worker) that the "
-                            "learned decode wait uses",
+                           "when at least half of recent missing systematic results came "
+                           "within --decode-wait-cap-ms of decodability, wait their "
+                           "--decode-wait-quantile; else decode at once",
+    "decode_wait_quantile": "quantile of the recent latenesses (within the cap) that the "
+                            "learned decode wait waits",
     "decode_wait_cap_ms": "the learned decode wait never exceeds this",
     "straggler_scale": "a worker call still missing this many times later than its "
                        "dispatch's first result is a straggler: the dispatch frees its "

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from runtime.batcher import Batch
-from runtime.deadlines import CompletionTimes, LearnedBound
+from runtime.deadlines import DecodeWait
 from runtime.frontend import Frontend
 from runtime.manifest import Manifest
 from runtime.metrics import Metrics
@@ -39,8 +39,8 @@ Call = tuple[int, str, np.ndarray]  # (worker, model, batch)
 class ModeOptions:
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
     systematic_grace_s: float = 0.0  # coded: wait this long for exact answers before decoding
-    # coded: instead, wait for a missing systematic result until its worker's learned bound
-    decode_wait: LearnedBound | None = None
+    # coded: instead, wait for a missing systematic result as long as it has been paying
+    decode_wait: DecodeWait | None = None
     # a call still missing `straggler_scale` times later than its dispatch's first result
     # (and at least straggler_min_s after the launch) is a straggler; None = never (the
     # server's --straggler-scale 0), 0.0 = as soon as the first result is in (tests)
@@ -135,31 +135,24 @@ class Arrivals:
 
     Calls are known by their *slot*: the worker they were launched on, or, for a call
     re-dispatched to another worker (`add`), the slot it stands in for; the first result
-    of a slot counts. Results that land while the group is still open are observed in
-    `times` (per physical worker, from the call's start) to learn deadlines from; every
-    landing is told to the dispatch's `watch`."""
+    of a slot counts. Every landing is told to the dispatch's `watch`."""
 
     def __init__(self, tasks: dict[asyncio.Task[Any], int], metrics: Metrics,
-                 times: CompletionTimes | None = None, watch: StragglerWatch | None = None
-                 ) -> None:
+                 watch: StragglerWatch | None = None) -> None:
         self._now = asyncio.get_running_loop().time
-        self.launched_s = self._now()
         self.tasks = dict(tasks)  # task -> slot
-        self._origin = {t: (w, self.launched_s) for t, w in tasks.items()}  # worker, start
         self.pending: set[asyncio.Task[Any]] = set(tasks)
         self.received: set[int] = set()  # slots
         self._metrics = metrics
-        self._times = times
         self.watch = watch
 
-    def add(self, task: asyncio.Task[Any], slot: int, worker: int) -> None:
-        """A further call, on `worker`, for `slot` (a re-dispatch)."""
+    def add(self, task: asyncio.Task[Any], slot: int) -> None:
+        """A further call for `slot` (a re-dispatch to another worker)."""
         self.tasks[task] = slot
-        self._origin[task] = (worker, self._now())
         self.pending.add(task)
 
     def _landed(self, task: asyncio.Task[Any]) -> bool:
-        """Whether `task` is a slot's first successful result (observing its duration)."""
+        """Whether `task` is a slot's first successful result."""
         if task.cancelled() or task.exception() is not None:
             return False
         slot = self.tasks[task]
@@ -168,9 +161,6 @@ class Arrivals:
         self.received.add(slot)
         if self.watch is not None:
             self.watch.landed()
-        if self._times is not None:
-            worker, started_s = self._origin[task]
-            self._times.observe(worker, self._now() - started_s)
         return True
 
     async def until(self, add: Callable[[int, Any], bool],
@@ -264,7 +254,6 @@ class Mode:
         self.options = options or ModeOptions()
         self.k = manifest.coding.k
         self.tasks = [h.task for h in manifest.heads]
-        self.times = CompletionTimes()  # healthy worker-call durations, per worker
 
     # What the engine needs to know before the pool exists -----------------------------------
     @classmethod
@@ -309,7 +298,7 @@ class Mode:
         """Submit one coding group's calls; `systematic`: its exact-answer workers."""
         group = self.pool.new_group(systematic)
         tasks = {self.pool.submit(i, model, x, group): i for i, model, x in calls}
-        return Arrivals(tasks, self.metrics, self.times, self.watch(batch))
+        return Arrivals(tasks, self.metrics, self.watch(batch))
 
     def answer(self, batch: Batch, logits: dict[str, np.ndarray], reconstructed: np.ndarray,
                unavailable: tuple[str, ...] = (), rows: np.ndarray | None = None) -> None:

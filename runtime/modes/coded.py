@@ -10,6 +10,7 @@ import numpy as np
 
 from kernels.coding import CodingScheme, OnlineDecoder
 from runtime.batcher import Batch
+from runtime.deadlines import NEVER, Lateness
 from runtime.errors import ConfigError, ServiceUnavailable
 from runtime.gpu_decode import to_host
 from runtime.manifest import Manifest
@@ -29,6 +30,8 @@ class CodedMode(Mode):
         # shape -> decoder; runtime.gpu_decode provides a CUDA one for device results
         self.new_decoder = self.options.new_decoder or (
             lambda shape: OnlineDecoder(self.scheme, shape))
+        policy = self.options.decode_wait
+        self.lateness = None if policy is None else Lateness(policy)
 
     @classmethod
     def pool_size(cls, manifest: Manifest) -> int:
@@ -97,22 +100,30 @@ class CodedMode(Mode):
         self.answer(batch, logits, reconstructed)
 
     async def _wait_for_systematic(self, arrivals: Arrivals, missing: set[int]) -> bool:
-        """A decodable group with systematic results missing waits for them (exact answers)
-        until the learned bound of their workers (--decode-wait-*, measured from the
-        launch), or for --systematic-grace-ms once decodable; True when any came in time."""
+        """A decodable group with systematic results missing waits for them (exact answers):
+        as long as such waits have recently paid (runtime.deadlines, --decode-wait-*), or
+        --systematic-grace-ms; True when any came in time."""
         waiting = {arrivals.tasks[t] for t in arrivals.pending} & missing
         if not waiting:
             return False
-        policy = self.options.decode_wait
-        if policy is not None:
-            deadline_s = arrivals.launched_s + self.times.bound_s(waiting, policy)
-        elif self.options.systematic_grace_s > 0:
-            deadline_s = asyncio.get_running_loop().time() + self.options.systematic_grace_s
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.lateness is not None:
+            lateness = self.lateness
+
+            def observe(task: asyncio.Task[Any]) -> None:  # during the wait or long after it
+                if not task.cancelled():
+                    lateness.observe(NEVER if task.exception() is not None else loop.time() - now)
+
+            for task in arrivals.pending:
+                if arrivals.tasks[task] in waiting:
+                    task.add_done_callback(observe)
+            wait_s = lateness.wait_s()
         else:
+            wait_s = self.options.systematic_grace_s
+        if wait_s <= 0:
             return False
-        if deadline_s <= asyncio.get_running_loop().time():
-            return False  # the bound already passed: waiting no longer pays
-        arrived = await arrivals.wait_for(waiting, deadline_s)
+        arrived = await arrivals.wait_for(waiting, now + wait_s)
         self.metrics.decode_waits.labels(outcome="exact" if arrived >= waiting
                                          else "decoded").inc()
         return bool(arrived)
@@ -132,7 +143,7 @@ class CodedMode(Mode):
         group = self.pool.new_group(())  # no systematic: fault injection's straggler is per group
         for slot_index, worker in zip(missing, free, strict=False):
             task = self.pool.submit(worker, WORKER_F, calls[slot_index][2], group)
-            arrivals.add(task, slot_index, worker)
+            arrivals.add(task, slot_index)
             self.metrics.redispatched.inc()
         return True
 

@@ -179,3 +179,21 @@ def test_rows_of_a_batch_answer_and_fail_only_their_own_requests() -> None:
         assert batch.abandoned
 
     asyncio.run(run())
+
+
+def test_given_up_requests_do_not_hold_queue_room() -> None:
+    async def run() -> None:
+        cancelled: list[int] = []
+        batcher = Batcher(group_size=2, max_queue_delay_s=1.0, max_queue_size=4,
+                          on_cancelled=cancelled.append)
+        live = batcher.submit(_xs(1))
+        gone = batcher.submit(_xs(3))  # the queue is full ...
+        gone.future.cancel()  # ... until this request gives up (a client went away)
+        block = batcher.submit(_xs(3))  # room again: the dead rows were purged, not refused
+        assert len(batcher) == 4 and cancelled == [3]
+        with pytest.raises(ServiceUnavailable, match="4 queries queued, limit 4"):
+            batcher.submit(_xs(1))  # live rows really fill the queue now
+        batch = await batcher.next_group(max_groups=2)
+        assert _rows(batch) == [(live, 0, 1), (block, 0, 3)]
+
+    asyncio.run(run())
