@@ -17,8 +17,8 @@ HTTP handler):
   HTTP            the rest of aiohttp and the HTTP frontend
   event loop      asyncio itself
 
-Idle samples (a compute thread waiting for work, the loop waiting in epoll) are counted
-apart, so the table's shares are of busy samples. py-spy is installed from PyPI
+Idle samples (a compute thread waiting for work, the loop waiting in epoll, grpc.aio's
+poller thread blocked in C) are counted apart, so the table's shares are of busy samples. py-spy is installed from PyPI
 (`pip install py-spy`); it needs ptrace rights over the server (it starts it, as its parent's
 child, so root or a permissive ptrace_scope). Written: bench/results/profile/profile{-tag}.json
 and a markdown table beside it; the raw py-spy outputs stay under run_dir.
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 WORKERS = "workers (f)"
 IDLE_WORKERS = "idle: compute threads"
 IDLE_LOOP = "idle: event loop"
+IDLE_OTHER = "idle: gRPC poller"  # grpc.aio's completion-queue thread, blocked in C (epoll)
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (  # first match wins
     ("encoder", ("Frontend.encode",)),
     ("heads", ("Frontend.classify",)),
@@ -106,6 +107,8 @@ def stage_of(stack: str) -> str:
         if "Frontend." in stack:  # the frontend's encoders or heads, run on a thread
             return next(name for name, marks in STAGES[:2] if any(m in stack for m in marks))
         return WORKERS
+    if "_poll_wrapper" in frames[0]:  # py-spy cannot see that its C call is blocked
+        return IDLE_OTHER
     last = frames[-1]
     if last.startswith("Runner.run (asyncio/runners.py") or "select (" in last:
         return IDLE_LOOP

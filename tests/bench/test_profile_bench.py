@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from bench.profile import IDLE_LOOP, IDLE_WORKERS, WORKERS, ProfileBenchError, ProfileConfig, shares, stage_of, tally
+from bench.profile import (
+    IDLE_LOOP,
+    IDLE_OTHER,
+    IDLE_WORKERS,
+    WORKERS,
+    ProfileBenchError,
+    ProfileConfig,
+    shares,
+    stage_of,
+    tally,
+)
 
 LOOP = "thread (1): MainThread;main (runtime/serve.py:123);Runner.run (asyncio/runners.py:118)"
 WORKER = "thread (2): coded-worker_0;Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:83)"
@@ -24,6 +34,8 @@ WORKER = "thread (2): coded-worker_0;Thread.run (threading.py:982);_worker (conc
      "tensor decode"),
     (LOOP + ";Arrivals.until (runtime/modes/base.py:99);OnlineDecoder.add (kernels/coding.py:388)", "decode"),
     (LOOP + ";RequestHandler.data_received (aiohttp/web_protocol.py:446)", "HTTP"),
+    ("thread (3): Thread-1 (_poll_wrapper);Thread._bootstrap (threading.py:1002);Thread.run "
+     "(threading.py:982)", IDLE_OTHER),
 ])
 def test_each_stack_lands_in_one_stage(stack: str, stage: str) -> None:
     assert stage_of(stack) == stage
