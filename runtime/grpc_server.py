@@ -17,7 +17,9 @@ computed. A call's gRPC deadline bounds the request timeout like `timeout_ms` do
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -84,6 +86,7 @@ def http_form(request: service_pb2.ModelInferRequest) -> tuple[bytes, str | None
     `raw_input_contents[i]` becomes input i's binary data; typed `contents` become its JSON
     `data`; anything the codec refuses is refused the same way for both protocols."""
     inputs, blobs = [], []
+    finite = True  # orjson writes NaN/inf as null: a non-finite pixel goes through json
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
@@ -101,6 +104,8 @@ def http_form(request: service_pb2.ModelInferRequest) -> tuple[bytes, str | None
                 raise BadRequest(f"input {tensor.name!r}: datatype {tensor.datatype!r} has no "
                                  f"accepted typed contents; send one of {sorted(CONTENTS_FIELD)}")
             entry["data"] = list(getattr(tensor.contents, field))
+            if field == "fp32_contents":
+                finite = finite and all(map(math.isfinite, entry["data"]))
         if params:
             entry["parameters"] = params
         inputs.append(entry)
@@ -111,8 +116,11 @@ def http_form(request: service_pb2.ModelInferRequest) -> tuple[bytes, str | None
     if params:
         body["parameters"] = params
     if request.outputs:
-        body["outputs"] = [{"name": o.name} for o in request.outputs]
-    header = orjson.dumps(body)
+        body["outputs"] = [{"name": o.name, **({"parameters": {
+            k: _plain(v) for k, v in o.parameters.items()}} if o.parameters else {})}
+            for o in request.outputs]
+    # json writes NaN/inf as the codec's json fallback reads them: refused as over HTTP
+    header = orjson.dumps(body) if finite else json.dumps(body).encode()
     if not blobs:
         return header, None
     return header + b"".join(blobs), str(len(header))

@@ -1,6 +1,6 @@
 """Triton's HTTP extensions on a real server, driven by STOCK clients: model configuration,
 statistics and the repository index with tritonclient.http, an inference through the KServe
-SDK's REST client (when installed), and cancellation: a request that gives up while queued
+SDK's REST and gRPC clients (when installed), and cancellation: a request that gives up while queued
 (client gone, timeout) leaves its queries uncomputed and counted."""
 
 from __future__ import annotations
@@ -215,6 +215,67 @@ def test_kserve_rest_client_gets_the_same_classes(tiny: TinyModel, binary: bool)
     flags = response["outputs"]["reconstructed"]  # may differ between runs: timing
     assert len(flags) == len(images) and all(isinstance(f, bool) for f in flags)
 
+
+
+KSERVE_GRPC_CLIENT = """
+import asyncio, json, sys
+sys.path[:] = json.loads(sys.argv[1])
+import numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+url, raw, images = sys.argv[2], sys.argv[3] == "raw", np.array(json.loads(sys.argv[4]), np.uint8)
+
+async def run():
+    # retries=0: no retry policy on the channel, one attempt per call
+    client = InferenceGRPCClient(url, timeout=30, retries=0)
+    try:
+        ready = await client.is_server_ready()
+        inp = InferInput(name="INPUT", shape=list(images.shape), datatype="UINT8")
+        # raw: raw_input_contents; typed: contents.uint_contents
+        inp.set_data_from_numpy(images, binary_data=raw)
+        request = InferRequest(model_name="tiny", infer_inputs=[inp], request_id="ks-g1")
+        return ready, await client.infer(request)
+    finally:
+        await client.close()
+
+ready, response = asyncio.run(run())
+print(json.dumps({"ready": ready, "model_name": response.model_name, "id": response.id,
+                  "outputs": {o.name: o.as_numpy().tolist() for o in response.outputs}}))
+"""
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["typed", "raw"])
+def test_kserve_grpc_client_gets_the_same_classes(tiny: TinyModel, raw: bool) -> None:
+    """The KServe SDK's gRPC client (InferenceGRPCClient, grpc.aio), in a child process,
+    against the server's gRPC port: the same classes as tritonclient.grpc."""
+    if importlib.util.find_spec("kserve") is None:
+        pytest.skip("the KServe SDK (kserve==0.21.0, about 270 MB with its dependencies) is "
+                    "not installed")
+    import tritonclient.grpc as grpcclient
+
+    images = random_images(5, seed=7)
+    with ServerThread(server_config(tiny.bundle, metrics_port=-1)) as srv:
+        child = subprocess.run(
+            [sys.executable, "-c", KSERVE_GRPC_CLIENT, json.dumps(sys.path), srv.grpc_url,
+             "raw" if raw else "typed", json.dumps(images.tolist())],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert child.returncode == 0, child.stderr[-3000:]
+        inp = grpcclient.InferInput("INPUT", list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images)
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        try:
+            reference = client.infer("tiny", [inp])
+        finally:
+            client.close()
+    response = json.loads(child.stdout)
+    assert response["ready"] is True
+    assert response["model_name"] == "tiny" and response["id"] == "ks-g1"
+    for task in ("digit", "parity"):
+        classes = np.array(response["outputs"][f"{task}_class"])
+        np.testing.assert_array_equal(classes, reference.as_numpy(f"{task}_class"))
+        np.testing.assert_array_equal(classes, tiny.logits(images)[task].argmax(axis=1))
+    flags = response["outputs"]["reconstructed"]  # may differ between runs: timing
+    assert len(flags) == len(images) and all(isinstance(f, bool) for f in flags)
 
 # -- cancellation ------------------------------------------------------------------------------
 def test_batcher_counts_the_rows_of_given_up_blocks_once() -> None:
