@@ -33,10 +33,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.entry import bench_main
 from bench.errors import BenchError
 from bench.loadgen import make_images
 from bench.machine import machine_info, machine_label
-from bench.serverproc import ServerProcess, install_sigterm_handler
+from bench.serverproc import ServerProcess
 from bench.soakload import ProcSampler, per_second, percentiles
 from kernels.configs import add_dataclass_flags, dataclass_values
 from runtime.manifest import MANIFEST_NAME, Manifest
@@ -263,14 +264,6 @@ def config_from_args(args: argparse.Namespace) -> OverloadConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    install_sigterm_handler()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    try:
-        config = config_from_args(build_parser().parse_args(argv))
-    except OverloadBenchError as exc:
-        logger.error("%s", exc)
-        return 2
-    run(config)
-    return 0
+    return bench_main(argv, build_parser(), config_from_args, run,
+                      (OverloadBenchError,))
 

@@ -40,9 +40,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.entry import bench_main, comma_list
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label
-from bench.serverproc import ServerProcess, install_sigterm_handler
+from bench.serverproc import ServerProcess
 from bench.soakload import load_images
 from bench.wrk import infer_url, make_body, run_wrk
 from kernels.configs import add_dataclass_flags, dataclass_values
@@ -215,22 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> ProfileConfig:
+    values = dataclass_values(ProfileConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS})
+    return ProfileConfig(bundle=args.bundle, modes=comma_list(args.modes), batches=comma_list(args.batches, int),
+                         server_args=tuple(args.server_args.split()), **values)
+
+
 def main(argv: list[str] | None = None) -> int:
-    install_sigterm_handler()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
-    try:
-        values = dataclass_values(ProfileConfig, {k: v for k, v in vars(args).items()
-                                                  if k not in _LIST_FLAGS})
-        config = ProfileConfig(bundle=args.bundle, modes=tuple(x for x in args.modes.split(",") if x),
-                               batches=tuple(int(x) for x in args.batches.split(",") if x),
-                               server_args=tuple(args.server_args.split()), **values)
-    except (ProfileBenchError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
-    run(config)
-    return 0
+    return bench_main(argv, build_parser(), config_from_args, run,
+                      (ProfileBenchError, ValueError))
 
 
 if __name__ == "__main__":

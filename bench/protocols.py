@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.entry import bench_main, comma_list
 from bench.errors import BenchError
 from bench.machine import machine_info
-from bench.serverproc import REPO_ROOT, ServerProcess, install_sigterm_handler
+from bench.serverproc import REPO_ROOT, ServerProcess
 from kernels.configs import add_dataclass_flags, dataclass_values
 from runtime.manifest import MANIFEST_NAME, Manifest
 
@@ -225,21 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--client" in argv:
         return client_main(_client_parser().parse_args(argv))
-    install_sigterm_handler()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
-    try:
-        values = dataclass_values(ProtocolsConfig, {k: v for k, v in vars(args).items()
-                                                    if k not in _LIST_FLAGS})
-        config = ProtocolsConfig(bundle=args.bundle, clients=tuple(x for x in args.clients.split(",") if x),
-                                 batches=tuple(int(x) for x in args.batches.split(",") if x),
-                                 server_args=tuple(args.server_args.split()), **values)
-    except (ProtocolsBenchError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
-    run(config)
-    return 0
+    return bench_main(argv, build_parser(), config_from_args, run,
+                      (ProtocolsBenchError, ValueError))
+
+
+def config_from_args(args: argparse.Namespace) -> ProtocolsConfig:
+    values = dataclass_values(ProtocolsConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS})
+    return ProtocolsConfig(bundle=args.bundle, clients=comma_list(args.clients),
+                           batches=comma_list(args.batches, int), server_args=tuple(args.server_args.split()),
+                           **values)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.entry import bench_main, comma_list
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label
-from bench.serverproc import ServerProcess, install_sigterm_handler
+from bench.serverproc import ServerProcess
 from bench.soakload import load_images, ort_reference
 from bench.wrk import binary_body, infer_url
 from kernels.configs import add_dataclass_flags, dataclass_values
@@ -200,20 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> ServedConfig:
+    values = dataclass_values(ServedConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS})
+    return ServedConfig(bundle=args.bundle, policies=comma_list(args.policies), faults=comma_list(args.faults),
+                        **values)
+
+
 def main(argv: list[str] | None = None) -> int:
-    install_sigterm_handler()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
-    try:
-        values = dataclass_values(ServedConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS})
-        config = ServedConfig(bundle=args.bundle, policies=tuple(x for x in args.policies.split(",") if x),
-                              faults=tuple(x for x in args.faults.split(",") if x), **values)
-    except (ServedBenchError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
-    run(config)
-    return 0
+    return bench_main(argv, build_parser(), config_from_args, run,
+                      (ServedBenchError, ValueError))
 
 
 if __name__ == "__main__":

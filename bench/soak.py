@@ -47,9 +47,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.entry import bench_main
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label
-from bench.serverproc import ServerProcess, free_port, install_sigterm_handler
+from bench.serverproc import ServerProcess, free_port
 from bench.soakload import (
     MALFORMED,
     Checker,
@@ -423,16 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> SoakConfig:
+    values = dataclass_values(SoakConfig, {k: v for k, v in vars(args).items()
+                                           if k not in ("bundle", "server_args")})
+    return SoakConfig(bundle=args.bundle, server_args=tuple(args.server_args.split()), **values)
+
+
 def main(argv: list[str] | None = None) -> int:
-    install_sigterm_handler()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("bench").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
-    try:
-        values = dataclass_values(SoakConfig, {k: v for k, v in vars(args).items()
-                                               if k not in ("bundle", "server_args")})
-        config = SoakConfig(bundle=args.bundle, server_args=tuple(args.server_args.split()), **values)
-    except SoakBenchError as exc:
-        logger.error("%s", exc)
-        return 2
-    return 0 if run(config)["passed"] else 1
+    return bench_main(argv, build_parser(), config_from_args,
+                      lambda c: 0 if run(c)["passed"] else 1, (SoakBenchError,))

@@ -114,11 +114,6 @@ class Batch:
     def blocks(self) -> Iterator[Block]:
         return (p.block for p in self.pieces)
 
-    @property
-    def abandoned(self) -> bool:
-        """Every request of this batch gave up: nothing needs computing."""
-        return all(p.block.future.done() for p in self.pieces)
-
     def answer(self, logits: dict[str, np.ndarray], reconstructed: np.ndarray,
                unavailable: tuple[str, ...] = (), rows: np.ndarray | None = None) -> int:
         """logits task -> [r, classes] and reconstructed [r] for batch rows `rows` (sorted
