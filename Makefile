@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	# CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VENV)/bin/python -m pip install -q -e '.[serve,train,dev]'
+	$(VENV)/bin/python -m pip install -q -e '.[serve,train,dist,dev]'
 	touch $@
 
 $(SERVE_VENV)/.installed: pyproject.toml

@@ -62,6 +62,13 @@ class ServerConfig:
     workers: int = 0  # compute threads shared by all workers; 0 = min(n, cpu count)
     mode: str = "coded"  # a name in runtime.modes.MODES
     workers_backend: str = "thread"  # a name in runtime.worker.BACKENDS
+    ray_address: str | None = None  # ray backend: join this cluster; None = start a local one
+    ray_num_cpus: float | None = None  # ray backend: CPUs per worker actor; None = auto
+    # (min(1, cluster CPUs / n))
+    ray_num_gpus: float = 0.0  # ray backend: GPUs per worker actor
+    ray_max_restarts: int = -1  # ray backend: Ray restarts a dead actor this often (-1 = always)
+    ray_start_timeout_s: float = 120.0  # ray backend: an actor (or the placement) not up
+    # within this is a failed start
     engine: str = "onnxruntime"
     device: str = "cpu"
     encoders_on_workers: bool = False  # paper Remark 3: backup workers run their encoder
@@ -75,6 +82,8 @@ class ServerConfig:
     straggler_min_ms: float = 2.0  # ... and at least this long after the launch
     redispatch: bool = True  # coded: a group undecodable when its missing calls became
     # stragglers re-sends its missing systematic slots to workers that answered
+    cancel_late_calls: bool = True  # a group's calls still running decode_wait_cap_ms after
+    # it is answered are cancelled: a worker skips them if not yet started (Ray: ray.cancel)
     frontend_inline_ms: float = 1.0  # frontend calls predicted faster run on the event loop
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
     max_groups_per_call: int = 32  # complete queued groups batched into one worker call
@@ -118,6 +127,22 @@ class ServerConfig:
         _check(-1 <= self.grpc_port <= 65535,
                f"--grpc-port must be -1 (off) or 0..65535, got {self.grpc_port}")
         _check(self.workers >= 0, f"--workers must be >= 0 (0 = auto), got {self.workers}")
+        ray_flags = [f.name for f in dataclasses.fields(self)
+                     if f.name.startswith("ray_") and getattr(self, f.name) != f.default]
+        _check(self.workers_backend == "ray" or not ray_flags,
+               f"{', '.join('--' + n.replace('_', '-') for n in ray_flags)} need(s) "
+               "--workers-backend ray")
+        _check(self.ray_num_cpus is None or (self.ray_num_cpus >= 0 and math.isfinite(self.ray_num_cpus)),
+               f"--ray-num-cpus must be a finite number >= 0, got {self.ray_num_cpus}")
+        _check(self.ray_num_gpus >= 0 and math.isfinite(self.ray_num_gpus),
+               f"--ray-num-gpus must be a finite number >= 0, got {self.ray_num_gpus}")
+        _check(not (self.ray_num_cpus == 0 and self.ray_num_gpus == 0),
+               "--ray-num-cpus 0 needs --ray-num-gpus > 0: a worker actor must reserve something "
+               "for its placement")
+        _check(self.ray_max_restarts >= -1,
+               f"--ray-max-restarts must be -1 (always) or >= 0, got {self.ray_max_restarts}")
+        _check(self.ray_start_timeout_s > 0,
+               f"--ray-start-timeout-s must be > 0, got {self.ray_start_timeout_s}")
         _check(self.max_inflight_groups >= 0,
                f"--max-inflight-groups must be >= 0 (0 = auto), got {self.max_inflight_groups}")
         for name in ("max_groups_per_call", "max_queue_size",

@@ -104,15 +104,16 @@ class Engine:
         context = EngineContext(config, manifest, self.bundle_dir, self.metrics, self._executor,
                                 models)
         self.frontend = await self._load_frontend(models)
-        backend = make_backend(config.workers_backend, context, lambda i: self.mode_cls.worker_models(
-            manifest, i, config.encoders_on_workers))
+        backend = make_backend(config.workers_backend, context, self.pool_size,
+                               lambda i: self.mode_cls.worker_models(
+                                   manifest, i, config.encoders_on_workers))
         kill = config.faults.kill_worker
         if kill is not None and not 0 <= kill < self.pool_size:
             logger.warning("--fault-kill-worker %d is outside 0..%d; nothing will be killed",
                            kill, self.pool_size - 1)
         self.pool = WorkerPool(self.pool_size, with_faults(backend.make_worker, config.faults),
                                deadline_s=config.worker_deadline_ms / 1000.0, metrics=self.metrics)
-        self._backend = backend
+        self.backend = backend  # its workers (runtime.worker.BACKENDS)
         mode = self.mode_cls(manifest, self.pool, self.frontend, self.metrics, ModeOptions(
             encoders_on_workers=config.encoders_on_workers,
             systematic_grace_s=(config.systematic_grace_ms or 0.0) / 1000.0,
@@ -121,6 +122,8 @@ class Engine:
             straggler_scale=config.straggler_scale or None,
             straggler_min_s=config.straggler_min_ms / 1000.0,
             redispatch=config.redispatch,
+            cancel_late_after_s=config.decode_wait_cap_ms / 1000.0 if config.cancel_late_calls
+            else None,
             new_decoder=device_decoders))
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
                           config.max_queue_size, on_cancelled=self.metrics.queries_cancelled)
@@ -202,7 +205,7 @@ class Engine:
             await self.scheduler.stop(timeout_s=1.0)
         if self.pool is not None:
             await self.pool.stop()
-            await self._backend.close()
+            await self.backend.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 

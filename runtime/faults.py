@@ -1,7 +1,9 @@
 """Fault injection for tests and benchmarks: a wrapper around any worker.
 
 Configured once (`--fault-*` flags, runtime.config.FaultConfig) and applied where the
-engine makes its workers; no serving mode and no pool code mentions a fault. Faults:
+engine makes its workers; no serving mode and no pool code mentions a fault. The wrapper
+decides each call's fault (runtime.worker.CallFault) and the worker acts it out where it
+runs, so a Ray actor is delayed, failed or killed inside its own process. Faults:
 
 - delay: a call's answer arrives `delay_ms` late with probability `delay_prob` (the worker
   itself is free again at once, as a slow network would make it look);
@@ -10,17 +12,17 @@ engine makes its workers; no serving mode and no pool code mentions a fault. Fau
 - fail: a call raises InjectedFailure with probability `fail_prob` (an erasure; the worker
   stays up);
 - kill: worker `kill_worker` dies for good after `kill_after_calls` calls (once: its
-  restarted incarnations are healthy), so the pool's supervisor has to restart it;
+  restarted incarnations are healthy), so the pool's supervisor has to restart it (a Ray
+  actor's process exits, and Ray's restart brings it back);
 - random kills: any call kills its worker with probability `kill_prob` (every
   incarnation), for soak tests.
 
-To add a fault: a FaultConfig field and its `--fault-*` help (runtime/serve.py), and its
-effect in `FaultyWorker.run` below.
+To add a fault: a FaultConfig field and its `--fault-*` help (runtime/serve.py), its
+decision in `FaultyWorker.run` below and its effect in runtime.worker.CallFault.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import random
 from collections.abc import Callable
@@ -28,8 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from runtime.config import FaultConfig
-from runtime.errors import InjectedFailure, WorkerDead
-from runtime.worker import GroupTag, Worker, WorkerState
+from runtime.worker import CallFault, GroupTag, Worker, WorkerState
 
 GROUPS_REMEMBERED = 4096  # straggler choices kept for groups whose calls are still arriving
 
@@ -96,33 +97,35 @@ class FaultyWorker:
     def __repr__(self) -> str:
         return f"FaultyWorker({self._inner!r})"
 
+    def busy_s(self) -> float:
+        return self._inner.busy_s()
+
+    async def lost(self) -> str:
+        return await self._inner.lost()
+
     async def start(self) -> None:
         await self._inner.start()
 
     async def stop(self) -> None:
         await self._inner.stop()
 
-    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None
-                  ) -> np.ndarray:
-        # decided when the call is made, so the draws follow submission order
+    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None,
+                  fault: CallFault | None = None) -> np.ndarray:
+        # decided here, when the call is made, so the draws follow submission order; acted
+        # out by the worker itself (inside its process, for a Ray actor)
+        die = None
         delay_s = self._plan.delay_s(self.index, group)
         fail = self._plan.fails()
         if self._kill_after_calls is not None and self.state is WorkerState.READY:
             self._calls += 1
             if self._calls > self._kill_after_calls:
-                self._inner.state = WorkerState.DEAD
-                raise WorkerDead(f"worker {self.index} killed by fault injection after "
-                                 f"{self._kill_after_calls} calls")
-        if self.state is WorkerState.READY and self._plan.kills():
-            self._inner.state = WorkerState.DEAD
-            raise WorkerDead(f"worker {self.index} killed at random by fault injection "
-                             "(--fault-kill-prob)")
-        result = await self._inner.run(model, batch, group)
-        if delay_s:  # a straggler's answer arrives late; the worker itself is free again
-            await asyncio.sleep(delay_s)
-        if fail:
-            raise InjectedFailure(f"worker {self.index}: injected failure (--fault-fail-prob)")
-        return result
+                die = (f"worker {self.index} killed by fault injection after "
+                       f"{self._kill_after_calls} calls")
+        if die is None and self.state is WorkerState.READY and self._plan.kills():
+            die = f"worker {self.index} killed at random by fault injection (--fault-kill-prob)"
+        if die or delay_s or fail:
+            fault = CallFault(delay_s, fail, die)
+        return await self._inner.run(model, batch, group, fault)
 
 
 def with_faults(make_worker: Callable[[int, int], Worker], config: FaultConfig

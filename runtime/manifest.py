@@ -358,22 +358,28 @@ def read_files(bundle_dir: str | Path, manifest: Manifest, verify: bool = True) 
     verified even if a file is swapped on disk later. Raises ManifestError naming every
     file that is missing or differs."""
     root = Path(bundle_dir)
-    problems, files = [], {}
+    files = {rel: (root / rel).read_bytes() for rel in sorted(manifest.files)
+             if (root / rel).is_file()}
+    check_files(manifest, files, f"bundle {root}", verify)
+    return files
+
+
+def check_files(manifest: Manifest, files: Mapping[str, bytes], where: str,
+                verify: bool = True) -> None:
+    """Raise ManifestError naming every manifest file missing from `files` or (with
+    `verify`) whose bytes' sha256 differs; `where` names their origin in the message."""
+    problems = []
     for rel, expected in sorted(manifest.files.items()):
-        path = root / rel
-        if not path.is_file():
+        data = files.get(rel)
+        if data is None:
             problems.append(f"{rel}: missing")
-            continue
-        data = path.read_bytes()
-        if verify and (actual := hashlib.sha256(data).hexdigest()) != expected:
+        elif verify and (actual := hashlib.sha256(data).hexdigest()) != expected:
             problems.append(f"{rel}: sha256 {actual[:12]}… != manifest {expected[:12]}…")
-        files[rel] = data
     if problems:
         raise ManifestError(
-            f"bundle {root} does not match its manifest: " + "; ".join(problems)
+            f"{where} does not match its manifest: " + "; ".join(problems)
             + ". Re-export it with `python -m export`, or restore the original files."
         )
-    return files
 
 
 def verify_checksums(bundle_dir: str | Path, manifest: Manifest) -> None:

@@ -63,6 +63,10 @@ class Metrics:
         self.late_dropped = Counter(
             "coded_late_results_dropped", "Worker results that arrived after their group "
             "was answered", ("worker",), registry=r)
+        self.cancelled_calls = Counter(
+            "coded_cancelled_calls", "Worker calls cancelled because their group was "
+            "answered without them (--cancel-late-calls): skipped when not yet started",
+            ("worker",), registry=r)
         self.worker_failures = Counter(
             "coded_worker_failures", "Worker calls that failed", ("worker", "reason"), registry=r)
         self.worker_restarts = Counter(
@@ -149,6 +153,7 @@ class Metrics:
             "reconstructed": total("coded_reconstructed_responses_total", **labels),
             "erasures": total("coded_erasures_total"),
             "late_results_dropped": total("coded_late_results_dropped_total"),
+            "cancelled_calls": total("coded_cancelled_calls_total"),
             "partial_groups": total("coded_partial_groups_total", **labels),
             "padded_queries": total("coded_padded_queries_total", **labels),
             "redispatched_calls": total("coded_redispatched_calls_total"),

@@ -174,7 +174,8 @@ def model_statistics(manifest: Manifest, snapshot: dict[str, float]) -> dict[str
     }
 
 
-CODED_COUNTERS = ("reconstructed", "erasures", "late_results_dropped", "partial_groups",
+CODED_COUNTERS = ("reconstructed", "erasures", "late_results_dropped", "cancelled_calls",
+                  "partial_groups",
                   "padded_queries", "redispatched_calls", "cancelled_queries",
                   "worker_failures", "worker_restarts")
 
@@ -182,7 +183,8 @@ CODED_COUNTERS = ("reconstructed", "erasures", "late_results_dropped", "partial_
 def coded_statistics(snapshot: dict[str, float]) -> dict[str, int]:
     """The coded-serving counters since start (Triton's statistics have no place for them):
     answers reconstructed from coded results, worker results missing when a group was
-    answered (erasures) or arriving after it (late_results_dropped), partial groups and
+    answered (erasures), arriving after it (late_results_dropped) or cancelled because it
+    was answered without them (cancelled_calls), partial groups and
     their padding slots, systematic slots re-sent, queued queries dropped because their
     request gave up (cancelled_queries, never computed), worker failures and restarts."""
     return {key: int(snapshot[key]) for key in CODED_COUNTERS}

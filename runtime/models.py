@@ -21,7 +21,7 @@ from runtime.engines import (
     find_tensorrt_plan,
 )
 from runtime.errors import EngineUnavailable
-from runtime.manifest import ENCODER_IO, F_IO, HEAD_IO, PARM_IO, Manifest, read_files
+from runtime.manifest import ENCODER_IO, F_IO, HEAD_IO, PARM_IO, Manifest, check_files, read_files
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,19 @@ class ModelFactory:
     from these same bytes, never from whatever the disk holds by then."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, config: ServerConfig,
-                 device_outputs: bool = False) -> None:
+                 device_outputs: bool = False, files: Mapping[str, bytes] | None = None) -> None:
+        """`files`: the bundle's bytes as another process read them (a Ray actor gets them
+        through the object store); checked against the manifest here all the same."""
         self.root = bundle_dir
         self.manifest = manifest
         self.config = config
         self.device_outputs = device_outputs  # torch f returns CUDA tensors (GPU decoding)
-        self.files = read_files(bundle_dir, manifest, verify=config.verify_checksums)
+        if files is None:
+            files = read_files(bundle_dir, manifest, verify=config.verify_checksums)
+        else:
+            check_files(manifest, files, f"bundle {bundle_dir} as received",
+                        config.verify_checksums)
+        self.files = files
 
     def _onnx(self, rel: str, io_names: tuple[str, str]) -> OrtRunner:
         return OrtRunner(self.files[rel], rel, *io_names)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from runtime.errors import InjectedFailure, WorkerError, WorkerOverdue
+from runtime.errors import InjectedFailure, WorkerDead, WorkerError, WorkerOverdue
 from runtime.metrics import Metrics
 from runtime.worker import GroupTag, Worker, WorkerState
 
@@ -34,6 +34,7 @@ class WorkerPool:
         self._metrics = metrics
         self._workers: list[Worker] = []
         self._restarts: dict[int, asyncio.Task[None]] = {}
+        self._watches: dict[int, asyncio.Task[None]] = {}  # worker.lost(), per index
         self._calls: set[asyncio.Task[np.ndarray]] = set()  # in flight, incl. late ones
         self._group_ids = itertools.count()
         self._closing = False
@@ -44,6 +45,7 @@ class WorkerPool:
         await asyncio.gather(*(w.start() for w in self._workers))
         for w in self._workers:
             self._metrics.worker_ready.labels(worker=str(w.index)).set(1)
+            self._watch(w)
         self._changed()
 
     @property
@@ -62,7 +64,7 @@ class WorkerPool:
 
     async def stop(self) -> None:
         self._closing = True
-        pending = [*self._restarts.values(), *self._calls]
+        pending = [*self._restarts.values(), *self._watches.values(), *self._calls]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -85,6 +87,13 @@ class WorkerPool:
                    group: GroupTag | None = None) -> np.ndarray:
         """Worker `index` runs `model`; any failure raises WorkerError (= an erasure)."""
         worker = self._workers[index]
+        # A call is cancelled once its group is answered without it, long before its
+        # deadline; a worker hung in one (whose later calls are all cancelled too) is caught
+        # here instead.
+        if worker.state is WorkerState.READY and (busy_s := worker.busy_s()) > self._deadline_s:
+            self._supervise(worker, WorkerOverdue(
+                f"worker {index} has been running one call for {busy_s * 1000:.0f} ms, past "
+                f"its {self._deadline_s * 1000:.0f} ms deadline"))
         try:
             return await asyncio.wait_for(worker.run(model, batch, group), self._deadline_s)
         except TimeoutError:
@@ -102,12 +111,25 @@ class WorkerPool:
         raise error
 
     # -- supervisor --------------------------------------------------------------------------
+    def _watch(self, worker: Worker) -> None:
+        """Restart `worker` when it is found dead outside any call (worker.lost())."""
+        async def watch() -> None:
+            reason = await worker.lost()
+            self._metrics.worker_failures.labels(worker=str(worker.index), reason="lost").inc()
+            self._supervise(worker, WorkerDead(reason))
+
+        self._watches[worker.index] = asyncio.create_task(watch(),
+                                                          name=f"watch-worker-{worker.index}")
+
     def _supervise(self, worker: Worker, error: WorkerError) -> None:
         index = worker.index
         if self._closing or index in self._restarts or self._workers[index] is not worker:
             return  # already being replaced, or this was an older incarnation
         logger.warning("worker %d (incarnation %d) failed: %s; restarting it",
                        index, worker.incarnation, error)
+        watch = self._watches.pop(index, None)
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
         worker.state = WorkerState.DEAD
         self._metrics.worker_ready.labels(worker=str(index)).set(0)
         self._changed()
@@ -125,9 +147,11 @@ class WorkerPool:
                 except Exception:  # noqa: BLE001 - logged, then retried with backoff
                     logger.exception("restart of worker %d failed (attempt %d/%d)",
                                      index, attempt, RESTART_ATTEMPTS)
+                    await fresh.stop()  # whatever it got as far as starting
                     await asyncio.sleep(RESTART_BACKOFF_S * attempt)
                     continue
                 self._workers[index] = fresh
+                self._watch(fresh)
                 self._metrics.worker_restarts.labels(worker=str(index), reason=reason).inc()
                 self._metrics.worker_ready.labels(worker=str(index)).set(1)
                 self._changed()

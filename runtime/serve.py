@@ -27,7 +27,18 @@ HELP = {
     "grpc_port": "KServe v2 gRPC port, GRPCInferenceService (0 = any free port, -1 = off)",
     "workers": "compute threads shared by all workers (0 = min(workers, CPU count))",
     "mode": "serving scheme",
-    "workers_backend": "where the n workers run: thread = threads of this process",
+    "workers_backend": "where the n workers run: thread = threads of this process; ray = one "
+                       "Ray actor each (pip install '.[dist]'), across a cluster's nodes",
+    "ray_address": "ray backend: address of a running Ray cluster to join (`ray start --head` "
+                   "prints it; 'auto' = RAY_ADDRESS or this node's cluster); unset = start a "
+                   "local Ray instance",
+    "ray_num_cpus": "ray backend: CPUs each worker actor reserves (unset = min(1, cluster "
+                    "CPUs / workers))",
+    "ray_num_gpus": "ray backend: GPUs each worker actor reserves (1 = a GPU per worker)",
+    "ray_max_restarts": "ray backend: how often Ray restarts a worker actor whose process died "
+                        "(-1 = always); after that the server makes a new actor",
+    "ray_start_timeout_s": "ray backend: a worker actor (or the placement of all of them) not "
+                           "up within this many seconds is a failed start",
     "engine": "inference engine for f on the workers",
     "device": "cpu (onnxruntime) or cuda (torch, tensorrt)",
     "encoders_on_workers": "run each encoder on its backup worker instead of the frontend "
@@ -48,6 +59,9 @@ HELP = {
     "straggler_min_ms": "a call is never a straggler sooner than this after its launch",
     "redispatch": "coded mode: a group that has more stragglers than parities re-sends its "
                   "missing systematic slots to workers that already answered it",
+    "cancel_late_calls": "a coding group's worker calls still running --decode-wait-cap-ms "
+                         "after it is answered are cancelled: a worker that has not started "
+                         "one skips it (ray backend: ray.cancel stops it in the actor)",
     "frontend_inline_ms": "a frontend call (the encoders of a dispatch, or its heads) that "
                           "warm-up timings predict faster than this runs on the event loop "
                           "instead of the thread pool (0 = always the pool)",

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 
 import numpy as np
 
 from runtime.context import EngineContext
 from runtime.engines import ModelRunner
 from runtime.errors import WorkerDead, WorkerError
-from runtime.worker import GroupTag, WorkerState
+from runtime.worker import CallFault, GroupTag, WorkerState
 
 
 class ThreadWorker:
@@ -34,6 +34,8 @@ class ThreadWorker:
         self._executor = executor
         self._models: Mapping[str, ModelRunner] = {}
         self._lock = asyncio.Lock()  # one call at a time, as on a real device
+        self._running: Future[np.ndarray] | None = None
+        self._running_since = 0.0
 
     def __repr__(self) -> str:
         return f"ThreadWorker({self.index}, incarnation={self.incarnation}, {self.state.value})"
@@ -52,19 +54,55 @@ class ThreadWorker:
             raise
         self.state = WorkerState.READY
 
-    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None
-                  ) -> np.ndarray:
+    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None,
+                  fault: CallFault | None = None) -> np.ndarray:
         if self.state is not WorkerState.READY:
             raise WorkerDead(f"worker {self.index} is {self.state.value}")
+        if fault is not None and fault.die:
+            self.state = WorkerState.DEAD
+            raise WorkerDead(fault.die)
         runner = self._models.get(model)
         if runner is None:
             raise WorkerError(f"worker {self.index} has no model {model!r}; it has "
                               f"{sorted(self._models)}")
-        async with self._lock:
-            if self.state is not WorkerState.READY:  # died while this call waited
-                raise WorkerDead(f"worker {self.index} is {self.state.value}")
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, runner.run, batch)
+        result = await self._compute(runner, batch)
+        if fault is not None:
+            await fault.after_run(self.index)
+        return result
+
+    async def _compute(self, runner: ModelRunner, batch: np.ndarray) -> np.ndarray:
+        """One call at a time. A call cancelled before its compute thread picks it up never
+        runs; one cancelled while running keeps the worker busy until it ends (a thread
+        cannot be stopped), so the next call never overlaps it."""
+        await self._lock.acquire()
+        if self.state is not WorkerState.READY:  # died while this call waited
+            self._lock.release()
+            raise WorkerDead(f"worker {self.index} is {self.state.value}")
+        loop = asyncio.get_running_loop()
+        try:
+            job = self._executor.submit(runner.run, batch)
+        except BaseException:
+            self._lock.release()
+            raise
+        def release(_: object) -> None:
+            try:
+                loop.call_soon_threadsafe(self._lock.release)
+            except RuntimeError:  # the loop is closed (shutdown): nobody waits for the lock
+                pass
+
+        job.add_done_callback(release)
+        self._running, self._running_since = job, loop.time()
+        return await asyncio.wrap_future(job)  # cancelling this cancels a job not yet started
+
+    async def lost(self) -> str:
+        await asyncio.get_running_loop().create_future()  # a thread dies only in a call
+        raise AssertionError("unreachable")
+
+    def busy_s(self) -> float:
+        job = self._running
+        if job is None or job.done() or not job.running():
+            return 0.0
+        return asyncio.get_running_loop().time() - self._running_since
 
     async def stop(self) -> None:
         self.state = WorkerState.STOPPED
@@ -74,7 +112,8 @@ class ThreadWorker:
 class ThreadBackend:
     """Workers as threads of this process, loading their models from the bundle."""
 
-    def __init__(self, context: EngineContext, worker_models: Callable[[int], list[str]]) -> None:
+    def __init__(self, context: EngineContext, size: int,
+                 worker_models: Callable[[int], list[str]]) -> None:
         self._context = context
         self._worker_models = worker_models
 

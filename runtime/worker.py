@@ -12,6 +12,7 @@ and register its import path in `BACKENDS` below.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import importlib
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from runtime.errors import InjectedFailure
 
 if TYPE_CHECKING:
     from runtime.context import EngineContext
@@ -42,6 +45,27 @@ class GroupTag:
     systematic: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class CallFault:
+    """What fault injection (runtime/faults.py) does to one call, decided by the engine and
+    acted out where the worker runs (inside a Ray actor for the ray backend): `die` (a
+    reason) -> the worker dies instead of running the call (a process-backed worker ends
+    its process); else the model runs, then the answer is held `delay_s` (the worker itself
+    is free again at once, as a slow link would make it look) and, with `fail`, replaced by
+    an InjectedFailure."""
+
+    delay_s: float = 0.0
+    fail: bool = False
+    die: str | None = None
+
+    async def after_run(self, index: int) -> None:
+        """The delay and the failure, once the call has run."""
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise InjectedFailure(f"worker {index}: injected failure (--fault-fail-prob)")
+
+
 class Worker(Protocol):
     index: int
     incarnation: int  # 0 at start, +1 per restart
@@ -49,10 +73,22 @@ class Worker(Protocol):
 
     async def start(self) -> None: ...
 
-    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None
-                  ) -> np.ndarray:
+    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None,
+                  fault: CallFault | None = None) -> np.ndarray:
         """Run `model` on `batch`; raise a runtime.errors.WorkerError subclass when the
-        worker cannot."""
+        worker cannot. Cancelling the awaiting task cancels the call: a worker that has not
+        started it never runs it."""
+        ...
+
+    async def lost(self) -> str:
+        """Return (the reason) once the worker is found dead outside any call of the pool's
+        (a Ray actor's process or node ended); never returns for a worker that can only die
+        in a call. The pool awaits it for each worker it starts, cancelling it at stop."""
+        ...
+
+    def busy_s(self) -> float:
+        """How long the call it is running has run (0 when idle or unknown), so that the
+        pool can replace a worker hung in a call that was cancelled."""
         ...
 
     async def stop(self) -> None: ...
@@ -66,15 +102,16 @@ class WorkerBackend(Protocol):
     async def close(self) -> None: ...
 
 
-# name -> "module:Class", built as Class(context, worker_models) where worker_models(i)
-# names the models worker i runs (the serving mode decides); imported only when chosen,
-# so a backend's heavy dependencies stay optional.
+# name -> "module:Class", built as Class(context, size, worker_models) for workers 0..size-1,
+# where worker_models(i) names the models worker i runs (the serving mode decides);
+# imported only when chosen, so a backend's heavy dependencies stay optional.
 BACKENDS: dict[str, str] = {
     "thread": "runtime.thread_worker:ThreadBackend",
+    "ray": "runtime.ray_worker:RayBackend",
 }
 
 
-def make_backend(name: str, context: EngineContext,
+def make_backend(name: str, context: EngineContext, size: int,
                  worker_models: Callable[[int], list[str]]) -> WorkerBackend:
     module, _, cls = BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)(context, worker_models)
+    return getattr(importlib.import_module(module), cls)(context, size, worker_models)

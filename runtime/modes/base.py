@@ -47,6 +47,9 @@ class ModeOptions:
     straggler_scale: float | None = None
     straggler_min_s: float = 0.002
     redispatch: bool = False  # coded: re-send a straggling group's missing systematic slots
+    # a group's calls still running this long after it is answered are cancelled (their
+    # worker skips them if not yet started); None = never, they run and are dropped
+    cancel_late_after_s: float | None = None
     # coded: shape -> decoder (kernels.coding.OnlineDecoder's interface); None = on the host
     new_decoder: Callable[[tuple[int, ...]], Any] | None = None
 
@@ -138,8 +141,11 @@ class Arrivals:
     of a slot counts. Every landing is told to the dispatch's `watch`."""
 
     def __init__(self, tasks: dict[asyncio.Task[Any], int], metrics: Metrics,
-                 watch: StragglerWatch | None = None) -> None:
-        self._now = asyncio.get_running_loop().time
+                 watch: StragglerWatch | None = None, cancel_late_after_s: float | None = None
+                 ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._now = self._loop.time
+        self.cancel_late_after_s = cancel_late_after_s
         self.tasks = dict(tasks)  # task -> slot
         self.pending: set[asyncio.Task[Any]] = set(tasks)
         self.received: set[int] = set()  # slots
@@ -224,20 +230,30 @@ class Arrivals:
 
     def finish(self, count_erasures: bool = True) -> None:
         """The group is answered: results still in flight are dropped (and counted when
-        they land), and every launched slot whose result was not used is an erasure."""
-        for task in self.pending:
-            if task.done():
-                continue
-            slot = self.tasks[task]
+        they land) or, after `cancel_late_after_s`, cancelled (and counted), and every
+        launched slot whose result was not used is an erasure."""
+        late = [task for task in self.pending if not task.done()]
+        metrics = self._metrics
+        for task in late:
+            def count(t: asyncio.Task[Any], slot: int = self.tasks[task]) -> None:
+                if t.cancelled():
+                    metrics.cancelled_calls.labels(worker=str(slot)).inc()
+                elif t.exception() is None:
+                    metrics.late_dropped.labels(worker=str(slot)).inc()
 
-            def late(t: asyncio.Task[Any], slot: int = slot) -> None:
-                if not t.cancelled() and t.exception() is None:
-                    self._metrics.late_dropped.labels(worker=str(slot)).inc()
-
-            task.add_done_callback(late)
+            task.add_done_callback(count)
+        if late and self.cancel_late_after_s is not None:
+            # not at once: the decode wait learns from how late these results come
+            # (runtime.deadlines), so they get as long as the longest wait
+            self._loop.call_later(self.cancel_late_after_s, _cancel, late)
         if count_erasures:
             for slot in sorted(set(self.tasks.values()) - self.received):
                 self._metrics.erasures.labels(worker=str(slot)).inc()
+
+
+def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()  # a no-op for a task that has ended meanwhile
 
 
 class Mode:
@@ -298,7 +314,7 @@ class Mode:
         """Submit one coding group's calls; `systematic`: its exact-answer workers."""
         group = self.pool.new_group(systematic)
         tasks = {self.pool.submit(i, model, x, group): i for i, model, x in calls}
-        return Arrivals(tasks, self.metrics, self.watch(batch))
+        return Arrivals(tasks, self.metrics, self.watch(batch), self.options.cancel_late_after_s)
 
     def answer(self, batch: Batch, logits: dict[str, np.ndarray], reconstructed: np.ndarray,
                unavailable: tuple[str, ...] = (), rows: np.ndarray | None = None) -> None:

@@ -112,8 +112,12 @@ class CodedMode(Mode):
             lateness = self.lateness
 
             def observe(task: asyncio.Task[Any]) -> None:  # during the wait or long after it
-                if not task.cancelled():
-                    lateness.observe(NEVER if task.exception() is not None else loop.time() - now)
+                # a cancelled call (--cancel-late-calls) was still missing past the longest
+                # wait: its lateness is at least the time it was cancelled at
+                if task.cancelled() or task.exception() is None:
+                    lateness.observe(loop.time() - now)
+                else:
+                    lateness.observe(NEVER)
 
             for task in arrivals.pending:
                 if arrivals.tasks[task] in waiting:

@@ -49,7 +49,7 @@ class UncodedMode(Mode):
         xs = batch.x[rows]  # [b, C, H, W]
         replicas = [slot + r * self.k for r in range(self.replicas)]
         arrivals = Arrivals({self.pool.submit(w, WORKER_F, xs, group): w for w in replicas},
-                            self.metrics, watch)
+                            self.metrics, watch, self.options.cancel_late_after_s)
         results: list[np.ndarray] = []
 
         def first(worker: int, zs: np.ndarray) -> bool:  # any one copy answers the queries

@@ -16,7 +16,7 @@ RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
 FORBIDDEN = ("torch", "trainer", "export", "tensorrt", "pycuda")
 # Lazy imports allowed only inside these functions (engine loaders picked by --engine).
 LAZY_ALLOWED = {"TorchRunner.__init__", "TensorRTRunner.__init__", "find_tensorrt_plan",
-                "make_device_decoders"}
+                "make_device_decoders", "import_ray"}
 
 
 def _imports(tree: ast.AST) -> list[tuple[str, str, int]]:

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from runtime_harness import metric_sample, settle, until
 
-import runtime.faults as faults
 import runtime.pool as pool_module
+import runtime.worker as worker_module
 from runtime.config import FaultConfig
 from runtime.errors import InjectedFailure, WorkerDead, WorkerError, WorkerOverdue
 from runtime.faults import FaultPlan, FaultyWorker, with_faults
 from runtime.metrics import Metrics
 from runtime.pool import RESTART_ATTEMPTS, WorkerPool
-from runtime.worker import GroupTag, WorkerState
+from runtime.worker import CallFault, GroupTag, WorkerState
 
 SAFETY_S = 5.0  # bounds a wait that an event ends at once; never reached unless a test fails
 X = np.ones((1, 1, 4, 4), np.float32)
@@ -46,6 +46,8 @@ class FakeWorker:
         self.calls: list[Call] = []
         self.start_gate: asyncio.Future[None] | None = None
         self.start_error: BaseException | None = None
+        self.busy = 0.0  # what busy_s() says
+        self.lost_reason: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def start(self) -> None:
         self.state = WorkerState.STARTING
@@ -56,15 +58,28 @@ class FakeWorker:
             raise self.start_error
         self.state = WorkerState.READY
 
-    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None
-                  ) -> np.ndarray:
+    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None,
+                  fault: CallFault | None = None) -> np.ndarray:
         if self.state is not WorkerState.READY:
             raise WorkerDead(f"worker {self.index} is {self.state.value}")
+        if fault is not None and fault.die:  # as every worker acts a fault out
+            self.state = WorkerState.DEAD
+            raise WorkerDead(fault.die)
         future = asyncio.get_running_loop().create_future()
         self.calls.append(Call(model, batch, group, future))
         if self.immediate:
-            return batch + self.index
-        return await future
+            result = batch + self.index
+        else:
+            result = await future
+        if fault is not None:
+            await fault.after_run(self.index)
+        return result
+
+    def busy_s(self) -> float:
+        return self.busy
+
+    async def lost(self) -> str:
+        return await self.lost_reason  # the test sets its result to kill the worker
 
     async def stop(self) -> None:
         self.state = WorkerState.STOPPED
@@ -147,6 +162,35 @@ async def test_deadline_expiry_is_overdue_and_restarts_the_worker() -> None:
     factory.made[0, 1].immediate = True  # the fresh incarnation takes the next call
     np.testing.assert_array_equal(await pool.submit(0, "f", X), X)
     assert len(factory.made[0, 1].calls) == 1
+    await pool.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_hung_past_its_deadline_is_replaced_at_its_next_call() -> None:
+    # its calls were cancelled (answered without it), so no deadline of theirs expired
+    pool, factory, metrics = await _pool(deadline_s=60.0)
+    factory.made[1, 0].busy = 60.5  # one call has been running for longer than the deadline
+    factory.made[0, 0].busy = 59.5  # busy, but within it
+    calls = [pool.submit(0, "f", X), pool.submit(1, "f", X)]
+    await _restarted(pool, factory, 1, 1)
+    with pytest.raises(WorkerDead):  # the call found its worker being replaced: an erasure
+        await calls[1]
+    assert _count(metrics, "coded_worker_restarts_total", worker="1", reason="overdue") == 1
+    assert (0, 1) not in factory.made and len(factory.made[0, 0].calls) == 1
+    calls[0].cancel()
+    await pool.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_lost_outside_any_call_is_restarted() -> None:
+    pool, factory, metrics = await _pool()
+    factory.made[2, 0].lost_reason.set_result("its node went away")
+    await _restarted(pool, factory, 2, 1)
+    assert _count(metrics, "coded_worker_failures_total", worker="2", reason="lost") == 1
+    assert _count(metrics, "coded_worker_restarts_total", worker="2", reason="dead") == 1
+    factory.made[2, 1].lost_reason.set_result("again")  # the fresh one is watched too
+    await _restarted(pool, factory, 2, 2)
+    assert _count(metrics, "coded_worker_failures_total", worker="2", reason="lost") == 2
     await pool.stop()
 
 
@@ -396,7 +440,7 @@ async def test_a_stragglers_answer_is_delayed_after_its_work(monkeypatch: pytest
         slept.append((delay_s, sum(len(w.calls) for w in factory.made.values())))
         await real_sleep(0)
 
-    monkeypatch.setattr(faults, "asyncio", types.SimpleNamespace(sleep=sleep))
+    monkeypatch.setattr(worker_module, "asyncio", types.SimpleNamespace(sleep=sleep))
     config = FaultConfig(straggler_per_group=True, delay_ms=300.0, seed=2)
     make = with_faults(factory, config)
     workers = [make(i, 0) for i in range(3)]

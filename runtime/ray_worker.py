@@ -1,0 +1,305 @@
+"""The Ray worker backend (`--workers-backend ray`): each of the n workers is a Ray actor.
+
+- Each actor is an *async* actor placed on its own bundle of one placement group with the
+  SPREAD strategy (one actor per node where the cluster has the nodes), reserving
+  `--ray-num-cpus` / `--ray-num-gpus`. It builds its models from the bundle's bytes, which
+  the server read and checked once and ships through Ray's object store (a node needs no
+  copy of the bundle, only this package), and checks them against the manifest's sha256
+  itself before loading.
+- A call is one actor task; the pool awaits its ObjectRef in the server's event loop.
+  Cancelling the awaiting task (a loser of a decoded group, runtime.modes.base) calls
+  `ray.cancel`: the actor skips the call if it has not started it and stops its fault delay.
+- An actor whose process dies is an erasure for its calls in flight; Ray restarts it
+  (`--ray-max-restarts`, no task retries, so nothing runs twice) and the pool's supervisor
+  waits for it to answer again (`RayWorker.start`). Restarts exhausted: a new actor.
+- Fault injection (runtime.worker.CallFault) acts inside the actor: the kill fault ends its
+  process, so Ray's restart path is what recovers.
+
+Ray is imported only when this backend is chosen (the `dist` extra); `serve` stays Ray-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.config import ServerConfig
+from runtime.context import EngineContext
+from runtime.errors import EngineUnavailable, WorkerDead, WorkerError
+from runtime.manifest import Manifest
+from runtime.models import ModelFactory
+from runtime.worker import CallFault, GroupTag, WorkerState
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install -e '.[dist]' (Ray) on the server and on every node"
+RETRY_S = 0.05  # between readiness polls of an actor Ray is restarting
+
+
+def import_ray() -> Any:
+    """Ray, imported the first time the backend is used (the only place that imports it)."""
+    try:
+        import ray
+        import ray.util.scheduling_strategies  # noqa: F401 - placement by bundle index
+    except ImportError as exc:
+        raise EngineUnavailable(f"--workers-backend ray needs Ray: {INSTALL_HINT}") from exc
+    return ray
+
+
+class WorkerActor:
+    """One worker inside its Ray actor process (RayBackend makes it a Ray actor class, so
+    this module imports without Ray). Calls run one at a time on one compute thread, like
+    one device; the actor's event loop stays free for readiness and cancellation."""
+
+    def __init__(self, index: int, names: list[str], config: ServerConfig,
+                 manifest: Mapping[str, Any], bundle_dir: str, files: Mapping[str, bytes]
+                 ) -> None:
+        self.index = index
+        factory = ModelFactory(Path(bundle_dir), Manifest.from_dict(manifest), config, files=files)
+        self._models = factory.worker_models(index, names)
+        for name, batch in factory.warmup_inputs(names).items():
+            self._models[name].run(batch)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"coded-actor-{index}")
+        self._in_progress = 0
+
+    async def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node_id": import_ray().get_runtime_context().get_node_id()}
+
+    async def until_stopped(self) -> None:
+        """Never returns: a call the server keeps pending, so that it fails the moment this
+        actor's process or node is lost, even when no other call is in flight."""
+        await asyncio.get_running_loop().create_future()
+
+    async def calls_in_progress(self) -> int:
+        """Calls begun and not yet ended (computing, queued or held by a fault delay)."""
+        return self._in_progress
+
+    async def run(self, model: str, batch: np.ndarray, fault: CallFault | None = None
+                  ) -> np.ndarray:
+        if fault is not None and fault.die:
+            logger.warning("%s: ending this actor's process", fault.die)
+            os._exit(1)  # the process dies as a crashed node would; Ray restarts it
+        runner = self._models.get(model)
+        if runner is None:
+            raise WorkerError(f"worker {self.index} has no model {model!r}; it has "
+                              f"{sorted(self._models)}")
+        self._in_progress += 1
+        try:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self._executor, runner.run, batch)
+            if fault is not None:
+                await fault.after_run(self.index)
+            return result
+        finally:
+            self._in_progress -= 1
+
+
+class RayWorker:
+    """The server's handle on worker `index`'s actor. `stop()` lets the actor live (Ray
+    restarts it, and the next incarnation's `start()` waits for that); the backend's
+    `close()` ends every actor."""
+
+    def __init__(self, backend: RayBackend, index: int, incarnation: int) -> None:
+        self.index = index
+        self.incarnation = incarnation
+        self.state = WorkerState.NEW
+        self._backend = backend
+        self._ray = backend.ray
+        self._actor: Any = None
+
+    def __repr__(self) -> str:
+        return f"RayWorker({self.index}, incarnation={self.incarnation}, {self.state.value})"
+
+    async def start(self) -> None:
+        if self.state is not WorkerState.NEW:
+            raise RuntimeError(f"{self!r}: start() needs a new worker")
+        self.state = WorkerState.STARTING
+        try:
+            self._actor = await self._backend.ready_actor(self.index)
+        except BaseException:
+            self.state = WorkerState.DEAD
+            raise
+        self.state = WorkerState.READY
+
+    async def run(self, model: str, batch: np.ndarray, group: GroupTag | None = None,
+                  fault: CallFault | None = None) -> np.ndarray:
+        if self.state is not WorkerState.READY:
+            raise WorkerDead(f"worker {self.index} is {self.state.value}")
+        exceptions = self._ray.exceptions
+        ref = self._actor.run.remote(model, batch, fault)
+        try:
+            return await ref
+        except asyncio.CancelledError:
+            self._ray.cancel(ref)  # an async actor drops the call, or its fault delay
+            raise
+        except exceptions.RayTaskError as exc:
+            cause = exc.cause
+            if isinstance(cause, WorkerError):  # raised by the actor (an injected failure)
+                raise cause from None
+            raise WorkerError(f"worker {self.index} (Ray actor) failed: "
+                              f"{type(cause).__name__}: {cause}") from None
+        except exceptions.RayActorError as exc:  # the process died, or Ray is restarting it
+            raise WorkerDead(f"worker {self.index}'s Ray actor is down: "
+                             f"{str(exc).splitlines()[0]}") from None
+        except exceptions.RayError as exc:
+            raise WorkerError(f"worker {self.index} (Ray): {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0]}") from None
+
+    async def lost(self) -> str:
+        sentinel = self._actor.until_stopped.remote()
+        try:
+            await sentinel
+        except asyncio.CancelledError:
+            self._ray.cancel(sentinel)
+            raise
+        except self._ray.exceptions.RayError as exc:
+            return f"worker {self.index}'s Ray actor was lost: {str(exc).splitlines()[0]}"
+        raise AssertionError("until_stopped returned")
+
+    def busy_s(self) -> float:
+        return 0.0  # not known here: a hung actor is caught by the deadline of a needed call
+
+    async def stop(self) -> None:
+        self.state = WorkerState.STOPPED
+
+
+class RayBackend:
+    """The n worker actors of one engine, their placement group and, when no
+    `--ray-address` is given, the local Ray instance they run in."""
+
+    def __init__(self, context: EngineContext, size: int,
+                 worker_models: Callable[[int], list[str]]) -> None:
+        self.ray = import_ray()
+        self._context = context
+        self._size = size
+        self._worker_models = worker_models
+        self._actors: dict[int, Any] = {}
+        self._cluster_lock = asyncio.Lock()
+        self._placement: Any = None
+        self._files: Any = None  # ObjectRef of the bundle's bytes
+        self._started_ray = False
+        self._actor_class = self.ray.remote(WorkerActor)
+        self.resources: dict[str, float] = {}  # what each actor reserves
+
+    def actor(self, index: int) -> Any:
+        """Worker `index`'s actor handle (None before it was made): for diagnostics."""
+        return self._actors.get(index)
+
+    def make_worker(self, index: int, incarnation: int) -> RayWorker:
+        return RayWorker(self, index, incarnation)
+
+    # -- the cluster -------------------------------------------------------------------------
+    async def _cluster(self) -> None:
+        """Once: join or start Ray, put the bundle's bytes in the object store and reserve
+        one placement bundle per worker."""
+        async with self._cluster_lock:
+            if self._placement is not None:
+                return
+            ray, config = self.ray, self._context.config
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._init_ray)
+            total_cpus = ray.cluster_resources().get("CPU", 0.0)
+            cpus = config.ray_num_cpus
+            if cpus is None:  # share the cluster's CPUs, at most one each
+                cpus = min(1.0, math.floor(100 * total_cpus / self._size) / 100) or 0.01
+            self.resources = {"CPU": cpus, **({"GPU": config.ray_num_gpus}
+                                              if config.ray_num_gpus else {})}
+            self.resources = {k: v for k, v in self.resources.items() if v}
+            placement = ray.util.placement_group([self.resources] * self._size, strategy="SPREAD")
+            try:
+                await asyncio.wait_for(placement.ready(), config.ray_start_timeout_s)
+            except TimeoutError:
+                ray.util.remove_placement_group(placement)
+                raise EngineUnavailable(
+                    f"Ray could not place {self._size} worker actors reserving {self.resources} "
+                    f"each within {config.ray_start_timeout_s:g} s; the cluster has "
+                    f"{ray.available_resources()} available. Lower --ray-num-cpus / "
+                    "--ray-num-gpus or add nodes") from None
+            self._files = ray.put(dict(self._context.models.files))
+            self._placement = placement
+            nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            logger.info("Ray: %d worker actors, %s each, spread over %d node(s) (%s)",
+                        self._size, self.resources, len(nodes),
+                        config.ray_address or "a local instance")
+
+    def _init_ray(self) -> None:
+        ray, config = self.ray, self._context.config
+        if ray.is_initialized():  # this process already joined a cluster (tests, notebooks)
+            return
+        if config.ray_address is None:
+            ray.init(address="local", include_dashboard=False)
+        else:
+            ray.init(address=config.ray_address)
+        self._started_ray = True
+
+    def _new_actor(self, index: int) -> Any:
+        strategies = self.ray.util.scheduling_strategies
+        config, manifest = self._context.config, self._context.manifest
+        options: dict[str, Any] = {
+            "num_cpus": self.resources.get("CPU", 0), "num_gpus": self.resources.get("GPU", 0),
+            "max_restarts": config.ray_max_restarts, "max_task_retries": 0,  # at most once
+            "scheduling_strategy": strategies.PlacementGroupSchedulingStrategy(
+                self._placement, placement_group_bundle_index=index)}
+        return self._actor_class.options(**options).remote(
+            index, self._worker_models(index), config, manifest.to_dict(),
+            str(self._context.bundle_dir), self._files)
+
+    async def ready_actor(self, index: int) -> Any:
+        """Worker `index`'s actor once it answers (made if it does not exist, or anew when
+        Ray gave up restarting it); WorkerError when it cannot start in time."""
+        await self._cluster()
+        exceptions = self.ray.exceptions
+        timeout_s = self._context.config.ray_start_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            actor = self._actors.get(index)
+            if actor is None:
+                actor = self._actors[index] = self._new_actor(index)
+            try:
+                info = await asyncio.wait_for(actor.ready.remote(),
+                                              max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                raise WorkerError(f"worker {index}'s Ray actor did not come up within "
+                                  f"{timeout_s:g} s (--ray-start-timeout-s)") from None
+            except exceptions.ActorUnavailableError:  # Ray is restarting it
+                await asyncio.sleep(RETRY_S)
+                continue
+            except exceptions.ActorDiedError as exc:
+                if exc.actor_init_failed:  # its constructor raised: a retry would too
+                    del self._actors[index]
+                    raise WorkerError(f"worker {index}'s Ray actor failed to start: "
+                                      f"{exc}") from None
+                logger.warning("worker %d's Ray actor is gone for good (restarts exhausted); "
+                               "making a new one", index)
+                del self._actors[index]
+                continue
+            logger.info("worker %d: Ray actor up (pid %s, node %s)", index, info["pid"],
+                        info["node_id"][:12])
+            return actor
+
+    async def close(self) -> None:
+        """End every actor and the placement group; shut down the Ray instance this
+        backend started."""
+        ray = self.ray
+        loop = asyncio.get_running_loop()
+
+        def close() -> None:
+            for actor in self._actors.values():
+                ray.kill(actor, no_restart=True)
+            if self._placement is not None:
+                ray.util.remove_placement_group(self._placement)
+            if self._started_ray:
+                ray.shutdown()
+
+        self._actors = {}
+        await loop.run_in_executor(None, close)
+        self._placement = None

@@ -1,0 +1,98 @@
+"""ThreadWorker: one call at a time, cancellation, busy time and faults acted out in-process,
+with a runner the test holds (threading events: no timing thresholds)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from runtime_harness import until
+
+from runtime.errors import InjectedFailure, WorkerDead
+from runtime.thread_worker import ThreadWorker
+from runtime.worker import CallFault, WorkerState
+
+SAFETY_S = 5.0  # bounds a wait that an event ends at once; never reached unless a test fails
+X = np.ones((1, 2), np.float32)
+
+
+class HeldRunner:
+    """run(x) blocks its thread until the test releases it; records every call it ran."""
+
+    def __init__(self) -> None:
+        self.ran: list[float] = []
+        self.started = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.started.release()
+        assert self.release.wait(SAFETY_S)
+        self.ran.append(float(x[0, 0]))
+        return x * 2
+
+
+async def _worker(runner: HeldRunner, threads: int = 2) -> tuple[ThreadWorker, ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(threads)
+    worker = ThreadWorker(0, lambda: {"f": runner}, {}, executor)
+    await worker.start()
+    return worker, executor
+
+
+async def _started(runner: HeldRunner) -> None:
+    assert await asyncio.to_thread(runner.started.acquire, timeout=SAFETY_S)
+
+
+@pytest.mark.asyncio
+async def test_a_call_cancelled_before_it_runs_is_never_run() -> None:
+    runner = HeldRunner()
+    worker, executor = await _worker(runner)
+    first = asyncio.create_task(worker.run("f", X * 1))
+    await _started(runner)
+    queued = asyncio.create_task(worker.run("f", X * 3))  # waits: one call at a time
+    await asyncio.sleep(0)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    runner.release.set()
+    np.testing.assert_array_equal(await first, X * 2)
+    np.testing.assert_array_equal(await worker.run("f", X * 5), X * 10)
+    assert runner.ran == [1.0, 5.0]  # the cancelled call never ran
+    executor.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_call_cancelled_while_running_keeps_the_worker_busy_until_it_ends() -> None:
+    runner = HeldRunner()
+    worker, executor = await _worker(runner)
+    assert worker.busy_s() == 0.0
+    running = asyncio.create_task(worker.run("f", X * 1))
+    await _started(runner)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert worker.busy_s() > 0.0  # its thread still runs it
+    after = asyncio.create_task(worker.run("f", X * 7))
+    await asyncio.sleep(0.01)
+    assert runner.started.acquire(blocking=False) is False  # it never overlapped the first
+    runner.release.set()
+    np.testing.assert_array_equal(await asyncio.wait_for(after, SAFETY_S), X * 14)
+    assert runner.ran == [1.0, 7.0]
+    await until(lambda: worker.busy_s() == 0.0, "idle again")
+    executor.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_faults_are_acted_out_by_the_worker() -> None:
+    runner = HeldRunner()
+    runner.release.set()
+    worker, executor = await _worker(runner)
+    with pytest.raises(InjectedFailure, match="worker 0: injected failure"):
+        await worker.run("f", X, fault=CallFault(fail=True))
+    assert runner.ran == [1.0] and worker.state is WorkerState.READY  # it ran: an erasure
+    with pytest.raises(WorkerDead, match="doomed"):
+        await worker.run("f", X, fault=CallFault(die="doomed"))
+    assert worker.state is WorkerState.DEAD and runner.ran == [1.0]  # died instead of running
+    executor.shutdown()
