@@ -71,7 +71,9 @@ class WorkerActor:
         self._in_progress = 0
 
     async def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node_id": import_ray().get_runtime_context().get_node_id()}
+        ray = import_ray()
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "node_ip": ray.util.get_node_ip_address()}
 
     async def until_stopped(self) -> None:
         """Never returns: a call the server keeps pending, so that it fails the moment this
@@ -282,8 +284,8 @@ class RayBackend:
                                "making a new one", index)
                 del self._actors[index]
                 continue
-            logger.info("worker %d: Ray actor up (pid %s, node %s)", index, info["pid"],
-                        info["node_id"][:12])
+            logger.info("worker %d: Ray actor up (pid %s, node %s at %s)", index, info["pid"],
+                        info["node_id"][:12], info["node_ip"])
             return actor
 
     async def close(self) -> None:
