@@ -106,6 +106,7 @@ class LatencyConfig:
     warmup_requests: int = 50
     max_queue_delay_ms: float = 5.0
     server_args: tuple[str, ...] = ()
+    backends: tuple[str, ...] = ("thread",)  # --workers-backend of each run, side by side
     seed: int = 0
     ready_timeout_s: float = 180.0
     out_dir: str = "bench/results/serving"
@@ -127,11 +128,20 @@ class LatencyConfig:
         self.modes = tuple(self.modes)
         self.poisson_rates = tuple(float(r) for r in self.poisson_rates)
         self.server_args = tuple(self.server_args)
+        self.backends = tuple(self.backends)
         self.load_fractions = tuple(float(f) for f in self.load_fractions)
         self.load_modes = tuple(self.load_modes)
         self.load_faults = tuple(self.load_faults)
         if not self.bundles:
             raise LatencyBenchError("need at least one BUNDLE directory")
+        from runtime.worker import BACKENDS
+
+        if not self.backends or any(b not in BACKENDS for b in self.backends):
+            raise LatencyBenchError(f"backends must be a non-empty subset of {tuple(BACKENDS)}, "
+                                    f"got {list(self.backends)}")
+        if self.load_fractions and self.backends != ("thread",):
+            raise LatencyBenchError("--backends is for the paper and Poisson parts; the under-load "
+                                    "run uses the thread backend")
         for b in self.bundles:
             if not (Path(b) / MANIFEST_NAME).is_file():
                 raise LatencyBenchError(f"{b}: not a bundle (no {MANIFEST_NAME}); build one with "
@@ -203,13 +213,15 @@ def _measure(srv: ServerProcess, load: LoadConfig, run_dir: Path, name: str, tim
     return {"stats": stats, "errors": record.errors, "quantiles": quantile_curve(record)}
 
 
-def bench_bundle(bundle: str, config: LatencyConfig, run_dir: Path) -> dict[str, Any]:
+def bench_bundle(bundle: str, config: LatencyConfig, run_dir: Path, backend: str = "thread"
+                 ) -> dict[str, Any]:
     from runtime.manifest import Manifest
 
     manifest = Manifest.load(bundle)
     n, k = manifest.coding.n, manifest.coding.k
     concurrency = k * config.concurrency_per_k
     result: dict[str, Any] = {"bundle": bundle, "n": n, "k": k, "delay_ms": config.delay_ms,
+                              "backend": backend,
                               "model_name": manifest.model_name, "concurrency": concurrency,
                               "provenance_note": manifest.provenance.get("note"),
                               "modes": [], "skipped": {}}
@@ -217,8 +229,8 @@ def bench_bundle(bundle: str, config: LatencyConfig, run_dir: Path) -> dict[str,
         if mode == "parm" and manifest.parm is None:
             result["skipped"][mode] = f"bundle has no {PARM_FILE}"
             continue
-        args = server_args_for(mode, config)
-        tag = f"k{k}-{mode}"
+        args = [*server_args_for(mode, config), "--workers-backend", backend]
+        tag = f"k{k}-{backend}-{mode}"
         entry: dict[str, Any] = {"mode": mode, "server_args": args}
         base = LoadConfig(model_name=manifest.model_name, input_name=manifest.input.name,
                           input_shape=manifest.input.shape, seed=config.seed)
@@ -536,13 +548,18 @@ def run(config: LatencyConfig) -> dict[str, Any]:
     info = machine_info()
     logger.info("latency bench: %s", json.dumps(asdict(config)))
     logger.info("machine: %s", machine_label(info))
+    if "ray" in config.backends:
+        from bench.netns_cluster import require_loopback_only
+
+        require_loopback_only("--backends ray")
     t0 = time.perf_counter()
-    bundles = [bench_bundle(b, config, run_dir) for b in config.bundles]
+    bundles = [bench_bundle(b, config, run_dir, backend) for b in config.bundles
+               for backend in config.backends]
     record = {"benchmark": "latency", "config": asdict(config), "machine": info,
               "machine_after": {"load_average": machine_info()["load_average"]},
               "wall_s": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir),
               "percentiles": "numpy linear interpolation over successful requests",
-              "bundles": bundles}
+              "bundles": bundles, "backend_ratios": backend_ratios(bundles)}
     suffix = f"-{config.tag}" if config.tag else ""
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -558,12 +575,31 @@ def run(config: LatencyConfig) -> dict[str, Any]:
     png = latency_figure(bundles, out_dir / f"latency{suffix}.png", title)
     logger.info("wrote %s and %s", json_path, png)
     for b in bundles:
-        logger.info("k=%d targets: %s", b["k"], json.dumps(b["targets"]))
+        logger.info("k=%d %s backend targets: %s", b["k"], b["backend"], json.dumps(b["targets"]))
+    if record["backend_ratios"]:
+        logger.info("backend ratios: %s", json.dumps(record["backend_ratios"]))
     return record
 
 
+def backend_ratios(bundles: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per bundle and mode, each backend's paper-setup p50 and p99.9 over the thread
+    backend's (the Ray target: p50 <= 2 x thread at batch 1)."""
+    stats = {(b["bundle"], b["backend"], m["mode"]): m["paper"]["stats"]
+             for b in bundles for m in b["modes"] if "paper" in m}
+    out: dict[str, Any] = {}
+    for (bundle, backend, mode), s in stats.items():
+        base = stats.get((bundle, "thread", mode))
+        if backend == "thread" or base is None:
+            continue
+        out.setdefault(f"{bundle} {backend}/thread", {})[mode] = {
+            "p50": round(s["p50_ms"] / base["p50_ms"], 3),
+            "p99.9": round(s["p99.9_ms"] / base["p99.9_ms"], 3)}
+    return out
+
+
 # Flags that take a comma (or, for server args, space) separated list; the rest map one-to-one.
-_LIST_FLAGS = ("bundles", "modes", "poisson_rates", "server_args", "load_fractions", "load_modes", "load_faults")
+_LIST_FLAGS = ("bundles", "modes", "poisson_rates", "server_args", "backends", "load_fractions", "load_modes",
+               "load_faults")
 # The under-load flags, shown in their own help group.
 _LOAD_FIELDS = ("load_queries", "load_warmup_requests", "delay_prob", "capacity_concurrency",
                 "capacity_duration_s", "send_rate_tolerance")
@@ -576,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(MODES), help="comma list (default %(default)s)")
     p.add_argument("--poisson-rates", default="", help="comma list of queries/s, e.g. 20,50")
     p.add_argument("--server-args", default="", help="extra server flags, space separated")
+    p.add_argument("--backends", default="thread", help="comma list of --workers-backend values, each "
+                   "run side by side (ray: inside a private network namespace, see bench/netns_cluster.py)")
     add_dataclass_flags(p, LatencyConfig, skip=_LIST_FLAGS + _LOAD_FIELDS, helps={
         "num_queries": "queries per mode in the paper setup (paper: 5000)",
         "delay_ms": "straggler delay, one worker per group (paper: 100); also the under-load fault delay",
@@ -608,7 +646,7 @@ def config_from_args(args: argparse.Namespace) -> LatencyConfig:
     return LatencyConfig(
         bundles=tuple(args.bundles), modes=tuple(m for m in args.modes.split(",") if m),
         poisson_rates=tuple(float(r) for r in _comma(args.poisson_rates)),
-        server_args=tuple(args.server_args.split()),
+        server_args=tuple(args.server_args.split()), backends=tuple(_comma(args.backends)),
         load_fractions=tuple(float(f) for f in _comma(args.load_fractions)),
         load_modes=tuple(_comma(args.load_modes)), load_faults=tuple(_comma(args.load_faults)),
         **dataclass_values(LatencyConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS}))

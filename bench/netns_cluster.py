@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,21 @@ def _ip(*args: str) -> None:
     run = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if run.returncode:
         raise NetnsError(f"ip {' '.join(args)}: {run.stderr.strip()}")
+
+
+def loopback_only() -> bool:
+    """Whether this process's network namespace has nothing but loopback (where a local Ray
+    instance binds to 127.0.0.1 instead of the machine's own address)."""
+    return {name for _, name in socket.if_nameindex()} == {"lo"}
+
+
+def require_loopback_only(what: str) -> None:
+    """Refuse to start a local Ray instance on the machine's own network."""
+    if not loopback_only():
+        raise NetnsError(
+            f"{what} starts a local Ray instance, which binds to this machine's non-loopback "
+            "address; run it inside a private network namespace with only loopback up: "
+            "unshare -n sh -c 'ip link set lo up && python -m bench ...'")
 
 
 def unavailable_reason() -> str | None:

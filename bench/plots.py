@@ -42,8 +42,8 @@ def latency_figure(bundles: list[dict[str, Any]], path: Path, title: str) -> Pat
         ax_cdf.set_xscale("log")
         ax_cdf.set_xlabel("latency (ms, log)")
         ax_cdf.set_ylabel("fraction of queries")
-        ax_cdf.set_title(f"k={bundle['k']}, n={bundle['n']}: CDF, one straggler/group "
-                         f"+{bundle['delay_ms']:.0f} ms")
+        ax_cdf.set_title(f"k={bundle['k']}, n={bundle['n']}, {bundle.get('backend', 'thread')} "
+                         f"workers: CDF, one straggler/group +{bundle['delay_ms']:.0f} ms")
         ax_cdf.grid(True, alpha=0.3)
         ax_cdf.legend(fontsize=8)
 

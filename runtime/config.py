@@ -29,6 +29,7 @@ class FaultConfig:
     fail_prob: float = 0.0  # a worker call raises
     kill_worker: int | None = None  # this worker dies once after kill_after_calls calls
     kill_after_calls: int | None = None
+    kill_repeat: bool = False  # every incarnation of kill_worker dies after kill_after_calls
     kill_prob: float = 0.0  # any call kills its worker with this probability (soak tests)
     seed: int | None = None
 
@@ -41,6 +42,8 @@ class FaultConfig:
                    f"--fault-{name.replace('_', '-')} must be in [0, 1], got {value}")
         _check((self.kill_worker is None) == (self.kill_after_calls is None),
                "--fault-kill-worker and --fault-kill-after-calls go together; got only one")
+        _check(not self.kill_repeat or self.kill_worker is not None,
+               "--fault-kill-repeat needs --fault-kill-worker and --fault-kill-after-calls")
         if self.kill_worker is not None:
             _check(self.kill_worker >= 0, f"--fault-kill-worker must be >= 0, got {self.kill_worker}")
             _check(self.kill_after_calls is not None and self.kill_after_calls >= 0,

@@ -12,8 +12,9 @@ runs, so a Ray actor is delayed, failed or killed inside its own process. Faults
 - fail: a call raises InjectedFailure with probability `fail_prob` (an erasure; the worker
   stays up);
 - kill: worker `kill_worker` dies for good after `kill_after_calls` calls (once: its
-  restarted incarnations are healthy), so the pool's supervisor has to restart it (a Ray
-  actor's process exits, and Ray's restart brings it back);
+  restarted incarnations are healthy; with `kill_repeat`, every incarnation), so the pool's
+  supervisor has to restart it (a Ray actor's process exits, and Ray's restart brings it
+  back);
 - random kills: any call kills its worker with probability `kill_prob` (every
   incarnation), for soak tests.
 
@@ -137,7 +138,8 @@ def with_faults(make_worker: Callable[[int, int], Worker], config: FaultConfig
     plan = FaultPlan(config)
 
     def make(index: int, incarnation: int) -> Worker:
-        kill = config.kill_after_calls if index == config.kill_worker and incarnation == 0 else None
+        doomed = index == config.kill_worker and (incarnation == 0 or config.kill_repeat)
+        kill = config.kill_after_calls if doomed else None
         return FaultyWorker(make_worker(index, incarnation), plan, kill)
 
     return make

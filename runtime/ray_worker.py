@@ -1,6 +1,6 @@
 """The Ray worker backend (`--workers-backend ray`): each of the n workers is a Ray actor.
 
-- Each actor is an *async* actor placed on its own bundle of one placement group with the
+- Each actor is a threaded actor placed on its own bundle of one placement group with the
   SPREAD strategy (one actor per node where the cluster has the nodes), reserving
   `--ray-num-cpus` / `--ray-num-gpus`. It builds its models from the bundle's bytes, which
   the server read and checked once and ships through Ray's object store (a node needs no
@@ -8,7 +8,10 @@
   itself before loading.
 - A call is one actor task; the pool awaits its ObjectRef in the server's event loop.
   Cancelling the awaiting task (a loser of a decoded group, runtime.modes.base) calls
-  `ray.cancel`: the actor skips the call if it has not started it and stops its fault delay.
+  `ray.cancel`: the actor skips the call if it has not started it and cuts its fault delay
+  short. Threaded, not async: on 2 cores an async actor's asyncio hand-off cost 1.1 ms more
+  per 4-of-5 group than a threaded one (bench ray-overhead), and Ray cancels a threaded
+  actor's pending calls just the same (a running one sees `is_canceled()`).
 - An actor whose process dies is an erasure for its calls in flight; Ray restarts it
   (`--ray-max-restarts`, no task retries, so nothing runs twice) and the pool's supervisor
   waits for it to answer again (`RayWorker.start`). Restarts exhausted: a new actor.
@@ -24,8 +27,8 @@ import asyncio
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -e '.[dist]' (Ray) on the server and on every node"
 RETRY_S = 0.05  # between readiness polls of an actor Ray is restarting
+# Threads of one actor: calls wait for the one computing, and a fault delay holds a thread,
+# so this bounds the delayed calls of one worker in flight at once (plus the sentinel).
+ACTOR_THREADS = 64
 
 
 def import_ray() -> Any:
@@ -56,8 +62,9 @@ def import_ray() -> Any:
 
 class WorkerActor:
     """One worker inside its Ray actor process (RayBackend makes it a Ray actor class, so
-    this module imports without Ray). Calls run one at a time on one compute thread, like
-    one device; the actor's event loop stays free for readiness and cancellation."""
+    this module imports without Ray). Calls run on the actor's threads
+    (ACTOR_THREADS) but compute one at a time, like one device; a fault's delay holds only
+    its own thread, so the actor is free meanwhile."""
 
     def __init__(self, index: int, names: list[str], config: ServerConfig,
                  manifest: Mapping[str, Any], bundle_dir: str, files: Mapping[str, bytes]
@@ -67,25 +74,26 @@ class WorkerActor:
         self._models = factory.worker_models(index, names)
         for name, batch in factory.warmup_inputs(names).items():
             self._models[name].run(batch)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"coded-actor-{index}")
+        self._device = threading.Lock()
+        self._count = threading.Lock()
         self._in_progress = 0
+        self._stopped = threading.Event()  # never set: see until_stopped
 
-    async def ready(self) -> dict[str, Any]:
+    def ready(self) -> dict[str, Any]:
         ray = import_ray()
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "node_ip": ray.util.get_node_ip_address()}
 
-    async def until_stopped(self) -> None:
+    def until_stopped(self) -> None:
         """Never returns: a call the server keeps pending, so that it fails the moment this
         actor's process or node is lost, even when no other call is in flight."""
-        await asyncio.get_running_loop().create_future()
+        self._stopped.wait()
 
-    async def calls_in_progress(self) -> int:
-        """Calls begun and not yet ended (computing, queued or held by a fault delay)."""
+    def calls_in_progress(self) -> int:
+        """Calls begun and not yet ended (computing, waiting to, or held by a fault delay)."""
         return self._in_progress
 
-    async def run(self, model: str, batch: np.ndarray, fault: CallFault | None = None
-                  ) -> np.ndarray:
+    def run(self, model: str, batch: np.ndarray, fault: CallFault | None = None) -> np.ndarray:
         if fault is not None and fault.die:
             logger.warning("%s: ending this actor's process", fault.die)
             os._exit(1)  # the process dies as a crashed node would; Ray restarts it
@@ -93,15 +101,17 @@ class WorkerActor:
         if runner is None:
             raise WorkerError(f"worker {self.index} has no model {model!r}; it has "
                               f"{sorted(self._models)}")
-        self._in_progress += 1
+        with self._count:
+            self._in_progress += 1
         try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, runner.run, batch)
+            with self._device:
+                result = runner.run(batch)
             if fault is not None:
-                await fault.after_run(self.index)
+                fault.after_run_blocking(self.index, import_ray().get_runtime_context().is_canceled)
             return result
         finally:
-            self._in_progress -= 1
+            with self._count:
+                self._in_progress -= 1
 
 
 class RayWorker:
@@ -248,6 +258,7 @@ class RayBackend:
         options: dict[str, Any] = {
             "num_cpus": self.resources.get("CPU", 0), "num_gpus": self.resources.get("GPU", 0),
             "max_restarts": config.ray_max_restarts, "max_task_retries": 0,  # at most once
+            "max_concurrency": ACTOR_THREADS,
             "scheduling_strategy": strategies.PlacementGroupSchedulingStrategy(
                 self._placement, placement_group_bundle_index=index)}
         return self._actor_class.options(**options).remote(

@@ -101,6 +101,8 @@ FAULT_HELP = {
     "kill_worker": "TEST ONLY: this worker dies after --fault-kill-after-calls calls (once) and "
                    "is restarted by the supervisor",
     "kill_after_calls": "TEST ONLY: see --fault-kill-worker",
+    "kill_repeat": "TEST ONLY: with --fault-kill-worker, every restarted incarnation dies "
+                   "after --fault-kill-after-calls calls too",
     "kill_prob": "TEST ONLY: any worker call kills its worker with this probability (the "
                  "supervisor restarts it); for soak tests",
     "seed": "TEST ONLY: seed of the fault-injection random numbers",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import importlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -45,6 +46,9 @@ class GroupTag:
     systematic: tuple[int, ...]
 
 
+CANCEL_POLL_S = 0.005  # how often a blocking fault delay looks whether its call was cancelled
+
+
 @dataclass(frozen=True)
 class CallFault:
     """What fault injection (runtime/faults.py) does to one call, decided by the engine and
@@ -62,6 +66,16 @@ class CallFault:
         """The delay and the failure, once the call has run."""
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        self._fail(index)
+
+    def after_run_blocking(self, index: int, cancelled: Callable[[], bool]) -> None:
+        """The same in a worker thread: the delay ends early once `cancelled()` says so."""
+        end = time.monotonic() + self.delay_s
+        while (left := end - time.monotonic()) > 0 and not cancelled():
+            time.sleep(min(left, CANCEL_POLL_S))
+        self._fail(index)
+
+    def _fail(self, index: int) -> None:
         if self.fail:
             raise InjectedFailure(f"worker {index}: injected failure (--fault-fail-prob)")
 

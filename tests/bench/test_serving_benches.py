@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.latency import LatencyBenchError, LatencyConfig, quantile_curve, server_args_for, targets
+from bench.latency import (
+    LatencyBenchError,
+    LatencyConfig,
+    backend_ratios,
+    quantile_curve,
+    server_args_for,
+    targets,
+)
 from bench.loadgen import LoadRecord
 from bench.overhead import OverheadBenchError, OverheadConfig, decode_vs_k
 from bench.throughput import ThroughputBenchError, ThroughputConfig
@@ -68,6 +75,10 @@ def test_latency_config_errors(bundle: Path, tmp_path: Path) -> None:
         LatencyConfig(bundles=(str(bundle),), modes=("coded", "magic"))
     with pytest.raises(LatencyBenchError, match="poisson-rates must be > 0"):
         LatencyConfig(bundles=(str(bundle),), poisson_rates=(0.0,))
+    with pytest.raises(LatencyBenchError, match="backends must be a non-empty subset of"):
+        LatencyConfig(bundles=(str(bundle),), backends=("thread", "mpi"))
+    with pytest.raises(LatencyBenchError, match="the under-load run uses the thread backend"):
+        LatencyConfig(bundles=(str(bundle),), backends=("ray",), load_fractions=(0.5,))
     with pytest.raises(LatencyBenchError, match=r"LatencyConfig: unknown key\(s\) \['queries'\]"):
         LatencyConfig.from_dict({"bundles": [str(bundle)], "queries": 3})
 
@@ -89,6 +100,17 @@ def test_targets_ratios() -> None:
     assert set(t["p99.9_ms"]) == {"reference", "uncoded", "coded", "coded-clean"}  # the failed mode is left out
     missed = targets({"modes": [{"mode": "reference", **_paper(10.0)}, {"mode": "coded", **_paper(11.0)}]})
     assert missed["coded_within_1.05x_reference"] is False and "coded_over_uncoded" not in missed
+
+
+def test_backend_ratios_divide_each_backend_by_the_thread_one() -> None:
+    def run(backend: str, p50: float, p999: float) -> dict:
+        return {"bundle": "b", "backend": backend, "modes": [
+            {"mode": "coded", "paper": {"stats": {"p50_ms": p50, "p99.9_ms": p999}}},
+            {"mode": "uncoded", "error": "server died"}]}
+
+    ratios = backend_ratios([run("thread", 4.0, 20.0), run("ray", 9.0, 30.0)])
+    assert ratios == {"b ray/thread": {"coded": {"p50": 2.25, "p99.9": 1.5}}}
+    assert backend_ratios([run("ray", 9.0, 30.0)]) == {}  # nothing to compare with
 
 
 def test_quantile_curve_uses_successful_requests_only() -> None:
@@ -169,3 +191,24 @@ def test_cli_flags_map_one_to_one_onto_the_configs(bundle: Path) -> None:
         kernel.KernelBenchConfig(ds=(8, 16), backend="numpy", unfused="none"))
     for error in (LatencyBenchError, OverheadBenchError, ThroughputBenchError, kernel.KernelBenchError):
         assert issubclass(error, BenchError)
+
+
+def test_ray_overhead_config_errors() -> None:
+    from bench.ray_overhead import RayOverheadConfig, RayOverheadError
+
+    with pytest.raises(RayOverheadError, match="batches must be >= 1"):
+        RayOverheadConfig(batches=(0,))
+    with pytest.raises(RayOverheadError, match="groups must be >= 10"):
+        RayOverheadConfig(groups=3)
+    assert RayOverheadConfig(batches=("1", "8")).batches == (1, 8)
+
+
+def test_a_local_ray_instance_is_refused_outside_a_loopback_only_namespace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.netns_cluster as netns
+
+    monkeypatch.setattr(netns, "loopback_only", lambda: False)
+    with pytest.raises(netns.NetnsError, match="inside a private network namespace"):
+        netns.require_loopback_only("--backends ray")
+    monkeypatch.setattr(netns, "loopback_only", lambda: True)
+    netns.require_loopback_only("--backends ray")

@@ -10,7 +10,6 @@ machine's own non-loopback address otherwise. Run by hand the same way:
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,11 +28,13 @@ from runtime_harness import (
     server_config,
 )
 
+from bench.netns_cluster import loopback_only
+
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[dist]'")
 
 SAFETY_S = 30.0  # bounds a wait for something that happens at once; reached only on failure
 
-if {name for _, name in socket.if_nameindex()} != {"lo"}:
+if not loopback_only():
     pytest.skip("the Ray tier runs only in a network namespace with nothing but loopback "
                 "(see this file's docstring); test_ray_backend.py runs it so",
                 allow_module_level=True)

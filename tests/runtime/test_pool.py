@@ -16,7 +16,7 @@ from runtime_harness import metric_sample, settle, until
 import runtime.pool as pool_module
 import runtime.worker as worker_module
 from runtime.config import FaultConfig
-from runtime.errors import InjectedFailure, WorkerDead, WorkerError, WorkerOverdue
+from runtime.errors import ConfigError, InjectedFailure, WorkerDead, WorkerError, WorkerOverdue
 from runtime.faults import FaultPlan, FaultyWorker, with_faults
 from runtime.metrics import Metrics
 from runtime.pool import RESTART_ATTEMPTS, WorkerPool
@@ -415,6 +415,28 @@ async def test_kill_after_n_calls_only_for_incarnation_zero() -> None:
         for _ in range(5):
             await worker.run("f", X)
         assert worker.state is WorkerState.READY
+
+
+@pytest.mark.asyncio
+async def test_kill_repeat_kills_every_incarnation_after_n_calls() -> None:
+    factory = Factory(immediate=True)
+    make = with_faults(factory, FaultConfig(kill_worker=0, kill_after_calls=3, kill_repeat=True))
+    for incarnation in range(3):
+        worker = make(0, incarnation)
+        await worker.start()
+        for _ in range(3):
+            await worker.run("f", X)
+        with pytest.raises(WorkerDead, match="after 3 calls"):
+            await worker.run("f", X)
+    healthy = make(1, 0)
+    await healthy.start()
+    for _ in range(10):
+        await healthy.run("f", X)
+
+
+def test_kill_repeat_needs_a_worker_to_kill() -> None:
+    with pytest.raises(ConfigError, match="--fault-kill-repeat needs --fault-kill-worker"):
+        FaultConfig(kill_repeat=True)
 
 
 @pytest.mark.asyncio
