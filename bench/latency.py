@@ -107,6 +107,7 @@ class LatencyConfig:
     max_queue_delay_ms: float = 5.0
     server_args: tuple[str, ...] = ()
     backends: tuple[str, ...] = ("thread",)  # --workers-backend of each run, side by side
+    ray_args: tuple[str, ...] = ()  # extra server flags of the ray backend's runs only
     seed: int = 0
     ready_timeout_s: float = 180.0
     out_dir: str = "bench/results/serving"
@@ -129,6 +130,7 @@ class LatencyConfig:
         self.poisson_rates = tuple(float(r) for r in self.poisson_rates)
         self.server_args = tuple(self.server_args)
         self.backends = tuple(self.backends)
+        self.ray_args = tuple(self.ray_args)
         self.load_fractions = tuple(float(f) for f in self.load_fractions)
         self.load_modes = tuple(self.load_modes)
         self.load_faults = tuple(self.load_faults)
@@ -229,7 +231,8 @@ def bench_bundle(bundle: str, config: LatencyConfig, run_dir: Path, backend: str
         if mode == "parm" and manifest.parm is None:
             result["skipped"][mode] = f"bundle has no {PARM_FILE}"
             continue
-        args = [*server_args_for(mode, config), "--workers-backend", backend]
+        args = [*server_args_for(mode, config), "--workers-backend", backend,
+                *(config.ray_args if backend == "ray" else ())]
         tag = f"k{k}-{backend}-{mode}"
         entry: dict[str, Any] = {"mode": mode, "server_args": args}
         base = LoadConfig(model_name=manifest.model_name, input_name=manifest.input.name,
@@ -548,7 +551,7 @@ def run(config: LatencyConfig) -> dict[str, Any]:
     info = machine_info()
     logger.info("latency bench: %s", json.dumps(asdict(config)))
     logger.info("machine: %s", machine_label(info))
-    if "ray" in config.backends:
+    if "ray" in config.backends and "--ray-address" not in config.ray_args:
         from bench.netns_cluster import require_loopback_only
 
         require_loopback_only("--backends ray")
@@ -598,8 +601,8 @@ def backend_ratios(bundles: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # Flags that take a comma (or, for server args, space) separated list; the rest map one-to-one.
-_LIST_FLAGS = ("bundles", "modes", "poisson_rates", "server_args", "backends", "load_fractions", "load_modes",
-               "load_faults")
+_LIST_FLAGS = ("bundles", "modes", "poisson_rates", "server_args", "backends", "ray_args", "load_fractions",
+               "load_modes", "load_faults")
 # The under-load flags, shown in their own help group.
 _LOAD_FIELDS = ("load_queries", "load_warmup_requests", "delay_prob", "capacity_concurrency",
                 "capacity_duration_s", "send_rate_tolerance")
@@ -614,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-args", default="", help="extra server flags, space separated")
     p.add_argument("--backends", default="thread", help="comma list of --workers-backend values, each "
                    "run side by side (ray: inside a private network namespace, see bench/netns_cluster.py)")
+    p.add_argument("--ray-args", default="", help="extra server flags of the ray backend's runs only, space "
+                   "separated (e.g. --ray-address HOST:6379)")
     add_dataclass_flags(p, LatencyConfig, skip=_LIST_FLAGS + _LOAD_FIELDS, helps={
         "num_queries": "queries per mode in the paper setup (paper: 5000)",
         "delay_ms": "straggler delay, one worker per group (paper: 100); also the under-load fault delay",
@@ -647,6 +652,7 @@ def config_from_args(args: argparse.Namespace) -> LatencyConfig:
         bundles=tuple(args.bundles), modes=tuple(m for m in args.modes.split(",") if m),
         poisson_rates=tuple(float(r) for r in _comma(args.poisson_rates)),
         server_args=tuple(args.server_args.split()), backends=tuple(_comma(args.backends)),
+        ray_args=tuple(args.ray_args.split()),
         load_fractions=tuple(float(f) for f in _comma(args.load_fractions)),
         load_modes=tuple(_comma(args.load_modes)), load_faults=tuple(_comma(args.load_faults)),
         **dataclass_values(LatencyConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS}))

@@ -93,6 +93,7 @@ class ThroughputConfig:
     peer_max_queue_delay_us: int = 2000  # Triton dynamic batcher
     peer_ready_timeout_s: float = 180.0
     server_args: tuple[str, ...] = ()
+    backends: tuple[str, ...] = ("thread",)  # --workers-backend of each server, side by side
     seed: int = 0
     out_dir: str = "bench/results/serving"
     run_dir: str = "runs/bench/throughput"
@@ -103,6 +104,12 @@ class ThroughputConfig:
 
         self.modes, self.batches = tuple(self.modes), tuple(self.batches)
         self.bodies, self.server_args = tuple(self.bodies), tuple(self.server_args)
+        self.backends = tuple(self.backends)
+        from runtime.worker import BACKENDS
+
+        if not self.backends or set(self.backends) - set(BACKENDS) or len(set(self.backends)) != len(self.backends):
+            raise ThroughputBenchError(f"--backends must be distinct names from {','.join(BACKENDS)}, got "
+                                       f"{list(self.backends)}")
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise ThroughputBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
         if not self.modes or set(self.modes) - set(MODES) or len(set(self.modes)) != len(self.modes):
@@ -345,11 +352,13 @@ def skip_reason(mode: str, m: Manifest, bundle: Path) -> str | None:
     return None
 
 
-def run_mode(mode: str, config: ThroughputConfig, m: Manifest, bodies: list[Body], run_dir: Path) -> dict[str, Any]:
-    args = ["--mode", mode, "--log-level", "WARNING", *config.server_args]
-    logger.info("mode %s", mode)
+def run_mode(mode: str, config: ThroughputConfig, m: Manifest, bodies: list[Body], run_dir: Path,
+             backend: str = "thread") -> dict[str, Any]:
+    args = ["--mode", mode, "--log-level", "WARNING", "--workers-backend", backend, *config.server_args]
+    logger.info("mode %s (%s workers)", mode, backend)
+    log_name = f"{mode}.server.log" if backend == "thread" else f"{mode}-{backend}.server.log"
     try:
-        with ServerProcess(config.bundle, args, run_dir / f"{mode}.server.log") as srv:
+        with ServerProcess(config.bundle, args, run_dir / log_name) as srv:
             assert srv.proc is not None  # started by __enter__
             url = infer_url(srv.url, m.model_name)
             points = measure_points(url, srv.proc.pid, bodies, config, run_dir / "bodies", mode)
@@ -409,6 +418,21 @@ def ratio_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                          "coded_vs_raw_f_x_k_over_n": _ratio(coded, c["raw_f_x_k_over_n"]),
                          "uncoded_vs_raw_f": _ratio(uncoded, c["raw_f"]),
                          "coded_vs_peer": _ratio(coded, peer_point and peer_point["images_per_s"])})
+    return rows
+
+
+def backend_ratio_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Images/s of each other backend's server over the thread backend's, per mode, batch, body."""
+    rows = []
+    for backend, servers in record.get("servers_by_backend", {}).items():
+        for mode, section in servers.items():
+            for point in section.get("points", []):
+                if "error" in point:
+                    continue
+                base = find_point(record["servers"].get(mode), point["batch"], point["body"])
+                rows.append({"backend": backend, "mode": mode, "batch": point["batch"], "body": point["body"],
+                             "images_per_s": point["images_per_s"],
+                             "images_per_s_ratio": _ratio(point, base and base["images_per_s"])})
     return rows
 
 
@@ -519,22 +543,34 @@ def run(config: ThroughputConfig) -> dict[str, Any]:
     bodies, images, source = request_bodies(config, m)
     run_dir = Path(config.run_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     x = preprocess(images, m.input)
+    if "ray" in config.backends:
+        from bench.netns_cluster import require_loopback_only
+
+        require_loopback_only("--backends ray")
     raw_before = raw_throughput(config, m, x)
-    servers: dict[str, Any] = {}
-    for mode in config.modes:
-        reason = skip_reason(mode, m, Path(config.bundle))
-        if reason:
-            logger.warning("mode %s skipped: %s", mode, reason)
-            servers[mode] = {"skipped": reason}
-            continue
-        servers[mode] = run_mode(mode, config, m, bodies, run_dir)
+    by_backend: dict[str, dict[str, Any]] = {}
+    for backend in config.backends:
+        servers = by_backend.setdefault(backend, {})
+        for mode in config.modes:
+            reason = skip_reason(mode, m, Path(config.bundle))
+            if reason:
+                logger.warning("mode %s skipped: %s", mode, reason)
+                servers[mode] = {"skipped": reason}
+                continue
+            servers[mode] = run_mode(mode, config, m, bodies, run_dir, backend)
+    servers = by_backend.pop("thread", {})  # the targets are the thread backend's
     peer = run_peer(config, m, bodies, run_dir)
     raw = merge_raw(raw_before, raw_throughput(config, m, x))
     record: dict[str, Any] = {
         "benchmark": "throughput", "layout": 2, "config": asdict(config), "machine": info,
         "model_name": m.model_name, "n": n, "k": k, "images": source, "raw": raw,
-        "ceilings": ceilings(raw, config.batches, n, k), "servers": servers, "peer": peer, "run_dir": str(run_dir)}
+        "ceilings": ceilings(raw, config.batches, n, k), "servers": servers, "peer": peer, "run_dir": str(run_dir),
+        "servers_by_backend": by_backend}
     record["ratios"] = ratio_rows(record)
+    record["backend_ratios"] = backend_ratio_rows(record)
+    for row in record["backend_ratios"]:
+        logger.info("%s / thread, mode %s, batch %d, %s: %s", row["backend"], row["mode"], row["batch"],
+                    row["body"], row["images_per_s_ratio"])
     record["targets"] = targets(record)
     record["wall_s"] = round(time.perf_counter() - t0, 1)
     write_outputs(record, config, m, info)
@@ -572,7 +608,7 @@ def failed_points(record: dict[str, Any]) -> list[str]:
 
 
 # -- CLI -------------------------------------------------------------------------------------------------
-_LIST_FLAGS = ("bundle", "modes", "batches", "bodies", "server_args")  # parsed below; the rest map 1:1
+_LIST_FLAGS = ("bundle", "modes", "batches", "bodies", "server_args", "backends")  # parsed below; the rest 1:1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,6 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,8,32", help="images per request, comma separated")
     p.add_argument("--bodies", default=",".join(BODY_KINDS), help="request bodies: binary,json")
     p.add_argument("--server-args", default="", help="extra server flags, space separated, passed through")
+    p.add_argument("--backends", default="thread", help="--workers-backend values, comma separated, each "
+                   "served side by side (ray: inside a private network namespace, see bench/netns_cluster.py)")
     add_dataclass_flags(p, ThroughputConfig, skip=_LIST_FLAGS)
     return p
 
@@ -598,7 +636,8 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         raise ThroughputBenchError(f"--batches must be comma-separated integers, got {args.batches!r}") from exc
     values = dataclass_values(ThroughputConfig, {k: v for k, v in vars(args).items() if k not in _LIST_FLAGS})
     return ThroughputConfig(bundle=args.bundle, modes=_names(args.modes), batches=batches,
-                            bodies=_names(args.bodies), server_args=tuple(args.server_args.split()), **values)
+                            bodies=_names(args.bodies), server_args=tuple(args.server_args.split()),
+                            backends=_names(args.backends), **values)
 
 
 def main(argv: list[str] | None = None) -> int:

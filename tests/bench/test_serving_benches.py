@@ -143,6 +143,24 @@ def test_overhead_and_throughput_config_errors(bundle: Path, tmp_path: Path) -> 
         OverheadConfig(bundle=str(bundle), batch_size=0)
     with pytest.raises(ThroughputBenchError, match="--connections must be >= 1"):
         ThroughputConfig(bundle=str(bundle), connections=0)
+    with pytest.raises(ThroughputBenchError, match="--backends must be distinct names from thread,ray"):
+        ThroughputConfig(bundle=str(bundle), backends=("ray", "ray"))
+
+
+def test_throughput_backend_ratios_divide_by_the_thread_servers() -> None:
+    from bench.throughput import backend_ratio_rows
+
+    def section(images_per_s: float) -> dict:
+        return {"points": [{"batch": 1, "body": "binary", "images_per_s": images_per_s},
+                           {"batch": 8, "body": "binary", "error": "wrk failed"}]}
+
+    record = {"servers": {"coded": section(1000.0)},
+              "servers_by_backend": {"ray": {"coded": section(400.0), "uncoded": section(300.0)}}}
+    rows = backend_ratio_rows(record)
+    assert rows == [{"backend": "ray", "mode": "coded", "batch": 1, "body": "binary",
+                     "images_per_s": 400.0, "images_per_s_ratio": 0.4},
+                    {"backend": "ray", "mode": "uncoded", "batch": 1, "body": "binary",
+                     "images_per_s": 300.0, "images_per_s_ratio": None}]  # no thread server to compare
 
 
 def test_plots_write_pngs(tmp_path: Path) -> None:
