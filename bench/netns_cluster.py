@@ -180,16 +180,18 @@ class NetnsCluster:
             time.sleep(1.0)
 
     def close(self) -> None:
-        """Kill every process in the namespaces, remove them and the temporary files."""
-        for proc in self._nodes.values():
-            self._kill_group(proc)
-        self._nodes = {}
+        """Kill every process in the namespaces (SIGKILL: test hosts need no graceful
+        stop, and a Ray node waits for its head otherwise), remove them and the files."""
         for ns in reversed(self._made):
             for pid in self.pids(ns):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        for proc in self._nodes.values():
+            self._kill_group(proc)
+        self._nodes = {}
+        for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         self._made = []
         shutil.rmtree(self._root, ignore_errors=True)
@@ -202,15 +204,12 @@ class NetnsCluster:
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen) -> None:
+        """SIGKILL a node's `ray start` and the processes of its session, then reap it."""
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=10)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
 
     # -- failures ----------------------------------------------------------------------------
     def link(self, host: int, up: bool) -> None:
