@@ -87,6 +87,10 @@ class ServerConfig:
     # stragglers re-sends its missing systematic slots to workers that answered
     cancel_late_calls: bool = True  # a group's calls still running decode_wait_cap_ms after
     # it is answered are cancelled: a worker skips them if not yet started (Ray: ray.cancel)
+    shadow_decode_fraction: float = 0.05  # coded, parm: of the groups with every exact
+    # answer and a parity, rebuild one known answer off the request path and compare
+    shadow_alert_below: float = 0.85  # warn (and set coded_shadow_alert) below this agreement
+    shadow_window: int = 200  # compared answers per head in the running agreement
     frontend_inline_ms: float = 1.0  # frontend calls predicted faster run on the event loop
     max_queue_delay_ms: float = 2.0  # longest a query waits for its coding group to fill
     max_groups_per_call: int = 32  # complete queued groups batched into one worker call
@@ -156,6 +160,10 @@ class ServerConfig:
         _check(self.systematic_grace_ms is None or (
             self.systematic_grace_ms >= 0 and math.isfinite(self.systematic_grace_ms)),
             f"--systematic-grace-ms must be a finite number >= 0, got {self.systematic_grace_ms}")
+        for name in ("shadow_decode_fraction", "shadow_alert_below"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
+        _check(self.shadow_window >= 1, f"--shadow-window must be >= 1, got {self.shadow_window}")
         _check(0.0 < self.decode_wait_quantile <= 1.0,
                f"--decode-wait-quantile must be in (0, 1], got {self.decode_wait_quantile}")
         for name in ("max_queue_delay_ms", "decode_wait_cap_ms", "straggler_scale",

@@ -39,6 +39,7 @@ from runtime.models import ModelFactory
 from runtime.modes import MODES, Mode, ModeOptions
 from runtime.pool import WorkerPool
 from runtime.scheduler import Scheduler
+from runtime.shadow import ShadowConfig, ShadowMonitor
 from runtime.worker import make_backend
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Engine:
         self._draining = False
         self._inflight = 0  # admitted requests not yet answered
         self.admission: AdmissionControl | None = None
+        self.shadow: ShadowMonitor | None = None  # runtime/shadow.py, when on
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -111,6 +113,13 @@ class Engine:
         if kill is not None and not 0 <= kill < self.pool_size:
             logger.warning("--fault-kill-worker %d is outside 0..%d; nothing will be killed",
                            kill, self.pool_size - 1)
+        if config.shadow_decode_fraction > 0 and self.mode_cls.shadows:
+            self.shadow = ShadowMonitor(
+                ShadowConfig(config.shadow_decode_fraction, config.shadow_alert_below,
+                             config.shadow_window, seed=config.faults.seed),
+                [h.task for h in manifest.heads], self.metrics,
+                busy=lambda: self.scheduler is not None and self.scheduler.queued() > 0)
+            self.shadow.start()
         self.pool = WorkerPool(self.pool_size, with_faults(backend.make_worker, config.faults),
                                deadline_s=config.worker_deadline_ms / 1000.0, metrics=self.metrics)
         self.backend = backend  # its workers (runtime.worker.BACKENDS)
@@ -121,7 +130,7 @@ class Engine:
             if config.systematic_grace_ms is None else None,
             straggler_scale=config.straggler_scale or None,
             straggler_min_s=config.straggler_min_ms / 1000.0,
-            redispatch=config.redispatch,
+            redispatch=config.redispatch, shadow=self.shadow,
             cancel_late_after_s=config.decode_wait_cap_ms / 1000.0 if config.cancel_late_calls
             else None,
             new_decoder=device_decoders))
@@ -203,6 +212,8 @@ class Engine:
         self._draining = True
         if self.scheduler is not None:
             await self.scheduler.stop(timeout_s=1.0)
+        if self.shadow is not None:
+            await self.shadow.stop()
         if self.pool is not None:
             await self.pool.stop()
             await self.backend.close()

@@ -231,6 +231,8 @@ class HttpFrontend:
         snapshot = self.engine.statistics()
         stats = model_config.model_statistics(self.engine.manifest, snapshot)
         stats["coded"] = model_config.coded_statistics(snapshot)
+        if self.engine.shadow is not None:  # the running decode-quality check (runtime/shadow.py)
+            stats["coded"]["shadow"] = self.engine.shadow.statistics()
         return web.json_response({"model_stats": [stats]})
 
     async def _repository_index(self, request: web.Request) -> web.Response:

@@ -106,6 +106,30 @@ class Metrics:
         self.cancelled_queries = Counter(
             "coded_cancelled_queries", "Queued queries dropped before dispatch because their "
             "request gave up (client gone, timeout): never computed", MODEL_LABELS, registry=r)
+        # Shadow decoding (runtime/shadow.py): rebuilt-from-parity answers checked against
+        # the exact ones on live traffic
+        self.shadow_decodes = Counter(
+            "coded_shadow_decodes", "Known answers rebuilt from a parity and compared with the "
+            "exact answer (shadow decodes)", registry=r)
+        self.shadow_agreements = Counter(
+            "coded_shadow_agreements", "Shadow-rebuilt answers whose class agreed with the exact "
+            "answer's", ("head",), registry=r)
+        self.shadow_compared = Counter(
+            "coded_shadow_compared", "Shadow-rebuilt answers compared with the exact answer",
+            ("head",), registry=r)
+        self.shadow_dropped = Counter(
+            "coded_shadow_dropped", "Shadow decodes dropped because their queue was full "
+            "(the server was busy)", registry=r)
+        self.shadow_rel_error = Histogram(
+            "coded_shadow_embedding_rel_error", "||rebuilt - exact|| / ||exact|| of the "
+            "embedding of a shadow-rebuilt answer",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0), registry=r)
+        self.shadow_agreement = Gauge(
+            "coded_shadow_agreement", "Class agreement of the last --shadow-window "
+            "shadow-rebuilt answers with the exact ones", ("head",), registry=r)
+        self.shadow_alert = Gauge(
+            "coded_shadow_alert", "1 while some head's windowed shadow agreement is below "
+            "--shadow-alert-below", registry=r)
         self.last_inference_s = 0.0  # wall clock (epoch seconds) of the last execution
 
     # Triton-style helpers (always labelled with this model) --------------------------------

@@ -39,6 +39,10 @@ class Scheduler:
     async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._dispatch_loop(), name="dispatch-loop")
 
+    def queued(self) -> int:
+        """Queries waiting for a dispatch."""
+        return len(self.batcher)
+
     def submit(self, xs: np.ndarray) -> Block:
         """Queue the queries xs [B, C, H, W] as one block; raises ServiceUnavailable when the
         queue is full."""

@@ -62,6 +62,14 @@ HELP = {
     "cancel_late_calls": "a coding group's worker calls still running --decode-wait-cap-ms "
                          "after it is answered are cancelled: a worker that has not started "
                          "one skips it (ray backend: ray.cancel stops it in the actor)",
+    "shadow_decode_fraction": "coded and parm modes: for this fraction of the coding groups in "
+                              "which every exact answer and a parity came, rebuild one known "
+                              "answer from the parity after answering, at low priority, and "
+                              "compare it with the exact one (statistics endpoint 'shadow', "
+                              "coded_shadow_* metrics; 0 = off)",
+    "shadow_alert_below": "log a warning and set coded_shadow_alert when some head's windowed "
+                          "shadow agreement falls below this",
+    "shadow_window": "compared answers per head in the running shadow agreement",
     "frontend_inline_ms": "a frontend call (the encoders of a dispatch, or its heads) that "
                           "warm-up timings predict faster than this runs on the event loop "
                           "instead of the thread pool (0 = always the pool)",

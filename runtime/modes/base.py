@@ -31,6 +31,7 @@ from runtime.manifest import Manifest
 from runtime.metrics import Metrics
 from runtime.models import WORKER_F
 from runtime.pool import WorkerPool
+from runtime.shadow import ShadowMonitor
 
 Call = tuple[int, str, np.ndarray]  # (worker, model, batch)
 
@@ -52,6 +53,8 @@ class ModeOptions:
     cancel_late_after_s: float | None = None
     # coded: shape -> decoder (kernels.coding.OnlineDecoder's interface); None = on the host
     new_decoder: Callable[[tuple[int, ...]], Any] | None = None
+    # coded, parm: rebuilds known answers off the request path (runtime/shadow.py); None = off
+    shadow: ShadowMonitor | None = None
 
 
 def pad(xs: np.ndarray, k: int) -> np.ndarray:
@@ -260,6 +263,7 @@ class Mode:
     """A serving scheme. Subclasses set `name`, the class methods and `execute`."""
 
     name = "base"
+    shadows = False  # whether it rebuilds known answers for the shadow monitor
 
     def __init__(self, manifest: Manifest, pool: WorkerPool, frontend: Frontend,
                  metrics: Metrics, options: ModeOptions | None = None) -> None:
@@ -315,6 +319,26 @@ class Mode:
         group = self.pool.new_group(systematic)
         tasks = {self.pool.submit(i, model, x, group): i for i, model, x in calls}
         return Arrivals(tasks, self.metrics, self.watch(batch), self.options.cancel_late_after_s)
+
+    def shadow_parity(self, arrivals: Arrivals, first_parity: int,
+                      submit: Callable[[int, Any], None]) -> None:
+        """Hand a parity result of this group to `submit(worker, result)`: one received
+        already, or else the first of those still in flight once it lands (the answer has
+        left either way; a parity that never comes shadows nothing)."""
+        received = {w: r for w, r in arrivals.results().items() if w >= first_parity}
+        if received:
+            worker = min(received)
+            submit(worker, received[worker])
+            return
+        for task in arrivals.pending:
+            worker = arrivals.tasks[task]
+            if worker >= first_parity and not task.done():
+                def landed(t: asyncio.Task[Any], worker: int = worker) -> None:
+                    if not t.cancelled() and t.exception() is None:
+                        submit(worker, t.result())
+
+                task.add_done_callback(landed)
+                return
 
     def answer(self, batch: Batch, logits: dict[str, np.ndarray], reconstructed: np.ndarray,
                unavailable: tuple[str, ...] = (), rows: np.ndarray | None = None) -> None:

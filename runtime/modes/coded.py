@@ -16,12 +16,14 @@ from runtime.gpu_decode import to_host
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F, encoder_then_f
 from runtime.modes.base import Arrivals, Mode, as_groups, slot
+from runtime.shadow import ShadowMonitor, ShadowOutcome
 
 REDISPATCH_ROUNDS = 3  # re-sent calls may straggle too; each round costs only then
 
 
 class CodedMode(Mode):
     name = "coded"
+    shadows = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -87,9 +89,10 @@ class CodedMode(Mode):
         missing = set(decoder.missing)
         # a group the wait made whole lost nothing: its parities were never needed
         arrivals.finish(count_erasures=not (waited and not missing))
+        exact = None
         if not missing:  # every systematic result is in: exact answers, nothing to decode
             results = arrivals.results()
-            zs = np.stack([to_host(results[i]) for i in range(k)])  # [k, G, *emb]
+            zs = exact = np.stack([to_host(results[i]) for i in range(k)])  # [k, G, *emb]
         else:
             t0 = time.perf_counter()
             zs = decoder.finalize()  # [k, G, *embedding_shape]
@@ -98,6 +101,43 @@ class CodedMode(Mode):
         logits = await self.frontend.classify(zs)  # padded slots are never classified
         reconstructed = np.isin(np.arange(m) % k, sorted(missing))  # [m]
         self.answer(batch, logits, reconstructed)
+        shadow = self.options.shadow
+        if exact is not None and shadow is not None and shadow.wants():
+            self._shadow(shadow, arrivals, exact, logits, m)
+
+    def _shadow(self, shadow: ShadowMonitor, arrivals: Arrivals, exact: np.ndarray,
+                logits: dict[str, np.ndarray], m: int) -> None:
+        """Queue a job that rebuilds one systematic slot of these exact answers from the
+        others and a parity, and compares (runtime/shadow.py)."""
+        k = self.k
+        s = shadow.pick(k)
+        groups = np.arange(exact.shape[1])
+        real = groups[groups * k + s < m]  # groups whose slot s is a query, not padding
+        if not len(real):
+            return
+        queries = real * k + s
+        exact_classes = {t: v[queries].argmax(axis=1) for t, v in logits.items()}
+        true_z = exact[s][real]
+
+        def submit(worker: int, parity: Any) -> None:
+            async def job() -> ShadowOutcome:
+                decoder = OnlineDecoder(self.scheme, exact.shape[1:])  # on the host
+                for i in range(k):
+                    if i != s:
+                        decoder.add(i, exact[i])
+                if not decoder.add(worker, to_host(parity)):
+                    raise RuntimeError(f"slot {s} is not decodable from parity {worker}")
+                rebuilt = decoder.finalize()[s][real]
+                out = await self.frontend.classify(rebuilt)
+                axes = tuple(range(1, rebuilt.ndim))
+                errors = (np.sqrt(((rebuilt - true_z) ** 2).sum(axis=axes))
+                          / np.maximum(np.sqrt((true_z ** 2).sum(axis=axes)), 1e-12))
+                return ShadowOutcome({t: out[t].argmax(axis=1) == exact_classes[t] for t in out},
+                                     errors)
+
+            shadow.submit(job)
+
+        self.shadow_parity(arrivals, k, submit)
 
     async def _wait_for_systematic(self, arrivals: Arrivals, missing: set[int]) -> bool:
         """A decodable group with systematic results missing waits for them (exact answers):

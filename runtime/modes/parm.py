@@ -13,11 +13,13 @@ from runtime.batcher import Batch
 from runtime.errors import ConfigError, ServiceUnavailable
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F, WORKER_PARM
-from runtime.modes.base import Mode, as_groups, slot
+from runtime.modes.base import Arrivals, Mode, as_groups, slot
+from runtime.shadow import ShadowMonitor, ShadowOutcome
 
 
 class ParMMode(Mode):
     name = "parm"
+    shadows = True
 
     @classmethod
     def pool_size(cls, manifest: Manifest) -> int:
@@ -70,6 +72,9 @@ class ParMMode(Mode):
         lost = j == missing  # [m]; all False when nothing is missing
         if not lost.any():
             self.answer(batch, out, np.zeros(m, np.bool_))
+            shadow = self.options.shadow
+            if shadow is not None and shadow.wants():
+                self._shadow(shadow, arrivals, logits[primary], m)
             return
         t0 = time.perf_counter()
         lost_g = g[lost]
@@ -84,3 +89,25 @@ class ParMMode(Mode):
                         rows=kept)
         self.answer(batch, {t: v[lost_rows] for t, v in out.items()},
                     np.ones(len(lost_rows), np.bool_), tuple(self.tasks[1:]), rows=lost_rows)
+
+    def _shadow(self, shadow: ShadowMonitor, arrivals: Arrivals, primary_logits: np.ndarray,
+                m: int) -> None:
+        """Queue a job that rebuilds one primary's logits from the parity and the others,
+        as a lost one would be, and compares with the exact ones (primary head only)."""
+        k = self.k
+        s = shadow.pick(k)
+        groups = np.arange(primary_logits.shape[1])
+        real = groups[groups * k + s < m]
+        if not len(real):
+            return
+        exact = primary_logits[:, real]  # [k, r, classes]
+        head = self.tasks[0]
+
+        def submit(worker: int, parity: np.ndarray) -> None:
+            async def job() -> ShadowOutcome:
+                rebuilt = parity[real] - (exact.sum(axis=0) - exact[s])
+                return ShadowOutcome({head: rebuilt.argmax(axis=1) == exact[s].argmax(axis=1)})
+
+            shadow.submit(job)
+
+        self.shadow_parity(arrivals, k, submit)
