@@ -9,6 +9,7 @@ COMMANDS = {
     "latency": ("bench.latency", "end-to-end tail latency of the real server under stragglers"),
     "overhead": ("bench.overhead", "compute time of Enc, f, g and decode time against k"),
     "throughput": ("bench.throughput", "every mode under wrk beside raw f, the coded ceiling, a Triton peer"),
+    "monitor": ("bench.monitor", "the live decode-quality monitor on MNIST, then Fashion-MNIST traffic"),
     "multihost": ("bench.multihost", "the paper's latency setup on a Ray fleet of network-namespace hosts"),
     "ray-overhead": ("bench.ray_overhead", "one coding group on Ray actors against threads (per-group cost)"),
     "protocols": ("bench.protocols", "KServe v2 over HTTP beside gRPC unary and streaming"),

@@ -230,3 +230,27 @@ def test_a_local_ray_instance_is_refused_outside_a_loopback_only_namespace(
         netns.require_loopback_only("--backends ray")
     monkeypatch.setattr(netns, "loopback_only", lambda: True)
     netns.require_loopback_only("--backends ray")
+
+
+def test_monitor_config_errors(bundle: Path, tmp_path: Path) -> None:
+    from bench.monitor import MonitorBenchError, MonitorConfig
+
+    with pytest.raises(MonitorBenchError, match="not a bundle"):
+        MonitorConfig(bundle=str(tmp_path))
+    with pytest.raises(MonitorBenchError, match="--fraction must be in"):
+        MonitorConfig(bundle=str(bundle), fraction=0.0)
+    with pytest.raises(MonitorBenchError, match="--shift-images must be >= 1"):
+        MonitorConfig(bundle=str(bundle), shift_images=0)
+
+
+def test_monitor_offline_agreement_is_exact_on_the_linear_bundle(bundle: Path) -> None:
+    """The linear dev bundle's encoder is exact, so every rebuilt answer agrees."""
+    from bench.monitor import offline_agreement
+    from runtime.manifest import Manifest
+
+    m = Manifest.load(bundle)
+    images = np.random.default_rng(0).integers(0, 256, (40, *m.input.shape), dtype=np.uint8)
+    result = offline_agreement(str(bundle), m, images, groups=30, seed=1)
+    for head in result.values():
+        assert head["agreement"] == 1.0 and head["compared"] == 30
+        assert head["interval_95"][0] < 1.0 == head["interval_95"][1]
