@@ -152,7 +152,9 @@ async def _traffic(url: str, stats_url: str, metrics_url: str, phases: list[tupl
                      "decodes": shadow["decodes"], "alert": shadow["alert"],
                      "heads": {h: v["agreement"] for h, v in shadow["heads"].items()}}
             series.append(point)
-            if shadow["alert"] and "alert" not in marks and phase_name != phases[0][0]:
+            if shadow["alert"] and phase_name == phases[0][0]:
+                marks.setdefault("false_alarms", []).append(point)  # on in-distribution traffic
+            elif shadow["alert"] and "alert" not in marks:
                 marks["alert"] = point
             await asyncio.sleep(poll_s)
 
@@ -267,6 +269,7 @@ def run(config: MonitorConfig) -> dict[str, Any]:
     phases = live["marks"]["phases"]
     shift_decodes = phases[1]["decodes_at_start"]
     alert = live["marks"].get("alert")
+    false_alarms = live["marks"].get("false_alarms", [])
     detected_after = None if alert is None else alert["decodes"] - shift_decodes
 
     default = _throughput(config, m, images, None, run_dir)
@@ -279,14 +282,16 @@ def run(config: MonitorConfig) -> dict[str, Any]:
         "estimate_within_interval_of_offline": {
             "monitor": estimate, "offline": offline[primary],
             "met": bool(low <= offline_primary <= high)},
-        f"alert_within_{config.detect_within}_decodes_of_the_shift": {
-            "decodes_after_shift": detected_after,
-            "met": detected_after is not None and detected_after <= config.detect_within},
+        f"alert_within_{config.detect_within}_decodes_of_the_shift_and_none_before": {
+            "decodes_after_shift": detected_after, "false_alarm_polls": len(false_alarms),
+            "met": not false_alarms and detected_after is not None
+            and detected_after <= config.detect_within},
         "throughput_cost_of_the_default_fraction_at_most_3_percent": {
             "cost": round(cost, 4), "met": bool(cost <= 0.03)},
     }
     record = {"benchmark": "monitor", "config": asdict(config), "machine": info, "source": source,
-              "offline": offline, "offline_random_groups": offline_random, "live": live, "shift_at_decodes": shift_decodes,
+              "offline": offline, "offline_random_groups": offline_random, "live": live,
+              "shift_at_decodes": shift_decodes,
               "throughput": {"default": default, "off": off}, "targets": targets,
               "run_dir": str(run_dir)}
     out = Path(config.out_dir)

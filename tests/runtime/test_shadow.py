@@ -50,18 +50,20 @@ def test_the_window_alerts_below_the_threshold_and_recovers(caplog: pytest.LogCa
     with caplog.at_level("WARNING", logger="runtime.shadow"):
         monitor.record(outcome([True]))  # 1 of 5 agree
     assert monitor.alerting and metric_sample(metrics, "coded_shadow_alert") == 1
-    assert "below --shadow-alert-below 0.80" in caplog.text
+    assert "below --shadow-alert-below 0.80 with 95% confidence" in caplog.text
+    monitor.record(outcome([True] * 4))  # 5 of 9: below 0.8, but not with confidence
+    assert not monitor.alerting
     monitor.record(outcome([True] * 10))  # the window forgets the bad ones
     assert not monitor.alerting and metric_sample(metrics, "coded_shadow_alert") == 0
     stats = monitor.statistics()
     head = stats["heads"][both[0]]  # type: ignore[index]
-    assert stats["decodes"] == 3 and head["agreement"] == 1.0 and head["window"] == 10
+    assert stats["decodes"] == 4 and head["agreement"] == 1.0 and head["window"] == 10
     low, high = wilson_interval(10, 10)
     assert head["interval_95"] == [round(low, 4), round(high, 4)]
-    assert metric_sample(metrics, "coded_shadow_decodes_total") == 3
-    assert metric_sample(metrics, "coded_shadow_agreements_total", head=both[0]) == 11
-    assert metric_sample(metrics, "coded_shadow_compared_total", head=both[0]) == 15
-    assert metric_sample(metrics, "coded_shadow_embedding_rel_error_count") == 15
+    assert metric_sample(metrics, "coded_shadow_decodes_total") == 4
+    assert metric_sample(metrics, "coded_shadow_agreements_total", head=both[0]) == 15
+    assert metric_sample(metrics, "coded_shadow_compared_total", head=both[0]) == 19
+    assert metric_sample(metrics, "coded_shadow_embedding_rel_error_count") == 19
 
 
 @pytest.mark.asyncio
