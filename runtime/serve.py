@@ -68,7 +68,7 @@ HELP = {
                               "compare it with the exact one (statistics endpoint 'shadow', "
                               "coded_shadow_* metrics; 0 = off)",
     "shadow_alert_below": "log a warning and set coded_shadow_alert when some head's windowed "
-                          "shadow agreement is below this with 95% confidence (the upper end of "
+                          "shadow agreement is below this with 95 percent confidence (the upper end of "
                           "its Wilson interval is)",
     "shadow_window": "compared answers per head in the running shadow agreement",
     "frontend_inline_ms": "a frontend call (the encoders of a dispatch, or its heads) that "
