@@ -114,8 +114,14 @@ class WorkerPool:
     def _watch(self, worker: Worker) -> None:
         """Restart `worker` when it is found dead outside any call (worker.lost())."""
         async def watch() -> None:
-            reason = await worker.lost()
-            self._metrics.worker_failures.labels(worker=str(worker.index), reason="lost").inc()
+            try:
+                reason = await worker.lost()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a broken watch means a broken worker
+                reason = f"worker {worker.index}'s watch failed: {type(exc).__name__}: {exc}"
+            if not self._closing and self._workers[worker.index] is worker:
+                self._metrics.worker_failures.labels(worker=str(worker.index), reason="lost").inc()
             self._supervise(worker, WorkerDead(reason))
 
         self._watches[worker.index] = asyncio.create_task(watch(),
@@ -144,10 +150,16 @@ class WorkerPool:
                 fresh = self._make_worker(index, old.incarnation + attempt)
                 try:
                     await fresh.start()
+                except asyncio.CancelledError:  # the pool is stopping
+                    await fresh.stop()
+                    raise
                 except Exception:  # noqa: BLE001 - logged, then retried with backoff
                     logger.exception("restart of worker %d failed (attempt %d/%d)",
                                      index, attempt, RESTART_ATTEMPTS)
-                    await fresh.stop()  # whatever it got as far as starting
+                    try:
+                        await fresh.stop()  # whatever it got as far as starting
+                    except Exception:  # noqa: BLE001 - the next attempt makes a new one
+                        logger.exception("stopping the failed start of worker %d", index)
                     await asyncio.sleep(RESTART_BACKOFF_S * attempt)
                     continue
                 self._workers[index] = fresh

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ RETRY_S = 0.05  # between readiness polls of an actor Ray is restarting
 # Threads of one actor: calls wait for the one computing, and a fault delay holds a thread,
 # so this bounds the delayed calls of one worker in flight at once (plus the sentinel).
 ACTOR_THREADS = 64
+SENTINEL_POLL_S = 0.1  # how often a pending sentinel looks whether it was cancelled
 
 
 def import_ray() -> Any:
@@ -85,15 +87,20 @@ class WorkerActor:
                 "node_ip": ray.util.get_node_ip_address()}
 
     def until_stopped(self) -> None:
-        """Never returns: a call the server keeps pending, so that it fails the moment this
-        actor's process or node is lost, even when no other call is in flight."""
-        self._stopped.wait()
+        """Returns only once cancelled: a call the server keeps pending, so that it fails
+        the moment this actor's process or node is lost, even with no other call in
+        flight (a cancelled sentinel frees its thread)."""
+        cancelled = import_ray().get_runtime_context().is_canceled
+        while not self._stopped.wait(SENTINEL_POLL_S):
+            if cancelled():
+                return
 
     def calls_in_progress(self) -> int:
         """Calls begun and not yet ended (computing, waiting to, or held by a fault delay)."""
         return self._in_progress
 
-    def run(self, model: str, batch: np.ndarray, fault: CallFault | None = None) -> np.ndarray:
+    def run(self, model: str, batch: np.ndarray, fault: CallFault | None = None
+            ) -> np.ndarray | None:
         if fault is not None and fault.die:
             logger.warning("%s: ending this actor's process", fault.die)
             os._exit(1)  # the process dies as a crashed node would; Ray restarts it
@@ -103,11 +110,14 @@ class WorkerActor:
                               f"{sorted(self._models)}")
         with self._count:
             self._in_progress += 1
+        cancelled = import_ray().get_runtime_context().is_canceled
         try:
             with self._device:
+                if cancelled():  # cancelled while it waited for the device: never run it
+                    return None
                 result = runner.run(batch)
             if fault is not None:
-                fault.after_run_blocking(self.index, import_ray().get_runtime_context().is_canceled)
+                fault.after_run_blocking(self.index, cancelled)
             return result
         finally:
             with self._count:
@@ -126,6 +136,7 @@ class RayWorker:
         self._backend = backend
         self._ray = backend.ray
         self._actor: Any = None
+        self._sent: dict[Any, float] = {}  # calls not yet ended in the actor -> when sent
 
     def __repr__(self) -> str:
         return f"RayWorker({self.index}, incarnation={self.incarnation}, {self.state.value})"
@@ -147,6 +158,9 @@ class RayWorker:
             raise WorkerDead(f"worker {self.index} is {self.state.value}")
         exceptions = self._ray.exceptions
         ref = self._actor.run.remote(model, batch, fault)
+        # until the actor ends it (a cancelled call too: ray.cancel only asks), for busy_s
+        self._sent[ref] = time.monotonic()
+        ref.future().add_done_callback(lambda _: self._sent.pop(ref, None))
         try:
             return await ref
         except asyncio.CancelledError:
@@ -177,10 +191,22 @@ class RayWorker:
         raise AssertionError("until_stopped returned")
 
     def busy_s(self) -> float:
-        return 0.0  # not known here: a hung actor is caught by the deadline of a needed call
+        """Age of the oldest call the actor has not ended, cancelled ones included: an
+        actor hung in a call whose group was answered without it shows here."""
+        sent = list(self._sent.values())
+        return time.monotonic() - min(sent) if sent else 0.0
 
     async def stop(self) -> None:
+        """The actor lives on (Ray restarts a dead one) unless a call has been running in it
+        past the worker deadline: it may be hung, so its process is ended and Ray restarts
+        it."""
         self.state = WorkerState.STOPPED
+        deadline_s = self._backend.config.worker_deadline_ms / 1000.0
+        if self._actor is not None and self.busy_s() > deadline_s:
+            logger.warning("worker %d: ending its Ray actor's process, %.0f ms into a call",
+                           self.index, self.busy_s() * 1000)
+            self._ray.kill(self._actor, no_restart=False)
+        self._sent.clear()
 
 
 class RayBackend:
@@ -200,6 +226,10 @@ class RayBackend:
         self._started_ray = False
         self._actor_class = self.ray.remote(WorkerActor)
         self.resources: dict[str, float] = {}  # what each actor reserves
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._context.config
 
     def actor(self, index: int) -> Any:
         """Worker `index`'s actor handle (None before it was made): for diagnostics."""
@@ -304,9 +334,10 @@ class RayBackend:
         backend started."""
         ray = self.ray
         loop = asyncio.get_running_loop()
+        actors = list(self._actors.values())
 
         def close() -> None:
-            for actor in self._actors.values():
+            for actor in actors:
                 ray.kill(actor, no_restart=True)
             if self._placement is not None:
                 ray.util.remove_placement_group(self._placement)

@@ -103,7 +103,7 @@ class ShadowMonitor:
         return self.config.fraction > 0 and self._rng.random() < self.config.fraction
 
     def pick(self, k: int) -> int:
-        """The systematic slot a job rebuilds."""
+        """A random index below k: the systematic slot a job rebuilds, the parity it uses."""
         return self._rng.randrange(k)
 
     def submit(self, job: ShadowJob) -> None:
@@ -130,12 +130,10 @@ class ShadowMonitor:
             deadline = loop.time() + IDLE_WAIT_S
             while self._busy() and loop.time() < deadline:  # let queued requests go first
                 await asyncio.sleep(IDLE_POLL_S)
-            try:
-                outcome = await job()
-            except Exception:  # noqa: BLE001 - a monitor bug must never reach a request
+            try:  # a monitor bug must never reach a request, nor stop the monitor
+                self.record(await job())
+            except Exception:  # noqa: BLE001
                 logger.exception("shadow decode failed")
-                continue
-            self.record(outcome)
 
     def record(self, outcome: ShadowOutcome) -> None:
         metrics = self._metrics
@@ -153,8 +151,9 @@ class ShadowMonitor:
         self._check_alert()
 
     def _check_alert(self) -> None:
+        enough = min(self.config.min_samples, self.config.window)  # a short window can alert
         low = {h: sum(w) / len(w) for h, w in self._windows.items()
-               if len(w) >= self.config.min_samples
+               if len(w) >= enough
                and wilson_interval(sum(w), len(w))[1] < self.config.alert_below}
         if low and not self.alerting:
             logger.warning("shadow decoding: windowed agreement %s is below --shadow-alert-below "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
 
@@ -79,8 +80,14 @@ class ThreadWorker:
             self._lock.release()
             raise WorkerDead(f"worker {self.index} is {self.state.value}")
         loop = asyncio.get_running_loop()
+        def run() -> np.ndarray:
+            self._running_since = time.monotonic()  # when its thread picks it up
+            return runner.run(batch)
+
+        self._running_since = time.monotonic()  # never older than this call, whatever runs
+
         try:
-            job = self._executor.submit(runner.run, batch)
+            job = self._executor.submit(run)
         except BaseException:
             self._lock.release()
             raise
@@ -91,7 +98,7 @@ class ThreadWorker:
                 pass
 
         job.add_done_callback(release)
-        self._running, self._running_since = job, loop.time()
+        self._running = job
         return await asyncio.wrap_future(job)  # cancelling this cancels a job not yet started
 
     async def lost(self) -> str:
@@ -102,7 +109,7 @@ class ThreadWorker:
         job = self._running
         if job is None or job.done() or not job.running():
             return 0.0
-        return asyncio.get_running_loop().time() - self._running_since
+        return time.monotonic() - self._running_since
 
     async def stop(self) -> None:
         self.state = WorkerState.STOPPED

@@ -322,22 +322,30 @@ class Mode:
 
     def shadow_parity(self, arrivals: Arrivals, first_parity: int,
                       submit: Callable[[int, Any], None]) -> None:
-        """Hand a parity result of this group to `submit(worker, result)`: one received
-        already, or else the first of those still in flight once it lands (the answer has
-        left either way; a parity that never comes shadows nothing)."""
-        received = {w: r for w, r in arrivals.results().items() if w >= first_parity}
-        if received:
-            worker = min(received)
-            submit(worker, received[worker])
+        """Hand a parity result of this group to `submit(worker, result)`: one that has
+        landed (chosen at random, so every parity row is checked), or else the first of
+        those still in flight once it lands (the answer has left either way; a parity
+        that never comes shadows nothing)."""
+        shadow = self.options.shadow
+        assert shadow is not None  # called only with a monitor
+        landed = {w: r for w, r in arrivals.results().items() if w >= first_parity}
+        for task in arrivals.pending:  # done during the answer's classify: landed too
+            worker = arrivals.tasks[task]
+            if (worker >= first_parity and task.done() and not task.cancelled()
+                    and task.exception() is None):
+                landed.setdefault(worker, task.result())
+        if landed:
+            worker = sorted(landed)[shadow.pick(len(landed))]
+            submit(worker, landed[worker])
             return
         for task in arrivals.pending:
             worker = arrivals.tasks[task]
             if worker >= first_parity and not task.done():
-                def landed(t: asyncio.Task[Any], worker: int = worker) -> None:
+                def later(t: asyncio.Task[Any], worker: int = worker) -> None:
                     if not t.cancelled() and t.exception() is None:
                         submit(worker, t.result())
 
-                task.add_done_callback(landed)
+                task.add_done_callback(later)
                 return
 
     def answer(self, batch: Batch, logits: dict[str, np.ndarray], reconstructed: np.ndarray,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ from runtime.modes.base import Arrivals, Mode, as_groups, slot
 from runtime.shadow import ShadowMonitor, ShadowOutcome
 
 REDISPATCH_ROUNDS = 3  # re-sent calls may straggle too; each round costs only then
+
+logger = logging.getLogger(__name__)
 
 
 class CodedMode(Mode):
@@ -103,7 +106,10 @@ class CodedMode(Mode):
         self.answer(batch, logits, reconstructed)
         shadow = self.options.shadow
         if exact is not None and shadow is not None and shadow.wants():
-            self._shadow(shadow, arrivals, exact, logits, m)
+            try:  # after the answer; a monitor bug must not fail the dispatch
+                self._shadow(shadow, arrivals, exact, logits, m)
+            except Exception:  # noqa: BLE001
+                logger.exception("queuing a shadow decode failed")
 
     def _shadow(self, shadow: ShadowMonitor, arrivals: Arrivals, exact: np.ndarray,
                 logits: dict[str, np.ndarray], m: int) -> None:

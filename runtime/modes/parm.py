@@ -5,6 +5,7 @@ its other heads cannot be decoded and are reported as unavailable (NaN logits)."
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -15,6 +16,8 @@ from runtime.manifest import Manifest
 from runtime.models import WORKER_F, WORKER_PARM
 from runtime.modes.base import Arrivals, Mode, as_groups, slot
 from runtime.shadow import ShadowMonitor, ShadowOutcome
+
+logger = logging.getLogger(__name__)
 
 
 class ParMMode(Mode):
@@ -73,8 +76,12 @@ class ParMMode(Mode):
         if not lost.any():
             self.answer(batch, out, np.zeros(m, np.bool_))
             shadow = self.options.shadow
-            if shadow is not None and shadow.wants():
-                self._shadow(shadow, arrivals, logits[primary], m)
+            # every primary in (not only those of real queries): the parity sums all k
+            if missing is None and shadow is not None and shadow.wants():
+                try:  # after the answer; a monitor bug must not fail the dispatch
+                    self._shadow(shadow, arrivals, logits[primary], m)
+                except Exception:  # noqa: BLE001
+                    logger.exception("queuing a shadow decode failed")
             return
         t0 = time.perf_counter()
         lost_g = g[lost]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from runtime_harness import TinyModel, server_config
 
@@ -87,3 +88,107 @@ def test_without_ray_the_backend_says_how_to_install_it(monkeypatch: pytest.Monk
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(EngineUnavailable, match=r"--workers-backend ray needs Ray: pip install"):
         ray_worker.import_ray()
+
+
+class _FakeRef:
+    """An ObjectRef as RayWorker uses it: like Ray's, each `future()` is a new concurrent
+    future of the one result, and awaiting the ref awaits another one."""
+
+    def __init__(self) -> None:
+        self.futures: list = []
+
+    def future(self):  # noqa: ANN201 - concurrent.futures.Future
+        import concurrent.futures
+
+        self.futures.append(concurrent.futures.Future())
+        return self.futures[-1]
+
+    def set_result(self, value: object) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_result(value)
+
+    def __await__(self):  # noqa: ANN204
+        import asyncio
+
+        return asyncio.wrap_future(self.future()).__await__()
+
+
+class _FakeRay:
+    """What RayWorker touches of the ray module."""
+
+    class exceptions:  # noqa: N801 - mirrors ray.exceptions
+        class RayError(Exception): ...
+
+        class RayTaskError(RayError): ...
+
+        class RayActorError(RayError): ...
+
+    def __init__(self) -> None:
+        self.cancelled: list[_FakeRef] = []
+        self.killed: list[tuple[object, bool]] = []
+
+    def cancel(self, ref: _FakeRef) -> None:
+        self.cancelled.append(ref)  # asks only: the actor may keep running the call
+
+    def kill(self, actor: object, no_restart: bool) -> None:
+        self.killed.append((actor, no_restart))
+
+
+@pytest.mark.asyncio
+async def test_a_ray_actor_hung_in_a_cancelled_call_is_busy_and_killed_on_restart(
+        tiny: TinyModel) -> None:
+    import asyncio
+    import types
+
+    from runtime.ray_worker import RayWorker
+    from runtime.worker import WorkerState
+
+    fake = _FakeRay()
+    refs: list[_FakeRef] = []
+
+    def remote(*args: object) -> _FakeRef:
+        refs.append(_FakeRef())
+        return refs[-1]
+
+    actor = types.SimpleNamespace(run=types.SimpleNamespace(remote=remote))
+    config = server_config(tiny.bundle, workers_backend="ray", worker_deadline_ms=50.0)
+    backend = types.SimpleNamespace(ray=fake, config=config)
+    worker = RayWorker(backend, 0, 0)  # type: ignore[arg-type]
+    worker._actor, worker.state = actor, WorkerState.READY  # noqa: SLF001 - as start() leaves it
+    call = asyncio.create_task(worker.run("f", np.zeros((1, 1, 4, 4), np.float32)))
+    await asyncio.sleep(0)
+    call.cancel()  # its group was answered without it
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert fake.cancelled == refs  # ray.cancel asked ...
+    await asyncio.sleep(0.06)
+    assert worker.busy_s() > 0.05  # ... but the actor never ended the call
+    await worker.stop()  # the pool replaces an overdue worker: its hung process is ended
+    assert fake.killed == [(actor, False)]  # and Ray restarts it
+    refs[0].set_result(None)
+    assert worker.busy_s() == 0.0
+
+
+@pytest.mark.asyncio
+async def test_a_ray_worker_stopped_with_young_calls_leaves_its_actor(tiny: TinyModel) -> None:
+    import types
+
+    from runtime.ray_worker import RayWorker
+    from runtime.worker import WorkerState
+
+    fake = _FakeRay()
+    ref = _FakeRef()
+    actor = types.SimpleNamespace(run=types.SimpleNamespace(remote=lambda *a: ref))
+    config = server_config(tiny.bundle, workers_backend="ray", worker_deadline_ms=60_000.0)
+    worker = RayWorker(types.SimpleNamespace(ray=fake, config=config), 0, 0)  # type: ignore[arg-type]
+    worker._actor, worker.state = actor, WorkerState.READY  # noqa: SLF001
+    import asyncio
+
+    call = asyncio.create_task(worker.run("f", np.zeros((1, 1, 4, 4), np.float32)))
+    await asyncio.sleep(0)
+    await worker.stop()  # shutdown: the call is young, the actor is not killed here
+    assert fake.killed == []
+    ref.set_result(np.ones(1))
+    await asyncio.sleep(0)
+    np.testing.assert_array_equal(await call, np.ones(1))

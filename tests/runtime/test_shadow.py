@@ -187,3 +187,24 @@ def test_the_statistics_endpoint_reports_the_running_agreement(tiny: TinyModel) 
         assert shadow["heads"][head]["agreement"] == 1.0
         low, high = shadow["heads"][head]["interval_95"]
         assert low < 1.0 and high == 1.0
+
+
+@pytest.mark.asyncio
+async def test_parm_never_shadows_a_group_with_a_primary_missing(tiny_rig: Rig) -> None:
+    """The only missing primary serves a padded slot: the answer needs nothing rebuilt, but
+    the parity sums all k primaries, so a shadow job would compare the wrong thing."""
+    rig, metrics = tiny_rig, Metrics("tiny")
+    monitor = _monitor(metrics)
+    run = await make_run(rig, "parm", 1, options=_options(monitor)).start()  # slot 1 is padding
+    await run.land([0, rig.k])
+    run.pool.fail(1)
+    await run.done()
+    await settle()
+    assert monitor._queue.qsize() == 0  # noqa: SLF001
+
+
+def test_a_window_shorter_than_min_samples_can_still_alert() -> None:
+    metrics = Metrics("tiny")
+    monitor = _monitor(metrics, window=10, min_samples=50, alert_below=0.8)
+    monitor.record(ShadowOutcome({t: np.zeros(10, bool) for t in TASKS}))
+    assert monitor.alerting
