@@ -158,13 +158,16 @@ class RayWorker:
             raise WorkerDead(f"worker {self.index} is {self.state.value}")
         exceptions = self._ray.exceptions
         ref = self._actor.run.remote(model, batch, fault)
-        # until the actor ends it (a cancelled call too: ray.cancel only asks), for busy_s
-        self._sent[ref] = time.monotonic()
-        ref.future().add_done_callback(lambda _: self._sent.pop(ref, None))
+        self._sent[ref] = time.monotonic()  # until the actor ends it, for busy_s
+        ended = True
         try:
             return await ref
         except asyncio.CancelledError:
-            self._ray.cancel(ref)  # an async actor drops the call, or its fault delay
+            # ray.cancel only asks: a pending call is dropped, a running one runs on; it
+            # counts as running until the actor ends it (a future only here: off the hot path)
+            self._ray.cancel(ref)
+            ended = False
+            ref.future().add_done_callback(lambda _: self._sent.pop(ref, None))
             raise
         except exceptions.RayTaskError as exc:
             cause = exc.cause
@@ -178,6 +181,9 @@ class RayWorker:
         except exceptions.RayError as exc:
             raise WorkerError(f"worker {self.index} (Ray): {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0]}") from None
+        finally:
+            if ended:
+                self._sent.pop(ref, None)
 
     async def lost(self) -> str:
         sentinel = self._actor.until_stopped.remote()
