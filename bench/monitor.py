@@ -91,11 +91,11 @@ def offline_agreement(bundle: str, m: Manifest, images: np.ndarray, groups: int,
     class agrees with the exact answer's, and its Wilson interval. Groups of k random
     images, or with `consecutive` the first `groups` runs of k consecutive images, as
     traffic sent in the split's order is grouped."""
-    from kernels.coding import CodingScheme, OnlineDecoder
+    from kernels.coding import CodingScheme
     from runtime.config import ServerConfig
     from runtime.model_io import preprocess
     from runtime.models import ModelFactory
-    from runtime.shadow import wilson_interval
+    from runtime.shadow import rebuild_slot, wilson_interval
 
     factory = ModelFactory(Path(bundle), m, ServerConfig(bundle=bundle))
     f, heads, encoders = factory.f(0), factory.heads(), factory.encoders()
@@ -118,12 +118,8 @@ def offline_agreement(bundle: str, m: Manifest, images: np.ndarray, groups: int,
         rows = np.flatnonzero(slots == s)
         if not len(rows):
             continue
-        decoder = OnlineDecoder(scheme, (len(rows), *m.embedding_shape))
-        for i in range(k):
-            if i != s:
-                decoder.add(i, z[pick[rows, i]])
-        decoder.add(k, parity[rows])
-        rebuilt = decoder.finalize()[s].astype(np.float32)
+        exact_slots = [z[pick[rows, i]] for i in range(k)]
+        rebuilt = rebuild_slot(scheme, exact_slots, s, k, parity[rows]).astype(np.float32)
         exact = z[pick[rows, s]]
         for task, head in heads.items():
             agree[task] += list(head.run(rebuilt).argmax(axis=1) == head.run(exact).argmax(axis=1))
@@ -137,8 +133,10 @@ def offline_agreement(bundle: str, m: Manifest, images: np.ndarray, groups: int,
 
 # -- 2. live -------------------------------------------------------------------------------------
 async def _traffic(url: str, stats_url: str, metrics_url: str, phases: list[tuple[str, np.ndarray]],
-                   concurrency: int, poll_s: float) -> dict[str, Any]:
+                   concurrency: int, poll_s: float, primary: str) -> dict[str, Any]:
     import aiohttp
+
+    from bench.served import _serve_all  # its clients: one binary batch-1 request per image
 
     series: list[dict[str, Any]] = []
     marks: dict[str, Any] = {}
@@ -174,19 +172,6 @@ async def _traffic(url: str, stats_url: str, metrics_url: str, phases: list[tupl
                     out[name] = float(line.rsplit(" ", 1)[1])
         return out
 
-    async def send(session: aiohttp.ClientSession, images: np.ndarray) -> None:
-        order = iter(range(len(images)))
-
-        async def client() -> None:
-            for i in order:
-                body = binary_body("INPUT", images[i:i + 1])
-                async with session.post(url, data=body.data, headers=body.headers()) as response:
-                    await response.read()
-                    if response.status != 200:
-                        raise MonitorBenchError(f"image {i}: HTTP {response.status}")
-
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-
     async with aiohttp.ClientSession() as session:
         poller = asyncio.create_task(poll(session))
         per_phase = {}
@@ -195,7 +180,7 @@ async def _traffic(url: str, stats_url: str, metrics_url: str, phases: list[tupl
             before = await cumulative(session)
             marks.setdefault("phases", []).append({"phase": name, "decodes_at_start":
                                                    series[-1]["decodes"] if series else 0})
-            await send(session, images)
+            await _serve_all(url, images, concurrency, primary)
             await asyncio.sleep(1.0)  # the last shadow jobs run
             after = await cumulative(session)
             per_phase[name] = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
@@ -265,7 +250,7 @@ def run(config: MonitorConfig) -> dict[str, Any]:
             infer_url(srv.url, m.model_name), f"{srv.url}/v2/models/{m.model_name}/stats",
             f"http://127.0.0.1:{metrics_port}/metrics",
             [(source, images), (f"{config.shift_dataset} test split", shifted)],
-            config.concurrency, config.poll_s))
+            config.concurrency, config.poll_s, m.heads[0].task))
     primary = m.heads[0].task
     estimate = _estimate(live["cumulative"][source], primary)
     phases = live["marks"]["phases"]

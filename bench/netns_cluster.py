@@ -241,9 +241,3 @@ class NetnsCluster:
                 os.kill(pid, signal.SIGKILL)
                 return pid
         raise NetnsError(f"no raylet found in {self.hosts[host]}")
-
-    def describe(self) -> dict[str, Any]:
-        """What a process inside the head's namespace needs to drive this cluster."""
-        return {"tag": self.tag, "hosts": self.hosts, "switch": self.switch,
-                "subnet": self.subnet, "ray_address": self.ray_address,
-                "root": str(self._root)}

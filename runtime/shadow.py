@@ -28,11 +28,12 @@ import collections
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from kernels.coding import CodingScheme, OnlineDecoder
 from runtime.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,20 @@ def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float,
     centre = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rebuild_slot(scheme: CodingScheme, exact: Sequence[np.ndarray], slot: int,
+                 parity_worker: int, parity: np.ndarray) -> np.ndarray:
+    """Systematic slot `slot` rebuilt as if it had been lost: from the other exact results
+    `exact[i]` [G, *emb] (i < k) and worker `parity_worker`'s parity result, with the
+    host decoder every erasure uses. Raises ValueError when the slot is not decodable."""
+    decoder = OnlineDecoder(scheme, parity.shape)
+    for i, z in enumerate(exact):
+        if i != slot:
+            decoder.add(i, z)
+    if not decoder.add(parity_worker, parity):
+        raise ValueError(f"slot {slot} is not decodable from parity worker {parity_worker}")
+    return decoder.finalize()[slot]
 
 
 @dataclass(frozen=True)

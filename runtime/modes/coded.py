@@ -17,7 +17,7 @@ from runtime.gpu_decode import to_host
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F, encoder_then_f
 from runtime.modes.base import Arrivals, Mode, as_groups, slot
-from runtime.shadow import ShadowMonitor, ShadowOutcome
+from runtime.shadow import ShadowMonitor, ShadowOutcome, rebuild_slot
 
 REDISPATCH_ROUNDS = 3  # re-sent calls may straggle too; each round costs only then
 
@@ -127,13 +127,7 @@ class CodedMode(Mode):
 
         def submit(worker: int, parity: Any) -> None:
             async def job() -> ShadowOutcome:
-                decoder = OnlineDecoder(self.scheme, exact.shape[1:])  # on the host
-                for i in range(k):
-                    if i != s:
-                        decoder.add(i, exact[i])
-                if not decoder.add(worker, to_host(parity)):
-                    raise RuntimeError(f"slot {s} is not decodable from parity {worker}")
-                rebuilt = decoder.finalize()[s][real]
+                rebuilt = rebuild_slot(self.scheme, exact, s, worker, to_host(parity))[real]
                 out = await self.frontend.classify(rebuilt)
                 axes = tuple(range(1, rebuilt.ndim))
                 errors = (np.sqrt(((rebuilt - true_z) ** 2).sum(axis=axes))
