@@ -141,6 +141,7 @@ def run_cuda(config: KernelBenchConfig) -> dict[str, Any]:
     from kernels.cuda_kernels import load_kernels
 
     kernels = load_kernels()
+    kernels.grid_waves = config.grid_waves
     library = _array_library("auto" if config.unfused == "none" else config.unfused)
     stream = kernels.new_stream()  # created once; torch/CuPy join it through ExternalStream
     arrays = _Arrays(library, int(stream.handle), config.dtype)

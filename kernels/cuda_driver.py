@@ -2,15 +2,19 @@
 
 pycuda is imported lazily and attaches to the device's PRIMARY context
 (`pycuda.autoprimaryctx`, never `autoinit`), the one torch, CuPy and TensorRT use, so their
-pointers are valid here. Every driver call goes through `check()`, which turns pycuda's
-exceptions into one CudaDecoderError carrying the CUDA routine and status. Argument errors
-raise CodingError, like the numpy reference (kernels.reference).
+pointers are valid here. A CUDA context is current per thread, and autoprimaryctx pushes it
+on the importing thread only; so every driver call goes through `check()`, which first makes
+the primary context current on the calling thread (once per thread: executor threads, the
+event loop, a waiter thread alike) and then turns pycuda's exceptions into one
+CudaDecoderError carrying the CUDA routine and status. Argument errors raise CodingError,
+like the numpy reference (kernels.reference).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -24,13 +28,32 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 T = TypeVar("T")
 
+_primary: Any = None  # the primary context, once import_pycuda() has attached to it
+_this_thread = threading.local()  # .context: the context this thread has made current
+
+
+def make_current(context: Any) -> None:
+    """Make `context` current on the calling thread (idempotent; a dict lookup after the first
+    call on a thread). Pushed, never popped: the threads that call the driver live as long as
+    the runtime, and the primary context outlives them all."""
+    if getattr(_this_thread, "context", None) is context:
+        return
+    driver = sys.modules["pycuda.driver"]
+    current = driver.Context.get_current()
+    if current is None or current.handle != context.handle:
+        context.push()
+    _this_thread.context = context
+
 
 def check(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run one driver call; a pycuda error becomes CudaDecoderError(what, routine, status).
+    """Run one driver call on this thread with the primary context current; a pycuda error
+    becomes CudaDecoderError(what, routine, status).
 
     pycuda formats its errors as "<routine> failed: <status text>[ - <log>]".
     """
     try:
+        if _primary is not None:
+            make_current(_primary)
         return fn(*args, **kwargs)
     except Exception as exc:
         driver = sys.modules.get("pycuda.driver")
@@ -44,7 +67,9 @@ def check(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 def import_pycuda() -> tuple[Any, Any]:
-    """(pycuda.driver, primary context) or CudaUnavailableError saying how to get them."""
+    """(pycuda.driver, primary context) or CudaUnavailableError saying how to get them; from
+    then on check() makes that context current on whichever thread calls the driver."""
+    global _primary
     try:
         import pycuda.driver as driver
     except ImportError as exc:
@@ -56,6 +81,7 @@ def import_pycuda() -> tuple[Any, Any]:
         import pycuda.autoprimaryctx as primary  # retains + pushes the primary context
     except Exception as exc:  # noqa: BLE001 - cuInit / no device / driver mismatch all mean "no GPU"
         raise CudaUnavailableError(f"no usable CUDA device for the decoder kernels: {exc}") from exc
+    _primary = primary.context
     return driver, primary.context
 
 
@@ -99,10 +125,11 @@ def device_pointer(obj: Any, *, nbytes: int | None = None, dtype: str | None = N
         )
     if pointer == 0:
         raise CodingError(f"{what}: got a null device pointer")
-    if nbytes is not None and got_bytes is not None and got_bytes < nbytes:
-        raise CodingError(f"{what}: expected at least {nbytes} bytes, got {got_bytes}")
+    # dtype first: a byte count in the wrong element type says nothing useful
     if dtype is not None and got_dtype is not None and got_dtype != dtype:
         raise CodingError(f"{what}: expected dtype {dtype}, got {got_dtype}")
+    if nbytes is not None and got_bytes is not None and got_bytes < nbytes:
+        raise CodingError(f"{what}: expected at least {nbytes} bytes, got {got_bytes}")
     return pointer
 
 

@@ -3,13 +3,15 @@
   kernels = load_kernels()                       # builds/caches the fatbin, loads it once
   kernels.one_shot_decode(inputs, parity, out, n, k)   # torch CUDA tensors, CuPy arrays, pointers
 
-pycuda's context is current on the importing thread only: call from that thread (the
-runtime's event loop), or push `kernels.context` first. Streams are created once (one
+Any thread may call it: every driver call goes through kernels.cuda_driver.check(), which
+makes the primary context current on the calling thread first. Streams are created once (one
 default per CudaKernels) and handed to every launch; `.handle` is the raw CUstream for
 `torch.cuda.ExternalStream(handle)` / `cupy.cuda.ExternalStream(handle)`. pycuda's Stream()
 is a blocking stream, so it is ordered after work on the legacy default stream (torch's
-default); producers on other streams must be synchronised by the caller. Every launch has
-the semantics of its numpy twin in kernels.reference.
+default) only; a producer on another stream must be ordered explicitly: record an event on
+the producer's stream and make the launch stream wait on it (runtime.gpu_decode does this
+for every worker result). Every launch has the semantics of its numpy twin in
+kernels.reference.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class CudaKernels:
         self.sm_count: int = check("query the SM count", device.get_attribute, attribute)
         self._functions: dict[str, Any] = {}
         self._blocks_per_sm: dict[str, int] = {}
+        # Grid cap in waves of resident blocks. One wave keeps every block resident (the loops
+        # are grid-stride); more may hide latency at small k (few loads per thread): the
+        # kernel bench measures both (`--grid-waves`).
+        self.grid_waves = 1
         self.default_stream = self.new_stream()
         logger.info(
             "decoder kernels loaded from %s on %s (sm_%d%d, %d SMs)",
@@ -130,7 +136,7 @@ class CudaKernels:
     def grid(self, n: int, itemsize: int, name: str, param_bytes: int) -> tuple[int, int, int]:
         items = -(-n // (16 // itemsize))  # 16-byte packs (+ the tail)
         per_sm = self.blocks_per_sm(name, param_bytes)
-        blocks = min(-(-items // BLOCK_THREADS), self.sm_count * per_sm)
+        blocks = min(-(-items // BLOCK_THREADS), self.sm_count * per_sm * self.grid_waves)
         return (max(1, blocks), 1, 1)
 
     # -- prepared launches (same semantics as kernels.reference) -------------------------

@@ -14,11 +14,10 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,7 +30,7 @@ from runtime.deadlines import DecodeWait
 from runtime.errors import RequestTimeout, ServiceUnavailable, ServingError
 from runtime.faults import with_faults
 from runtime.frontend import Frontend
-from runtime.gpu_decode import make_device_decoders
+from runtime.gpu_decode import DeviceDecoders, make_device_decoders
 from runtime.manifest import Manifest
 from runtime.metrics import Metrics
 from runtime.model_io import InferenceResult, build_result, preprocess
@@ -66,7 +65,7 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.frontend: Frontend | None = None
         self.models: ModelFactory | None = None
-        self._device_decoders: Callable[[tuple[int, ...]], Any] | None = None
+        self._device_decoders: DeviceDecoders | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._frontend_s = 0.0  # measured frontend time per group, at warm-up
@@ -133,7 +132,7 @@ class Engine:
             redispatch=config.redispatch, shadow=self.shadow,
             cancel_late_after_s=config.decode_wait_cap_ms / 1000.0 if config.cancel_late_calls
             else None,
-            new_decoder=device_decoders))
+            decoders=device_decoders))
         batcher = Batcher(mode.group_size, config.max_queue_delay_ms / 1000.0,
                           config.max_queue_size, on_cancelled=self.metrics.queries_cancelled)
         self.admission = AdmissionControl(
@@ -219,6 +218,8 @@ class Engine:
             await self.backend.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._device_decoders is not None:
+            self._device_decoders.close()
 
     # -- serving -----------------------------------------------------------------------------
     def health(self) -> Health:

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from runtime.errors import EngineUnavailable
+from runtime.gpu_decode import DeviceResult
 from runtime.manifest import ENGINES_DIR, F_FILE, F_IO, plan_file
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ class ChainRunner:
             y = runner.run(y)
         return y
 
+    def close(self) -> None:
+        close_runners((self.first, *self.rest))
+
 
 class TorchRunner:
     """A `torch.export` program on one CUDA stream (GPU machines without TensorRT)."""
@@ -99,11 +103,11 @@ class TorchRunner:
         self.module = torch.export.load(io.BytesIO(program)).module().to(self.device)
         # One stream per worker, so workers overlap on one GPU like separate machines would.
         self.stream = torch.cuda.Stream(device=self.device) if device == "cuda" else None
-        # GPU decoding (runtime.gpu_decode): return the CUDA tensor, not a host copy
+        # GPU decoding (runtime.gpu_decode): return the CUDA tensor and its event, no host copy
         self.keep_on_device = keep_on_device and self.stream is not None
         logger.debug("torch runner %s on %s (worker stream %d)", name, device, stream_index)
 
-    def run(self, x: np.ndarray) -> np.ndarray:  # or a CUDA tensor when keep_on_device
+    def run(self, x: np.ndarray) -> np.ndarray | DeviceResult:
         torch = self._torch
         with torch.inference_mode():
             if self.stream is None:
@@ -112,10 +116,15 @@ class TorchRunner:
                 xd = torch.from_numpy(np.ascontiguousarray(x)).pin_memory().to(
                     self.device, non_blocking=True)
                 y = self.module(xd)
-                if not self.keep_on_device:
-                    y = y.to("cpu", non_blocking=True)
-            self.stream.synchronize()  # the result is complete before anyone else reads it
-            return y if self.keep_on_device else y.numpy()
+                y = y.contiguous() if self.keep_on_device else y.to("cpu", non_blocking=True)
+                # blocking: this thread sleeps until the GPU is done instead of spinning
+                done = torch.cuda.Event(blocking=True)
+                done.record(self.stream)
+            # The call ends when its kernels have: a worker's arrival time is its GPU time
+            # (the first k of n that finish decide). The decoder orders itself by the
+            # event on the device, not by this host wait.
+            done.synchronize()
+            return DeviceResult(y, done) if self.keep_on_device else y.numpy()
 
 
 class TensorRTRunner:
@@ -123,24 +132,34 @@ class TensorRTRunner:
 
     Written against the documented TensorRT >= 10 name-based API (num_io_tensors,
     get_tensor_name, set_input_shape, set_tensor_address, execute_async_v3); NOT run on
-    this project's CPU machines. `python -m export trt` builds one optimisation profile per
-    concurrent worker context, so worker i selects profile i (mod the profile count).
-    pycuda attaches to the device's primary context (shared with torch and the CUDA
-    decoder); that context is pushed around every call because workers run on threads.
+    this project's machines (no TensorRT there; see README "GPU"). `python -m export trt`
+    builds one optimisation profile per concurrent worker context, so worker i selects
+    profile i (mod the profile count). Driver calls go through kernels.cuda_driver.check(),
+    which makes the device's primary context (shared with torch and the CUDA decoder)
+    current on whichever thread calls: workers are built and run on executor threads.
+    Device buffers and page-locked host staging buffers are made once and grown, never per
+    call (a page-locked allocation is slow and synchronises), and freed by close().
     """
 
     def __init__(self, plan: bytes, name: str, worker: int, input_name: str = F_IO[0],
                  output_name: str = F_IO[1]) -> None:
+        from kernels.cuda_driver import check, import_pycuda
+        from kernels.errors import CudaUnavailableError
+
         try:
-            import pycuda.autoprimaryctx as primary
-            import pycuda.driver as cuda
             import tensorrt as trt
         except ImportError as exc:
             raise EngineUnavailable(
-                "--engine tensorrt needs the `gpu` extra (tensorrt, pycuda) and an NVIDIA GPU: "
-                f"{exc}"
+                "--engine tensorrt needs TensorRT (see README \"GPU\": it comes from NVIDIA's "
+                f"package index) and an NVIDIA GPU: {exc}"
             ) from exc
-        self._cuda, self._trt, self._context = cuda, trt, primary.context
+        try:
+            cuda, _ = import_pycuda()
+        except CudaUnavailableError as exc:
+            raise EngineUnavailable(f"--engine tensorrt needs pycuda and a GPU: {exc}") from exc
+        self._cuda, self._check, self.name = cuda, check, name
+        self._device: dict[str, tuple[object, int]] = {}  # tensor -> (allocation, bytes)
+        self._host: dict[str, np.ndarray] = {}  # tensor -> page-locked float32 staging
         trt_logger = trt.Logger(trt.Logger.WARNING)
         engine = trt.Runtime(trt_logger).deserialize_cuda_engine(plan)
         if engine is None:
@@ -151,52 +170,87 @@ class TensorRTRunner:
             raise EngineUnavailable(f"{name}: expected I/O tensors {input_name!r} and "
                                     f"{output_name!r}, the plan has {names}")
         self.engine = engine
-        self.stream = cuda.Stream()
+        self.stream = check("create a stream", cuda.Stream)  # on this (executor) thread
         self.context = engine.create_execution_context()
         profile = worker % max(engine.num_optimization_profiles, 1)
         self.context.set_optimization_profile_async(profile, self.stream.handle)
         self.input_name, self.output_name = input_name, output_name
-        self._buffers: dict[str, tuple[object, int]] = {}
 
-    def _buffer(self, name: str, nbytes: int) -> object:
-        held = self._buffers.get(name)
+    def _device_buffer(self, name: str, nbytes: int) -> object:
+        held = self._device.get(name)
         if held is None or held[1] < nbytes:
-            held = (self._cuda.mem_alloc(nbytes), nbytes)
-            self._buffers[name] = held
+            if held is not None:
+                self.stream_synchronize()  # the old buffer may still be read by queued work
+                self._check(f"free the {name} buffer", held[0].free)
+            held = (self._check(f"allocate {nbytes} bytes for {name}", self._cuda.mem_alloc, nbytes), nbytes)
+            self._device[name] = held
             self.context.set_tensor_address(name, int(held[0]))
         return held[0]
 
+    def _staging(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A page-locked float32 view of `shape`, from a buffer kept and grown per tensor."""
+        size = int(np.prod(shape))
+        held = self._host.get(name)
+        if held is None or held.size < size:
+            if held is not None:
+                self._check(f"free the {name} staging buffer", held.base.free)
+            held = self._check(f"allocate page-locked memory for {name}", self._cuda.pagelocked_empty,
+                               (max(size, 1),), np.float32)
+            self._host[name] = held
+        return held[:size].reshape(shape)
+
+    def stream_synchronize(self) -> None:
+        self._check("synchronize the worker stream", self.stream.synchronize)
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        cuda = self._cuda
-        self._context.push()  # worker threads have no current CUDA context of their own
-        try:
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            if not self.context.set_input_shape(self.input_name, x.shape):
-                raise EngineUnavailable(f"TensorRT rejected input shape {x.shape}: outside the "
-                                        "plan's optimisation profile; rebuild with a larger max batch")
-            out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-            y = cuda.pagelocked_empty(out_shape, np.float32)
-            x_dev = self._buffer(self.input_name, x.nbytes)
-            y_dev = self._buffer(self.output_name, y.nbytes)
-            cuda.memcpy_htod_async(x_dev, x, self.stream)
-            if not self.context.execute_async_v3(self.stream.handle):
-                raise EngineUnavailable("TensorRT execute_async_v3 failed")
-            cuda.memcpy_dtoh_async(y, y_dev, self.stream)
-            self.stream.synchronize()
-            return np.array(y)
-        finally:
-            self._context.pop()
+        cuda, check = self._cuda, self._check
+        x_host = self._staging(self.input_name, x.shape)
+        np.copyto(x_host, x, casting="same_kind")
+        if not self.context.set_input_shape(self.input_name, x.shape):
+            raise EngineUnavailable(f"TensorRT rejected input shape {x.shape}: outside the "
+                                    "plan's optimisation profile; rebuild with a larger max batch")
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        y_host = self._staging(self.output_name, out_shape)
+        x_dev = self._device_buffer(self.input_name, x_host.nbytes)
+        y_dev = self._device_buffer(self.output_name, y_host.nbytes)
+        check("copy the input to the device", cuda.memcpy_htod_async, x_dev, x_host, self.stream)
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise EngineUnavailable("TensorRT execute_async_v3 failed")
+        check("copy the output to the host", cuda.memcpy_dtoh_async, y_host, y_dev, self.stream)
+        self.stream_synchronize()
+        return y_host.copy()  # the staging buffer is the next call's
+
+    def close(self) -> None:
+        """Free the device and page-locked buffers (with the context current: check())."""
+        if self._device or self._host:
+            self.stream_synchronize()
+        for name, (allocation, _) in self._device.items():
+            self._check(f"free the {name} buffer", allocation.free)
+        for name, staging in self._host.items():
+            self._check(f"free the {name} staging buffer", staging.base.free)
+        self._device, self._host = {}, {}
+
+
+def close_runners(runners: Iterable[object]) -> None:
+    """Release what runners hold outside Python's heap (TensorRTRunner's buffers); runners
+    without a close() hold nothing that needs it."""
+    for runner in runners:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
 
 
 def find_tensorrt_plan(files: Iterable[str]) -> str:
     """The bundle path of `engines/<sm>_trt<version>/f.plan` for this GPU and TensorRT."""
+    from kernels.cuda_driver import check, import_pycuda
+    from kernels.errors import CudaUnavailableError
+
     try:
-        import pycuda.autoprimaryctx  # noqa: F401 - the device's primary context
-        import pycuda.driver as cuda
         import tensorrt as trt
-    except ImportError as exc:
+        _, context = import_pycuda()
+    except (ImportError, CudaUnavailableError) as exc:
         raise EngineUnavailable(f"--engine tensorrt needs tensorrt and pycuda: {exc}") from exc
-    major, minor = cuda.Device(0).compute_capability()
+    major, minor = check("query the device", lambda: context.get_device().compute_capability())
     wanted = plan_file(F_FILE, (major, minor), trt.__version__)
     plans = sorted(p for p in files if p.startswith(f"{ENGINES_DIR}/")
                    and p.endswith("/" + Path(wanted).name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
@@ -10,9 +11,11 @@ from concurrent.futures import Executor, Future
 import numpy as np
 
 from runtime.context import EngineContext
-from runtime.engines import ModelRunner
+from runtime.engines import ModelRunner, close_runners
 from runtime.errors import WorkerDead, WorkerError
 from runtime.worker import CallFault, GroupTag, WorkerState
+
+logger = logging.getLogger(__name__)
 
 
 class ThreadWorker:
@@ -112,8 +115,31 @@ class ThreadWorker:
         return time.monotonic() - self._running_since
 
     async def stop(self) -> None:
+        """Stopped at once; its models' buffers are freed on a compute thread once no call
+        of this worker runs any more (a hung call keeps them until it ends)."""
         self.state = WorkerState.STOPPED
-        self._models = {}
+        models, self._models = list(self._models.values()), {}
+        if not models:
+            return
+        running = self._running
+
+        def free(_: object = None) -> None:
+            try:
+                self._executor.submit(_close_logged, self.index, models)
+            except RuntimeError:  # the pool is shut down (server exit): the process frees them
+                pass
+
+        if running is not None and not running.done():
+            running.add_done_callback(free)
+        else:
+            free()
+
+
+def _close_logged(index: int, models: list[ModelRunner]) -> None:
+    try:
+        close_runners(models)
+    except Exception:  # noqa: BLE001 - a leak to report, not a reason to fail a restart
+        logger.exception("freeing worker %d's model buffers failed", index)
 
 
 class ThreadBackend:

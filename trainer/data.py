@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import pickle
 import struct
 import zlib
@@ -23,7 +24,8 @@ from trainer.errors import DatasetError
 logger = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_ROOT = _REPO_ROOT.parent / "shared" / "data"
+DATA_ROOT_ENV = "CODED_INVNET_DATA"  # a machine whose datasets are elsewhere (the GPU check's)
+DEFAULT_DATA_ROOT = Path(os.environ.get(DATA_ROOT_ENV) or _REPO_ROOT.parent / "shared" / "data")
 
 Split = Literal["train", "test"]
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from runtime.batcher import Batch
 from runtime.deadlines import DecodeWait
+from runtime.decoders import Decoders
 from runtime.frontend import Frontend
 from runtime.manifest import Manifest
 from runtime.metrics import Metrics
@@ -51,8 +52,8 @@ class ModeOptions:
     # a group's calls still running this long after it is answered are cancelled (their
     # worker skips them if not yet started); None = never, they run and are dropped
     cancel_late_after_s: float | None = None
-    # coded: shape -> decoder (kernels.coding.OnlineDecoder's interface); None = on the host
-    new_decoder: Callable[[tuple[int, ...]], Any] | None = None
+    # coded: where groups are decoded (runtime/decoders.py); None = on the host
+    decoders: Decoders | None = None
     # coded, parm: rebuilds known answers off the request path (runtime/shadow.py); None = off
     shadow: ShadowMonitor | None = None
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from kernels.coding import CodingScheme, OnlineDecoder
+from kernels.coding import CodingScheme
 from runtime.batcher import Batch
 from runtime.deadlines import NEVER, Lateness
+from runtime.decoders import Decoder, HostDecoders
 from runtime.errors import ConfigError, ServiceUnavailable
 from runtime.gpu_decode import to_host
 from runtime.manifest import Manifest
@@ -32,9 +33,8 @@ class CodedMode(Mode):
         super().__init__(*args, **kwargs)
         self.scheme = CodingScheme.from_dict(self.manifest.coding.to_dict())
         self.n = self.scheme.n
-        # shape -> decoder; runtime.gpu_decode provides a CUDA one for device results
-        self.new_decoder = self.options.new_decoder or (
-            lambda shape: OnlineDecoder(self.scheme, shape))
+        # runtime.gpu_decode provides persistent CUDA decoders for device results
+        self.decoders = self.options.decoders or HostDecoders(self.scheme)
         policy = self.options.decode_wait
         self.lateness = None if policy is None else Lateness(policy)
 
@@ -77,35 +77,40 @@ class CodedMode(Mode):
         # One decoder for all G groups: a worker's batch lands at once, so they share the
         # erasure pattern and decode as one (G, *embedding_shape) result per worker.
         shape = (len(groups), *self.manifest.embedding_shape)
-        decoder = self.new_decoder(shape)
-        redispatch = ((lambda round_: self._redispatch(arrivals, calls, round_))
-                      if self.options.redispatch else None)
-        if not await arrivals.until(decoder.add, redispatch, REDISPATCH_ROUNDS):
-            batch.fail(ServiceUnavailable(
-                f"only {len(decoder.received)} of {n} workers answered (workers "
-                f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
-                "workers are being restarted"))
-            return
-        waited = await self._wait_for_systematic(arrivals, set(decoder.missing))
-        if waited:
-            decoder = self._refold(arrivals, shape)  # use what came in time, decode the rest
-        missing = set(decoder.missing)
-        # a group the wait made whole lost nothing: its parities were never needed
-        arrivals.finish(count_erasures=not (waited and not missing))
-        exact = None
-        if not missing:  # every systematic result is in: exact answers, nothing to decode
-            results = arrivals.results()
-            zs = exact = np.stack([to_host(results[i]) for i in range(k)])  # [k, G, *emb]
-        else:
+        decoders = self.decoders
+        decoder = decoders.acquire(shape)
+        try:
+            redispatch = ((lambda round_: self._redispatch(arrivals, calls, round_))
+                          if self.options.redispatch else None)
+            if not await arrivals.until(decoder.add, redispatch, REDISPATCH_ROUNDS):
+                batch.fail(ServiceUnavailable(
+                    f"only {len(decoder.received)} of {n} workers answered (workers "
+                    f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
+                    "workers are being restarted"))
+                return
+            waited = await self._wait_for_systematic(arrivals, set(decoder.missing))
+            if waited:  # use what came in time, decode the rest
+                refolded = self._refold(arrivals, shape)
+                decoders.release(decoder)
+                decoder = refolded
+            missing = set(decoder.missing)
+            # a group the wait made whole lost nothing: its parities were never needed
+            arrivals.finish(count_erasures=not (waited and not missing))
+            # every systematic result in: the decoder holds exact copies, nothing is solved
             t0 = time.perf_counter()
-            zs = decoder.finalize()  # [k, G, *embedding_shape]
-            self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-        zs = zs.swapaxes(0, 1).reshape(-1, *zs.shape[2:])[:m]  # [m, *embedding_shape]
-        logits = await self.frontend.classify(zs)  # padded slots are never classified
+            zs = await decoders.finalize(decoder)  # [k, G, *embedding_shape], host
+            if missing:
+                self.metrics.decode_seconds.observe(time.perf_counter() - t0)
+            shadow = self.options.shadow
+            # the decoder's answer is only valid until release: keep a copy to shadow it
+            exact = np.array(zs) if not missing and shadow is not None and shadow.wants() else None
+            zs = zs.swapaxes(0, 1).reshape(-1, *zs.shape[2:])[:m]  # [m, *emb] (may be a view)
+            logits = await self.frontend.classify(zs)  # padded slots are never classified
+        finally:
+            decoders.release(decoder)
         reconstructed = np.isin(np.arange(m) % k, sorted(missing))  # [m]
         self.answer(batch, logits, reconstructed)
-        shadow = self.options.shadow
-        if exact is not None and shadow is not None and shadow.wants():
+        if exact is not None and shadow is not None:
             try:  # after the answer; a monitor bug must not fail the dispatch
                 self._shadow(shadow, arrivals, exact, logits, m)
             except Exception:  # noqa: BLE001
@@ -191,11 +196,15 @@ class CodedMode(Mode):
             self.metrics.redispatched.inc()
         return True
 
-    def _refold(self, arrivals: Arrivals, shape: tuple[int, ...]) -> Any:
+    def _refold(self, arrivals: Arrivals, shape: tuple[int, ...]) -> Decoder:
         """A decoder fed every received result, systematic ones first, so that the fewest
-        slots are decoded."""
-        decoder = self.new_decoder(shape)
-        for worker, result in sorted(arrivals.results().items()):
-            if decoder.add(worker, result):
-                break
+        slots are decoded (the caller releases it)."""
+        decoder = self.decoders.acquire(shape)
+        try:
+            for worker, result in sorted(arrivals.results().items()):
+                if decoder.add(worker, result):
+                    break
+        except BaseException:
+            self.decoders.release(decoder)
+            raise
         return decoder

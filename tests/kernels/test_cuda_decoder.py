@@ -68,6 +68,10 @@ def test_device_pointer_accepts_cuda_arrays_and_checks_them() -> None:
         cuda_driver.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4"), nbytes=52)
     with pytest.raises(CodingError, match="expected dtype float32, got float16"):
         cuda_driver.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f2"), dtype="float32")
+    # a half array is also too small for float32's byte count: the dtype is the error to name
+    # (the GPU test of CudaOnlineDecoder.add with a .half() result relies on this order)
+    with pytest.raises(CodingError, match="expected dtype float32, got float16"):
+        cuda_driver.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f2"), nbytes=48, dtype="float32")
     with pytest.raises(CodingError, match=r"C-contiguous array, got strides \(4, 16\)"):
         cuda_driver.device_pointer(_FakeCudaArray(0x2000, (4, 3), "<f4", strides=(4, 16)))
     with pytest.raises(CodingError, match="expected device memory, got ndarray"):

@@ -9,15 +9,22 @@ and every label is checkable with numpy. Heads are linear; parm is exact too.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import os
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+try:  # the GPU check's machine has no onnx: its tests use the shipped bundle instead
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError:
+    onnx = None
 
 from runtime.config import ServerConfig
 from runtime.manifest import sha256_file
@@ -73,6 +80,8 @@ def _tensor(name: str, shape: list) -> onnx.ValueInfoProto:
 
 
 def build_tiny_bundle(root: Path, k: int = 2, n: int = 3, seed: int = 0) -> TinyModel:
+    if onnx is None:
+        raise RuntimeError("the tiny test bundle needs onnx (pip install -e '.[train]')")
     rng = np.random.default_rng(seed)
     A = (np.eye(D) + 0.3 * rng.standard_normal((D, D))).astype(np.float32)  # invertible (a.s.)
     W = {t: rng.standard_normal((D, c)).astype(np.float32) for t, c in TASKS.items()}
@@ -321,3 +330,27 @@ def metric_sample(metrics, name: str, **labels: str) -> float:  # noqa: ANN001 -
     return sum(sample.value for family in metrics.registry.collect() for sample in family.samples
                if sample.name == name
                and all(sample.labels.get(key) == value for key, value in labels.items()))
+
+
+# The shipped datasets beside the checkout, or $CODED_INVNET_DATA (trainer.data's rule; the
+# runtime tests do not import trainer)
+DATA_ROOT = Path(os.environ.get("CODED_INVNET_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """IDX (optionally gzip) -> uint8 array: magic 0x0000 08 <ndim>, big-endian dims (the
+    runtime must not import trainer, so its tests read MNIST with this)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        zero, dtype_code, ndim = struct.unpack(">HBB", fh.read(4))
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError(f"{path}: not an unsigned-byte IDX file")
+        dims = struct.unpack(f">{ndim}I", fh.read(4 * ndim))
+        return np.frombuffer(fh.read(), dtype=np.uint8).reshape(dims)
+
+
+def mnist_test(root: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` MNIST test images [N, 1, 28, 28] uint8 and labels [N] from `root`."""
+    images = read_idx(root / "t10k-images-idx3-ubyte.gz")[:count]
+    labels = read_idx(root / "t10k-labels-idx1-ubyte.gz")[:count]
+    return images[:, None], labels

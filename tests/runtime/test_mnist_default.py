@@ -4,14 +4,12 @@ Reads the IDX files with a tiny reader here (the runtime must not import trainer
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from runtime_harness import ServerThread, server_config
+from runtime_harness import DATA_ROOT, ServerThread, mnist_test, server_config
 
 from runtime.manifest import Manifest
 
@@ -19,7 +17,7 @@ pytestmark = pytest.mark.mnist  # builds or reads bundles verified on real MNIST
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "mnist-default"
-MNIST = REPO.parent / "shared" / "data" / "mnist"  # the datasets shipped beside the checkout
+MNIST = DATA_ROOT / "mnist"  # the datasets shipped beside the checkout
 IMAGES = 400
 BATCH = 50
 # A trained i-ResNet gets ~99 % on MNIST; these floors leave room for the reconstruction
@@ -32,21 +30,8 @@ needs_bundle = pytest.mark.skipif(
     reason=f"default bundle {BUNDLE.relative_to(REPO)} is not built yet (the lead ships it)")
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """IDX (optionally gzip) -> uint8 array: magic 0x0000 08 <ndim>, big-endian dims."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        zero, dtype_code, ndim = struct.unpack(">HBB", fh.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path}: not an unsigned-byte IDX file")
-        dims = struct.unpack(f">{ndim}I", fh.read(4 * ndim))
-        return np.frombuffer(fh.read(), dtype=np.uint8).reshape(dims)
-
-
 def _mnist_test(count: int) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")[:count]  # [N, 28, 28]
-    labels = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")[:count]  # [N]
-    return images[:, None], labels  # [N, 1, 28, 28]
+    return mnist_test(MNIST, count)
 
 
 def _serve_and_classify(config_overrides: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

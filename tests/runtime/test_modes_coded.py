@@ -11,7 +11,9 @@ import pytest
 from modes_rig import Rig, Run, decodable_prefix, flags, make_run, worker_result
 from runtime_harness import settle, until
 
+from kernels.coding import CodingScheme
 from runtime.deadlines import DecodeWait
+from runtime.decoders import HostDecoders
 from runtime.errors import InjectedFailure, ServiceUnavailable, WorkerDead, WorkerError, WorkerOverdue
 from runtime.models import ENCODER_THEN_F, WORKER_F
 from runtime.modes import ModeOptions
@@ -269,3 +271,54 @@ async def test_coded_without_redispatch_only_frees_the_slot(tiny_rig: Rig) -> No
     await run.land([2])
     await run.done()
     run.check([False, True])
+
+
+# -- decoder leases (runtime/decoders.py: persistent GPU decoders must come back) -----------------
+class CountingDecoders(HostDecoders):
+    """Host decoders that record every lease, so a test sees each one given back once."""
+
+    def __init__(self, scheme: CodingScheme) -> None:
+        super().__init__(scheme)
+        self.out: list[object] = []
+        self.returned: list[object] = []
+
+    def acquire(self, shape: tuple[int, ...]):  # noqa: ANN201 - OnlineDecoder
+        decoder = super().acquire(shape)
+        self.out.append(decoder)
+        return decoder
+
+    def release(self, decoder) -> None:  # noqa: ANN001
+        assert decoder in self.out and decoder not in self.returned, "released twice or never leased"
+        self.returned.append(decoder)
+
+
+def _counting(rig: Rig) -> CountingDecoders:
+    return CountingDecoders(CodingScheme.from_dict(rig.manifest.coding.to_dict()))
+
+
+@pytest.mark.asyncio
+async def test_coded_gives_back_every_decoder_it_leases(tiny_rig: Rig) -> None:
+    decoders = _counting(tiny_rig)
+    run = await make_run(tiny_rig, "coded", 2, options=ModeOptions(decoders=decoders)).start()
+    await run.land([2, 0])  # decoded
+    await run.done()
+    run.check([False, True])
+    assert len(decoders.out) == 1 and decoders.returned == decoders.out
+
+    decoders = _counting(tiny_rig)  # the grace refolds: two leases, both back
+    run = await make_run(tiny_rig, "coded", 2,
+                         options=ModeOptions(decoders=decoders, systematic_grace_s=60.0)).start()
+    await run.land([2, 0])
+    await run.land([1])
+    await run.done()
+    run.check([False, False])
+    assert len(decoders.out) == 2 and sorted(map(id, decoders.returned)) == sorted(map(id, decoders.out))
+
+    decoders = _counting(tiny_rig)  # undecodable: the dispatch fails, the lease comes back
+    run = await make_run(tiny_rig, "coded", 2, options=ModeOptions(decoders=decoders)).start()
+    await run.land([0, 1, 2], failed={0, 1, 2})
+    await settle()
+    for query in run.queries:
+        with pytest.raises(ServiceUnavailable):
+            query.future.result()
+    assert len(decoders.out) == 1 and decoders.returned == decoders.out

@@ -96,3 +96,52 @@ async def test_faults_are_acted_out_by_the_worker() -> None:
         await worker.run("f", X, fault=CallFault(die="doomed"))
     assert worker.state is WorkerState.DEAD and runner.ran == [1.0]  # died instead of running
     executor.shutdown()
+
+
+class ClosingRunner(HeldRunner):
+    """A HeldRunner holding buffers outside Python's heap (like TensorRTRunner): close()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = threading.Event()
+        self.closed_while_running = False
+        self.running = False
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.running = True
+        try:
+            return super().run(x)
+        finally:
+            self.running = False
+
+    def close(self) -> None:
+        self.closed_while_running = self.running
+        self.closed.set()
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_worker_frees_its_models_buffers() -> None:
+    runner = ClosingRunner()
+    runner.release.set()
+    worker, executor = await _worker(runner)
+    await worker.run("f", X)
+    await worker.stop()
+    assert await asyncio.to_thread(runner.closed.wait, SAFETY_S)
+    assert not runner.closed_while_running
+    executor.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_stopped_mid_call_frees_its_buffers_only_after_the_call() -> None:
+    runner = ClosingRunner()
+    worker, executor = await _worker(runner)
+    call = asyncio.create_task(worker.run("f", X))
+    await _started(runner)
+    await worker.stop()  # e.g. a hung worker replaced by the pool
+    await asyncio.sleep(0)
+    assert not runner.closed.is_set()  # its call still reads the buffers
+    runner.release.set()
+    np.testing.assert_array_equal(await call, X * 2)
+    assert await asyncio.to_thread(runner.closed.wait, SAFETY_S)
+    assert not runner.closed_while_running
+    executor.shutdown()
