@@ -46,8 +46,8 @@ class HostDecoders:
     def acquire(self, shape: tuple[int, ...]) -> OnlineDecoder:
         return OnlineDecoder(self.scheme, shape)
 
-    async def finalize(self, decoder: OnlineDecoder) -> np.ndarray:  # type: ignore[override]
+    async def finalize(self, decoder: OnlineDecoder) -> np.ndarray:
         return decoder.finalize()
 
-    def release(self, decoder: OnlineDecoder) -> None:  # type: ignore[override]
+    def release(self, decoder: OnlineDecoder) -> None:
         """Nothing to keep: numpy buffers are cheap to make."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +99,7 @@ class DeviceDecoder:
 class DeviceDecoders:
     """runtime.decoders.Decoders on the GPU: persistent DeviceDecoders per shape."""
 
-    def __init__(self, make: Any, waiter: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, make: Callable[[tuple[int, ...]], Any], waiter: ThreadPoolExecutor | None = None) -> None:
         """`make(shape)` builds a decoder with reset / start_copy / host_result (DeviceDecoder)."""
         self._make = make
         self._free: dict[tuple[int, ...], list[Any]] = defaultdict(list)
