@@ -96,14 +96,14 @@ def find_nvcc(nvcc: str | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def nvcc_version(nvcc: str) -> str:
-    """`nvcc --version` text (part of the cache key: a new toolkit rebuilds)."""
+def tool_version(tool: str) -> str:
+    """`TOOL --version` text (part of a cache key: a new compiler rebuilds)."""
     try:
-        result = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60)
     except OSError as exc:
-        raise KernelBuildError(f"could not run {nvcc} --version: {exc}") from exc
+        raise KernelBuildError(f"could not run {tool} --version: {exc}") from exc
     if result.returncode != 0:
-        raise KernelBuildError(f"{nvcc} --version failed ({result.returncode}): {result.stderr.strip()}")
+        raise KernelBuildError(f"{tool} --version failed ({result.returncode}): {result.stderr.strip()}")
     return result.stdout.strip()
 
 
@@ -122,7 +122,7 @@ def nvcc_flags(config: BuildConfig) -> list[str]:
 def cache_key(config: BuildConfig, nvcc: str, source: Path = SOURCE) -> str:
     digest = hashlib.sha256()
     digest.update(source.read_bytes())
-    digest.update(nvcc_version(nvcc).encode())
+    digest.update(tool_version(nvcc).encode())
     # -Xptxas -v only changes the log, not the binary.
     digest.update(" ".join(f for f in nvcc_flags(dataclasses.replace(config, verbose=False))).encode())
     return digest.hexdigest()[:20]
@@ -136,6 +136,31 @@ def fatbin_path(config: BuildConfig | None = None, source: Path = SOURCE) -> Pat
     return cache / f"{source.stem}-{cache_key(config, nvcc, source)}.fatbin"
 
 
+def compile_atomically(command: list[str], target: Path, tool: str) -> subprocess.CompletedProcess[str]:
+    """Run `command -o TMP` and move TMP onto `target` (temp file + rename: concurrent
+    builders never leave a torn file); KernelBuildError with the compiler's message on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=target.stem, suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    command = [*command, "-o", tmp_name]
+    try:
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KernelBuildError(f"could not run {tool} ({' '.join(command)}): {exc}") from exc
+        if result.returncode != 0:
+            raise KernelBuildError(
+                f"{tool} failed with exit code {result.returncode}.\ncommand: {' '.join(command)}\n"
+                f"{(result.stderr or result.stdout)[-4000:]}"
+            )
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the cache may be shared
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return result
+
+
 def build(config: BuildConfig | None = None, source: Path = SOURCE) -> Path:
     """Return the cached fatbin for `config`, compiling it first when missing (or forced)."""
     config = config or BuildConfig()
@@ -144,28 +169,10 @@ def build(config: BuildConfig | None = None, source: Path = SOURCE) -> Path:
     if target.is_file() and not config.force:
         logger.debug("kernels: cached fatbin %s", target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=target.stem, suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    command = [nvcc, *nvcc_flags(config), "-o", tmp_name, str(source)]
     logger.info("kernels: compiling %s for %s (+%s)", source.name, ",".join(config.archs), config.ptx_arch)
-    try:
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise KernelBuildError(f"could not run nvcc ({' '.join(command)}): {exc}") from exc
-        if result.returncode != 0:
-            raise KernelBuildError(
-                f"nvcc failed with exit code {result.returncode}.\ncommand: {' '.join(command)}\n"
-                f"{(result.stderr or result.stdout)[-4000:]}"
-            )
-        if config.verbose and result.stderr:
-            logger.info("ptxas report:\n%s", result.stderr.strip())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; the cache may be shared
-        os.replace(tmp_name, target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    result = compile_atomically([nvcc, *nvcc_flags(config), str(source)], target, "nvcc")
+    if config.verbose and result.stderr:
+        logger.info("ptxas report:\n%s", result.stderr.strip())
     logger.info("kernels: wrote %s (%d bytes)", target, target.stat().st_size)
     return target
 

@@ -343,6 +343,7 @@ CI_DEFINE_TYPED(f32, float)
 CI_DEFINE_TYPED(f16, __half)
 CI_DEFINE_TYPED(bf16, __nv_bfloat16)
 
+#ifndef CI_HOST_TWIN  // device-only: PTX's global timer (the host twin, kernels/host_twin.py, has no use for it)
 // Busy-waits `duration_ns` on one thread so that launches queued behind it run back to back,
 // timing the device rather than Python's launch overhead (benchmark use only).
 extern "C" __global__ void ci_spin_wait(long long duration_ns) {
@@ -353,3 +354,4 @@ extern "C" __global__ void ci_spin_wait(long long duration_ns) {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
   } while (static_cast<long long>(now - start) < duration_ns);
 }
+#endif  // CI_HOST_TWIN

@@ -1,11 +1,13 @@
 """An emulated pycuda for CPU tests of the GPU host code (kernels.cuda_*, runtime.engines).
 
-Device memory is one numpy byte heap; kernels unpack their parameter structs with the
-offsets written in decoder.cu (not with kernels.cuda_params' structs) and run
-kernels.reference. Like the real driver, every call needs a CUDA context current on the
-CALLING thread (contexts are per thread; `pycuda.autoprimaryctx` pushes the primary one on
-the importing thread only), and otherwise fails with CUDA's "invalid device context".
-Allocations are tracked, so tests can see leaks and frees.
+Device memory is one numpy byte heap at real host addresses; a launch checks its parameter
+struct with the offsets written in decoder.cu (not with kernels.cuda_params' structs: every
+pointer must lie in the heap) and then runs the real kernel on the heap through the host
+twin of decoder.cu (kernels.host_twin; the test skips, saying so, where no C++ compiler is).
+Like the real driver, every call needs a CUDA context current on the CALLING thread
+(contexts are per thread; `pycuda.autoprimaryctx` pushes the primary one on the importing
+thread only), and otherwise fails with CUDA's "invalid device context". Allocations are
+tracked, so tests can see leaks and frees.
 
     driver = install(monkeypatch)    # sys.modules["pycuda"...] -> the fake, primary pushed here
 """
@@ -21,10 +23,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kernels import reference as ref
-
-HEAP_BASE = 0x10000
-NP_DTYPES = {"f32": np.float32, "f16": np.float16}
+HEAP_BYTES = 1 << 22
+NP_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}  # bf16: same size
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
 
 
@@ -40,7 +40,10 @@ class FakeDriver(types.ModuleType):
 
     def __init__(self, sm_count: int = 4) -> None:
         super().__init__("pycuda.driver")
-        self.heap = np.zeros(1 << 22, dtype=np.uint8)
+        raw = np.zeros(HEAP_BYTES + 256, dtype=np.uint8)
+        start = -raw.ctypes.data % 256  # allocations are 256-byte aligned, as cuMemAlloc's are
+        self.heap = raw[start : start + HEAP_BYTES]
+        self.heap_base = self.heap.ctypes.data
         self.top = 0
         self.launches: list[tuple[str, tuple[int, ...], object]] = []
         self.live: dict[int, int] = {}  # device address -> bytes, not yet freed
@@ -136,7 +139,7 @@ class FakeDriver(types.ModuleType):
     # -- memory ------------------------------------------------------------------------------
     def mem_alloc(self, nbytes: int) -> Any:
         self.need_context("cuMemAlloc")
-        address = HEAP_BASE + self.top
+        address = self.heap_base + self.top
         self.top += -(-nbytes // 256) * 256
         assert self.top <= self.heap.size, "fake heap exhausted"
         self.live[address] = nbytes
@@ -158,8 +161,10 @@ class FakeDriver(types.ModuleType):
         return isinstance(base, self.HostAllocation)
 
     def view(self, address: int, count: int, dtype: Any) -> np.ndarray:
-        start = int(address) - HEAP_BASE
-        return self.heap[start : start + count * np.dtype(dtype).itemsize].view(dtype)
+        start = int(address) - self.heap_base
+        end = start + count * np.dtype(dtype).itemsize
+        assert 0 <= start <= end <= self.heap.size, f"{address:#x} + {end - start} bytes is not device memory"
+        return self.heap[start:end].view(dtype)
 
     def put(self, array: np.ndarray) -> int:
         address = int(self.mem_alloc(array.nbytes))
@@ -220,33 +225,44 @@ class FakeFunction:
         drv.launches.append((self.name, grid, stream))
         if self.name == "ci_spin_wait":
             return
+        # The struct as decoder.cu lays it out: every pointer the kernel will touch must be
+        # fake device memory (the twin trusts pointers, as a GPU does), unused slots zero.
         dtype = NP_DTYPES[self.name.split("_")[-1 if "general" not in self.name else -2]]
         if self.name.startswith("ci_one_shot_decode_"):  # OneShotParams
             pointers = struct.unpack_from("<64Q", params, 0)
-            parity, out, n, scale, m = struct.unpack_from("<QQqfi", params, 512)
-            inputs = [drv.view(p, n, dtype) for p in pointers[:m]]
-            assert not any(pointers[m:])
-            ref.one_shot_decode(inputs, drv.view(parity, n, dtype), scale, out=drv.view(out, n, dtype))
+            parity, out, n, _scale, m = struct.unpack_from("<QQqfi", params, 512)
+            assert 0 <= m <= 64 and not any(pointers[m:])
+            for pointer in (*pointers[:m], parity, out):
+                drv.view(pointer, n, dtype)
         elif self.name.startswith("ci_online_update_"):  # OnlineUpdateParams
-            est, x, copy_out, final_out, n, alpha, beta, final_scale, _ = struct.unpack("<QQQQqfffi", params)
-            ref.online_update(
-                drv.view(est, n, np.float32),
-                drv.view(x, n, dtype),
-                alpha,
-                beta,
-                copy_out=drv.view(copy_out, n, dtype) if copy_out else None,
-                final_out=drv.view(final_out, n, dtype) if final_out else None,
-                final_scale=final_scale,
-            )
+            est, x, copy_out, final_out, n, *_ = struct.unpack("<QQQQqfffi", params)
+            drv.view(x, n, dtype)
+            if not final_out:
+                drv.view(est, n, np.float32)
+            for pointer in (copy_out, final_out):
+                if pointer:
+                    drv.view(pointer, n, dtype)
         else:  # GeneralParams
             r_max = int(self.name.rsplit("_r", 1)[1])
             inputs, outputs = struct.unpack_from("<64Q", params, 0), struct.unpack_from("<8Q", params, 512)
             table = np.frombuffer(params, dtype="<f4", count=8 * 64, offset=576).reshape(8, 64)
             n, k, r = struct.unpack_from("<qii", params, 2624)
-            assert 1 <= r <= r_max and not table[r:].any()
-            decoded = ref.general_decode(table[:r, :k], [drv.view(p, n, dtype) for p in inputs[:k]])
-            for row, pointer in zip(decoded, outputs[:r], strict=True):
-                drv.view(pointer, n, dtype)[:] = row
+            assert 1 <= r <= r_max and 1 <= k <= 64 and not table[r:].any()
+            assert not any(inputs[k:]) and not any(outputs[r:])
+            for pointer in (*inputs[:k], *outputs[:r]):
+                drv.view(pointer, n, dtype)
+        host_twin().launch(self.name, grid[0], block[0] * block[1] * block[2], params)
+
+
+def host_twin() -> Any:
+    """decoder.cu built for the host (kernels.host_twin); skips the test where it cannot be built."""
+    from kernels.errors import KernelBuildError
+    from kernels.host_twin import load_twin
+
+    try:
+        return load_twin()
+    except KernelBuildError as exc:
+        pytest.skip(f"the host twin of decoder.cu cannot be built here: {exc}")
 
 
 def install(monkeypatch: pytest.MonkeyPatch, sm_count: int = 4) -> FakeDriver:

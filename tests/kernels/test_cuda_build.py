@@ -40,7 +40,7 @@ def test_one_arch_compiles_caches_and_exports_every_kernel(tmp_path: Path, monke
         raise AssertionError("a cached fatbin must not be rebuilt")
 
     monkeypatch.setattr(build.subprocess, "run", no_compile)
-    build.nvcc_version.cache_clear()
+    build.tool_version.cache_clear()
     with pytest.raises(AssertionError, match="must not be rebuilt"):
         build.build(config)  # nvcc --version is part of the key, so it does run...
     monkeypatch.undo()
