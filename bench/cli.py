@@ -8,6 +8,7 @@ COMMANDS = {
     "accuracy": ("bench.accuracy", "degraded-mode accuracy: Coded-InvNet vs ParM vs ApproxIFER"),
     "latency": ("bench.latency", "end-to-end tail latency of the real server under stragglers"),
     "overhead": ("bench.overhead", "compute time of Enc, f, g and decode time against k"),
+    "encoders": ("bench.encoders", "encoder Pareto front on one f: degraded accuracy against Enc/f"),
     "throughput": ("bench.throughput", "every mode under wrk beside raw f, the coded ceiling, a Triton peer"),
     "monitor": ("bench.monitor", "the live decode-quality monitor on MNIST, then Fashion-MNIST traffic"),
     "multihost": ("bench.multihost", "the paper's latency setup on a Ray fleet of network-namespace hosts"),

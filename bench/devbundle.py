@@ -167,14 +167,14 @@ CPU_PRESET_ENCODER = {"base_channels": 16, "depth": 2, "shared_levels": 1}
 
 
 def build_iresnet_bundle(out_dir: str | Path, k: int, seed: int = 0,
-                         encoder: dict[str, int] | None = None) -> Path:
+                         encoder: dict[str, int | str] | None = None) -> Path:
     """Untrained real-architecture (n=k+1, c=1/k) MNIST bundle: timing-faithful, answers meaningless."""
     import torch
 
     from runtime.manifest import Manifest, sha256_file
     from trainer.data import get_spec
     from trainer.models import Classifier, ClassifierConfig, default_heads
-    from trainer.models.encoder import EncoderConfig, UNetEncoder
+    from trainer.models.encoder import EncoderConfig, make_encoder
     from trainer.models.parm import ParityModel, ParMConfig
     from trainer.train_classifier import preset_values
 
@@ -196,7 +196,7 @@ def build_iresnet_bundle(out_dir: str | Path, k: int, seed: int = 0,
         heads.append({"task": h.task, "file": rel, "classes": list(h.class_names)})
     enc_cfg = EncoderConfig(in_channels=shape[0], image_size=list(shape[1:]), k=k, coefficients=[[1.0 / k] * k],
                             **(CPU_PRESET_ENCODER if encoder is None else encoder))
-    files[encoder_file(0)] = export_module(UNetEncoder(enc_cfg, 0), (k, *shape), out / encoder_file(0), *ENCODER_IO)
+    files[encoder_file(0)] = export_module(make_encoder(enc_cfg, 0), (k, *shape), out / encoder_file(0), *ENCODER_IO)
     parm = ParityModel(ParMConfig(k=k, classifier=cfg.to_dict()), Classifier(cfg)).eval()
     parm.f = parm.f.folded()
     files[PARM_FILE] = export_module(parm, (k, *shape), out / PARM_FILE, *PARM_IO)

@@ -4,10 +4,11 @@
    Fig. 7) with ONNX Runtime on CPU, and with the CUDA provider where it is available.
    Enc at batch B means B parity images from B groups of k queries: input [B, k, C, H, W];
    Enc/f compares them at equal batch, Enc/f per query divides by k (one parity serves k).
-2. Enc time against k (paper Fig. 8): encoders of the project's architecture
-   (trainer.models.encoder.UNetEncoder, the `--preset cpu` encoder unless flags say otherwise)
-   for each k in `ks`, randomly initialised (time does not depend on the weights),
-   exported to ONNX here with torch.onnx (opset 18, dynamic batch) and timed the same way.
+2. Enc time against k (paper Fig. 8): encoders of the project's architectures
+   (trainer.models.encoder: the UNetEncoder of `python -m trainer encoder --preset cpu`
+   unless flags say otherwise; `--encoder-arch squeezed` for the SqueezedEncoder) for each k
+   in `ks`, randomly initialised (time does not depend on the weights), exported to ONNX here
+   with torch.onnx (opset 18, dynamic batch) and timed the same way.
 3. Decode time per coding group against k, one erasure, embedding of the bundle's shape:
    one-shot `CodingScheme.decode` (all of it runs after the k-th result lands) versus
    `OnlineDecoder`: in all (k `add` calls + `finalize`) and on the critical path (the k-th
@@ -42,6 +43,12 @@ class OverheadBenchError(BenchError):
     """Invalid overhead-benchmark configuration."""
 
 
+# trainer.models.encoder.ENCODER_ARCHS and SQUEEZE_FACTORS, repeated so that parsing flags
+# does not import torch
+ENCODER_ARCHS = ("unet", "squeezed")
+SQUEEZE_FACTORS = (2, 4)
+
+
 @dataclass
 class OverheadConfig:
     bundle: str = "bundles/mnist-default"
@@ -51,10 +58,16 @@ class OverheadConfig:
     warmup: int = 3
     decode_repeats: int = 2000
     intra_op_threads: int = 0  # 0 = the CPUs this process may use
-    # Enc vs k architecture: the encoder of `python -m trainer encoder --preset cpu`.
+    # Enc vs k architecture: the encoder of `python -m trainer encoder --preset cpu`; the
+    # encoder_<field> flags are `python -m trainer encoder --<field>` (unet or squeezed fields).
+    encoder_arch: str = "unet"
     encoder_base_channels: int = 16
     encoder_depth: int = 2
     encoder_shared_levels: int = 1
+    encoder_squeeze: int = 4
+    encoder_width: int = 32
+    encoder_blocks: int = 3
+    encoder_query_layers: int = 1
     skip_encoder_export: bool = False
     # Also time an untrained f of these `python -m trainer classifier` presets (e.g. "paper"):
     # Enc/f depends on how heavy f is, and the shipped CPU f is far lighter than the paper's.
@@ -75,6 +88,8 @@ class OverheadConfig:
             raise OverheadBenchError(f"--ks must be a non-empty list of k >= 1, got {list(self.ks)}")
         if self.warmup < 0 or self.intra_op_threads < 0:
             raise OverheadBenchError("--warmup and --intra-op-threads must be >= 0")
+        if self.encoder_arch not in ENCODER_ARCHS:
+            raise OverheadBenchError(f"--encoder-arch must be one of {list(ENCODER_ARCHS)}, got {self.encoder_arch!r}")
 
 
 def providers() -> list[str]:
@@ -132,22 +147,36 @@ def bundle_components(config: OverheadConfig, provider: str, threads: int) -> di
     return out
 
 
+def encoder_config(k: int, config: OverheadConfig, shape: tuple[int, ...]):
+    """The (n=k+1, c=1/k) EncoderConfig the `--encoder-*` flags describe for images of `shape`."""
+    from trainer.errors import EncoderConfigError
+    from trainer.models.encoder import EncoderConfig
+
+    try:
+        return EncoderConfig(
+            in_channels=shape[0], image_size=list(shape[1:]), k=k, coefficients=[[1.0 / k] * k],
+            arch=config.encoder_arch, base_channels=config.encoder_base_channels, depth=config.encoder_depth,
+            shared_levels=config.encoder_shared_levels, squeeze=config.encoder_squeeze, width=config.encoder_width,
+            blocks=config.encoder_blocks, query_layers=config.encoder_query_layers)
+    except EncoderConfigError as exc:
+        raise OverheadBenchError(f"--encoder-* flags: {exc}") from exc
+
+
 def export_encoder(k: int, config: OverheadConfig, shape: tuple[int, ...], path: Path) -> dict[str, Any]:
     import torch
 
-    from trainer.models.encoder import EncoderConfig, UNetEncoder
+    from trainer.models.encoder import make_encoder
 
+    enc_config = encoder_config(k, config, shape)
     torch.manual_seed(config.seed)
-    enc_config = EncoderConfig(in_channels=shape[0], image_size=list(shape[1:]), k=k,
-                               coefficients=[[1.0 / k] * k], base_channels=config.encoder_base_channels,
-                               depth=config.encoder_depth, shared_levels=config.encoder_shared_levels)
-    model = UNetEncoder(enc_config, 0).eval()
+    model = make_encoder(enc_config, 0).eval()
     x = torch.randn(2, k, *shape)
     torch.onnx.export(model, (x,), str(path), input_names=[ENCODER_IO[0]], output_names=[ENCODER_IO[1]],
                       dynamic_shapes={ENCODER_IO[0]: {0: torch.export.Dim(BATCH_DIM)}}, opset_version=18,
                       dynamo=True, external_data=False)
     params = sum(p.numel() for p in model.parameters())
-    return {"encoder_config": enc_config.to_dict(), "parameters": int(params)}
+    return {"source": f"{type(model).__name__}, random init, exported here",
+            "encoder_config": enc_config.to_dict(), "parameters": int(params)}
 
 
 def encoder_vs_k(config: OverheadConfig, shape: tuple[int, ...], provider: str, threads: int) -> list[dict]:
@@ -160,7 +189,7 @@ def encoder_vs_k(config: OverheadConfig, shape: tuple[int, ...], provider: str, 
             xg = rng.standard_normal((config.batch_size, k, *shape)).astype(np.float32)
             stats = time_session(make_session(path, provider, threads), {ENCODER_IO[0]: xg}, config.repeats,
                                  config.warmup)
-            out.append({"k": k, **stats, "source": "UNetEncoder, random init, exported here", **info})
+            out.append({"k": k, **stats, **info})
             logger.info("Enc k=%-3d median %8.2f ms per batch of %d", k, stats["median_ms"], config.batch_size)
     return out
 
@@ -251,6 +280,9 @@ def run(config: OverheadConfig) -> dict[str, Any]:
     logger.info("overhead bench: %s; ORT intra-op threads %d", json.dumps(asdict(config)), threads)
     logger.info("machine: %s", machine_label(info))
     m = Manifest.load(config.bundle)
+    if not config.skip_encoder_export:
+        for k in config.ks:  # refuse bad --encoder-* flags before timing anything
+            encoder_config(k, config, m.input.shape)
     record: dict[str, Any] = {"benchmark": "overhead", "config": asdict(config), "machine": info,
                               "ort_intra_op_threads": threads, "bundle_k_label": f"bundle k={m.coding.k}",
                               "bundle_provenance": m.provenance, "by_provider": {}}
@@ -312,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?", default=OverheadConfig.bundle)
     p.add_argument("--ks", default="2,4,10", help="k values for Enc and decode vs k")
     p.add_argument("--reference-f-presets", default="", help="e.g. paper: also time an untrained f of that preset")
-    add_dataclass_flags(p, OverheadConfig, skip=_LIST_FLAGS)
+    add_dataclass_flags(p, OverheadConfig, skip=_LIST_FLAGS,
+                        choices={"encoder_arch": ENCODER_ARCHS, "encoder_squeeze": SQUEEZE_FACTORS})
     return p
 
 
@@ -331,5 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OverheadBenchError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
-    run(config)
+    try:
+        run(config)
+    except OverheadBenchError as exc:  # --encoder-* flags that build no encoder for the bundle's images
+        logger.error("%s", exc)
+        return 2
     return 0

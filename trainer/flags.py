@@ -32,11 +32,13 @@ def add_preset_flags(
     config_cls: type,
     presets: Mapping[str, Mapping[str, Any]],
     skip: Collection[str] = (),
+    choices: Mapping[str, Collection[Any]] | None = None,
 ) -> argparse.ArgumentParser:
-    """Add `--preset` and one unset-by-default flag per field of `config_cls` not in `skip`."""
+    """Add `--preset` and one unset-by-default flag per field of `config_cls` not in `skip`
+    (`choices`: the allowed values of some fields' flags)."""
     parser.add_argument("--preset", choices=sorted(presets), default=None,
                         help="budget preset; explicit flags win")
-    add_dataclass_flags(parser, config_cls, skip=skip, unset_defaults=True)
+    add_dataclass_flags(parser, config_cls, skip=skip, choices=choices, unset_defaults=True)
     return parser
 
 

@@ -34,7 +34,14 @@ from trainer.coded_eval import decode_embeddings, erasure_patterns, evaluate_cod
 from trainer.data import get_spec, load_split, normalize, train_val_split
 from trainer.errors import EncoderTrainError
 from trainer.ideal_data import load_ideal_data
-from trainer.models.encoder import DiscriminatorConfig, EncoderConfig, ParityEncoders, PixelDiscriminator
+from trainer.models.encoder import (
+    ENCODER_ARCHS,
+    SQUEEZE_FACTORS,
+    DiscriminatorConfig,
+    EncoderConfig,
+    ParityEncoders,
+    PixelDiscriminator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +70,14 @@ class EncoderTrainConfig:
     l1_weight: float = 100.0
     latent_weight: float = 10.0
     distill_weight: float = 1.0
-    base_channels: int = 32
-    depth: int = 2
-    shared_levels: int = 2
+    arch: str = "unet"  # "unet" or "squeezed" (trainer.models.encoder.SqueezedEncoder)
+    base_channels: int = 32  # unet only
+    depth: int = 2  # unet only
+    shared_levels: int = 2  # unet only
+    squeeze: int = 4  # squeezed only: space-to-depth factor, 2 or 4
+    width: int = 32  # squeezed only: channels at 1/squeeze resolution
+    blocks: int = 3  # squeezed only: residual 3x3 conv blocks after the mean over k
+    query_layers: int = 1  # squeezed only: per-query layers before the mean (1 = 1x1 lift only)
     disc_width: int = 64
     eval_every: int = 1000
     val_groups: int = 1000
@@ -76,9 +88,16 @@ class EncoderTrainConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "val_groups", "base_channels", "depth", "disc_width"):
+        for name in ("steps", "batch_size", "eval_every", "val_groups", "base_channels", "depth", "disc_width",
+                     "width", "query_layers"):
             if getattr(self, name) < 1:
                 raise EncoderTrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.arch not in ENCODER_ARCHS:
+            raise EncoderTrainError(f"arch must be one of {list(ENCODER_ARCHS)}, got {self.arch!r}")
+        if self.squeeze not in SQUEEZE_FACTORS:
+            raise EncoderTrainError(f"squeeze must be one of {list(SQUEEZE_FACTORS)}, got {self.squeeze}")
+        if self.blocks < 0:
+            raise EncoderTrainError(f"blocks must be >= 0, got {self.blocks}")
         if self.d_steps < 0:
             raise EncoderTrainError(f"d_steps must be >= 0, got {self.d_steps}")
         for name in ("gan_weight", "l1_weight", "latent_weight", "distill_weight"):
@@ -135,6 +154,8 @@ def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[
     enc_config = EncoderConfig(
         in_channels=C_img, image_size=[H, W], k=k, coefficients=coeffs.tolist(),
         base_channels=config.base_channels, depth=config.depth, shared_levels=config.shared_levels,
+        arch=config.arch, squeeze=config.squeeze, width=config.width, blocks=config.blocks,
+        query_layers=config.query_layers,
     )
     encoders = ParityEncoders(enc_config)
     discs = nn.ModuleList([PixelDiscriminator(DiscriminatorConfig(C_img, config.disc_width)) for _ in range(R)])
@@ -144,8 +165,8 @@ def train(config: EncoderTrainConfig, command: list[str] | None = None) -> dict[
     lr_factor = functools.partial(cosine_factor, steps=config.steps, final=config.lr_final_factor)
     scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_factor) for opt in (opt_g, opt_d)]
     patterns = erasure_patterns(n, k)
-    logger.info("encoder (%d,%d) on %s: %d cached groups, %d val groups, f_hash %s…, %d params",
-                n, k, dataset, len(group_idx), len(val_groups), f_hash[:12],
+    logger.info("%s encoder (%d,%d) on %s: %d cached groups, %d val groups, f_hash %s…, %d params",
+                config.arch, n, k, dataset, len(group_idx), len(val_groups), f_hash[:12],
                 sum(p.numel() for p in encoders.parameters()))
 
     need_z = config.latent_weight > 0 or config.distill_weight > 0
@@ -261,7 +282,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", required=True, help="classifier checkpoint (.pt)")
     p.add_argument("--ideal-data", required=True, help="cache from `python -m trainer ideal-data`")
     p.add_argument("--out", required=True, help="encoder checkpoint to write (under runs/)")
-    return flags.add_preset_flags(p, EncoderTrainConfig, PRESETS, skip=("classifier", "ideal_data", "out"))
+    return flags.add_preset_flags(p, EncoderTrainConfig, PRESETS, skip=("classifier", "ideal_data", "out"),
+                                  choices={"arch": ENCODER_ARCHS, "squeeze": SQUEEZE_FACTORS})
 
 
 def config_from_args(args: argparse.Namespace) -> EncoderTrainConfig:

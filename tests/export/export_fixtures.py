@@ -41,11 +41,17 @@ def save_classifier(path: Path, model: Classifier) -> Path:
     return path
 
 
-def save_encoders(path: Path, f_hash: str, k: int = K, coefficients: list[list[float]] | None = None) -> Path:
+def save_encoders(path: Path, f_hash: str, k: int = K, coefficients: list[list[float]] | None = None,
+                  **arch: object) -> Path:
+    """`arch`: EncoderConfig fields (e.g. arch="squeezed", width=4) instead of the 4-channel U-Net's."""
     coefficients = coefficients or [[1.0 / k] * k]
     torch.manual_seed(1)
-    config = EncoderConfig(in_channels=1, image_size=[28, 28], k=k, coefficients=coefficients, base_channels=4)
+    config = EncoderConfig(in_channels=1, image_size=[28, 28], k=k, coefficients=coefficients,
+                           **({"base_channels": 4} | arch))  # type: ignore[arg-type]
     model = ParityEncoders(config).eval()
+    if config.arch == "squeezed":  # its head starts at zero (= the linear mix): give it weights to export
+        for enc in model.encoders:
+            torch.nn.init.normal_(enc.head.weight, std=0.3)
     save_checkpoint(
         path, schema="coded-invnet/encoder", model_config=config.to_dict(), state_dict=model.state_dict(),
         train_config={}, metrics={"val_acc_degraded": 0.2}, dataset="mnist",

@@ -100,6 +100,26 @@ def test_ort_matches_pytorch_on_fresh_inputs(bundle: Path, checkpoints: dict[str
             np.testing.assert_allclose(actual, out.numpy(), atol=ATOL, rtol=RTOL, err_msg=file)
 
 
+def test_squeezed_encoder_bundle(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """The light `--arch squeezed` encoder exports and verifies like the U-Net (no BatchNorm to fold)."""
+    from export_fixtures import save_encoders
+
+    from trainer.checkpoint import load_checkpoint
+
+    f_hash = load_checkpoint(checkpoints["classifier"], "coded-invnet/classifier")["f_hash"]
+    enc = save_encoders(tmp_path / "squeezed.pt", f_hash, arch="squeezed", width=4, blocks=1, query_layers=2)
+    out = tmp_path / "bundle"
+    manifest = build_bundle(ExportConfig(checkpoints=(str(checkpoints["classifier"]), str(enc)), out=str(out),
+                                         exporter="torchscript", verify_samples=16, reference_samples=4))
+    assert manifest.verification[encoder_file(0)]["max_abs_err"] <= ATOL
+    groups = torch.randn(5, 2, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = load_sources([str(checkpoints["classifier"]), str(enc)]).encoders.encoders[0](groups)
+    names = manifest.io_names()[encoder_file(0)]
+    actual = run_ort(out / encoder_file(0), groups.numpy(), input_name=names[0], output_name=names[1])
+    np.testing.assert_allclose(actual, expected.numpy(), atol=ATOL, rtol=RTOL)
+
+
 def test_failed_verification_leaves_nothing_behind(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "never"
     config = ExportConfig(checkpoints=(str(checkpoints["classifier"]),), out=str(out), k=2,
