@@ -1,7 +1,8 @@
 """Throwaway untrained bundles for developing and timing the serving benchmarks.
 
 `python -m bench.devbundle --out runs/bench-dev/k4 --k 4 [--arch linear|iresnet]` writes a
-complete bundle (f.onnx, heads/*.onnx, encoders/enc_0.onnx, parm.onnx, manifest.json):
+complete bundle of one code (f.onnx, heads/*.onnx, codes/n<k+1>k<k>/enc_0.onnx and parm.onnx,
+manifest.json):
 
 - `linear` (default): `onnx.helper` only, no torch: f is a random orthogonal map of the
   flattened image, so the encoder `sum_j c_j x_j` is *exact* and coded answers equal
@@ -32,10 +33,10 @@ from runtime.manifest import (
     F_IO,
     HEAD_IO,
     INPUT_NAME,
-    PARM_FILE,
     PARM_IO,
     SCHEMA_VERSION,
-    encoder_file,
+    code_encoder_file,
+    code_parm_file,
     head_file,
 )
 
@@ -74,9 +75,9 @@ def _manifest_data(k: int, shape: tuple[int, ...], embedding_shape: list[int], m
         "embedding_shape": embedding_shape,
         "f": F_FILE,
         "heads": heads,
-        "coding": {"n": k + 1, "k": k, "coefficients": [[1.0 / k] * k]},
-        "encoders": [{"row": 0, "file": encoder_file(0)}],
-        "parm": PARM_FILE,
+        "codes": [{"n": k + 1, "k": k, "coefficients": [[1.0 / k] * k],
+                   "encoders": [{"row": 0, "file": code_encoder_file(k + 1, k, 0)}],
+                   "parm": code_parm_file(k + 1, k)}],
         "files": files,
         "provenance": provenance,
     }
@@ -130,7 +131,7 @@ def build_linear_bundle(out_dir: str | Path, k: int, shape: tuple[int, int, int]
         {"axis": np.array([1], dtype=np.int64), "flat": flat, "w": (w_f @ w_h).astype(np.float32),
          "b": (k * b_h).astype(np.float32)},
     )
-    files = {F_FILE: f, head_file(TASK): head, encoder_file(0): enc, PARM_FILE: parm}
+    files = {F_FILE: f, head_file(TASK): head, code_encoder_file(k + 1, k, 0): enc, code_parm_file(k + 1, k): parm}
     for rel, model in files.items():
         _save(model, out / rel)
     manifest = Manifest.from_dict(_manifest_data(
@@ -196,10 +197,11 @@ def build_iresnet_bundle(out_dir: str | Path, k: int, seed: int = 0,
         heads.append({"task": h.task, "file": rel, "classes": list(h.class_names)})
     enc_cfg = EncoderConfig(in_channels=shape[0], image_size=list(shape[1:]), k=k, coefficients=[[1.0 / k] * k],
                             **(CPU_PRESET_ENCODER if encoder is None else encoder))
-    files[encoder_file(0)] = export_module(make_encoder(enc_cfg, 0), (k, *shape), out / encoder_file(0), *ENCODER_IO)
+    enc_rel, parm_rel = code_encoder_file(k + 1, k, 0), code_parm_file(k + 1, k)
+    files[enc_rel] = export_module(make_encoder(enc_cfg, 0), (k, *shape), out / enc_rel, *ENCODER_IO)
     parm = ParityModel(ParMConfig(k=k, classifier=cfg.to_dict()), Classifier(cfg)).eval()
     parm.f = parm.f.folded()
-    files[PARM_FILE] = export_module(parm, (k, *shape), out / PARM_FILE, *PARM_IO)
+    files[parm_rel] = export_module(parm, (k, *shape), out / parm_rel, *PARM_IO)
     manifest = Manifest.from_dict(_manifest_data(
         k, shape, list(emb), list(spec.mean), list(spec.std), heads,
         {"commands": [f"python -m bench.devbundle --arch iresnet --out {out} --k {k} --seed {seed}"],

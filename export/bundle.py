@@ -1,7 +1,8 @@
 """`build_bundle`: checkpoints -> a verified, self-describing bundle directory.
 
-Layout (runtime.manifest, docs/ARCHITECTURE.md): f.onnx, heads/<task>.onnx, encoders/enc_<r>.onnx,
-parm.onnx, torch/f.pt2, verification/reference.npz, manifest.json. Everything is written into a
+Layout (runtime.manifest, docs/ARCHITECTURE.md): f.onnx, heads/<task>.onnx, per code
+codes/n<n>k<k>/enc_<r>.onnx and codes/n<n>k<k>/parm.onnx, torch/f.pt2,
+verification/reference.npz, manifest.json. Every code's files are checked like f's. Everything is written into a
 temporary sibling directory and renamed into place only after every file exported, passed
 its ORT-vs-PyTorch check and the manifest validated, so BUNDLE_DIR never holds half a bundle.
 """
@@ -27,7 +28,7 @@ from export.layout import reference_key
 from export.numerics import error_stats, run_ort
 from export.onnx_export import HalfCompute, export_onnx
 from export.provenance import provenance
-from export.sources import ExportSources, load_sources
+from export.sources import CodeSources, ExportSources, load_sources
 from runtime.manifest import (
     ACCEPTED_DTYPES,
     ENCODER_IO,
@@ -36,14 +37,14 @@ from runtime.manifest import (
     HEAD_IO,
     INPUT_NAME,
     MANIFEST_NAME,
-    PARM_FILE,
     PARM_IO,
     REFERENCE_FILE,
     SCHEMA_VERSION,
     TORCH_F_FILE,
     Manifest,
     ManifestError,
-    encoder_file,
+    code_encoder_file,
+    code_parm_file,
     head_file,
     sha256_file,
     verify_checksums,
@@ -70,8 +71,9 @@ def _torch_outputs(module: torch.nn.Module, inputs: np.ndarray, chunk: int = 64)
     return np.concatenate(outs, axis=0).astype(np.float32)
 
 
-def _real_inputs(sources: ExportSources, config: ExportConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(x [N, C, H, W], groups [N, k, C, H, W]): normalised test-split images, seeded choice."""
+def _real_inputs(sources: ExportSources, config: ExportConfig) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """(x [N, C, H, W], {k: groups [N, k, C, H, W]} for every code's k): normalised test-split
+    images, seeded choice (the first code's groups are drawn first, as for a one-code bundle)."""
     from trainer.data import DatasetError, get_spec, load_split, normalize
 
     try:
@@ -80,25 +82,29 @@ def _real_inputs(sources: ExportSources, config: ExportConfig) -> tuple[np.ndarr
     except DatasetError as exc:
         raise ExportError(f"cannot load the verification inputs: {exc}") from exc
     rng = np.random.default_rng(config.seed)
-    n, k = config.verify_samples, sources.coding.k
+    n = config.verify_samples
     single = rng.choice(len(images), size=n, replace=n > len(images))
-    groups = rng.choice(len(images), size=(n, k), replace=True)
     x = normalize(images[single], spec)  # [N, C, H, W] float32
-    x_groups = normalize(images[groups.reshape(-1)], spec).reshape(n, k, *x.shape[1:])  # [N, k, C, H, W]
-    return np.ascontiguousarray(x), np.ascontiguousarray(x_groups)
+    x_groups = {}
+    for k in sources.ks:
+        groups = rng.choice(len(images), size=(n, k), replace=True)
+        x_groups[k] = np.ascontiguousarray(  # [N, k, C, H, W]
+            normalize(images[groups.reshape(-1)], spec).reshape(n, k, *x.shape[1:]))
+    return np.ascontiguousarray(x), x_groups
 
 
-def _artifacts(sources: ExportSources, x: np.ndarray, x_groups: np.ndarray) -> list[Artifact]:
+def _artifacts(sources: ExportSources, x: np.ndarray, x_groups: dict[int, np.ndarray]) -> list[Artifact]:
     classifier = sources.classifier.eval()
     z = _torch_outputs(classifier.f, x)  # [N, *embedding_shape], from the unfolded f
     arts = [Artifact(F_FILE, *F_IO, classifier.f, x)]
     arts += [Artifact(head_file(task), *HEAD_IO, head, z) for task, head in classifier.heads.items()]
-    if sources.encoders is not None:
-        arts += [
-            Artifact(encoder_file(r), *ENCODER_IO, enc, x_groups) for r, enc in enumerate(sources.encoders.encoders)
-        ]
-    if sources.parm is not None:
-        arts.append(Artifact(PARM_FILE, *PARM_IO, sources.parm, x_groups))
+    for code in sources.codes:
+        n, k = code.coding.n, code.coding.k
+        if code.encoders is not None:
+            arts += [Artifact(code_encoder_file(n, k, r), *ENCODER_IO, enc, x_groups[k])
+                     for r, enc in enumerate(code.encoders.encoders)]
+        if code.parm is not None:
+            arts.append(Artifact(code_parm_file(n, k), *PARM_IO, code.parm, x_groups[k]))
     return arts
 
 
@@ -154,6 +160,15 @@ def _export_torch_program(sources: ExportSources, root: Path, x: np.ndarray) -> 
     return stats.to_dict(atol, rtol)
 
 
+def _code_entry(code: CodeSources) -> dict[str, Any]:
+    """manifest["codes"][i]: the scheme and the files _artifacts exported for it."""
+    n, k = code.coding.n, code.coding.k
+    rows = len(code.encoders.encoders) if code.encoders is not None else 0
+    return {**code.coding.to_dict(),
+            "encoders": [{"row": r, "file": code_encoder_file(n, k, r)} for r in range(rows)],
+            "parm": code_parm_file(n, k) if code.parm is not None else None}
+
+
 def _write_bundle(root: Path, sources: ExportSources, config: ExportConfig, command: list[str] | None) -> Manifest:
     from trainer.data import get_spec
 
@@ -192,12 +207,7 @@ def _write_bundle(root: Path, sources: ExportSources, config: ExportConfig, comm
             {"task": h.task, "file": head_file(h.task), "classes": list(h.class_names)}
             for h in classifier.config.heads
         ],
-        "coding": sources.coding.to_dict(),
-        "encoders": [
-            {"row": r, "file": encoder_file(r)}
-            for r in range(len(sources.encoders.encoders) if sources.encoders is not None else 0)
-        ],
-        "parm": PARM_FILE if sources.parm is not None else None,
+        "codes": [_code_entry(code) for code in sources.codes],
         "torch": torch_files,
         "files": {rel: sha256_file(root / rel) for rel in files},
         "verification": verification,

@@ -1,6 +1,6 @@
 """`python -m export`: checkpoints -> verified bundle directory; `verify` and `trt` verbs.
 
-  python -m export CHECKPOINT... --out BUNDLE_DIR [--opset 18] [--fp16]
+  python -m export CLASSIFIER [ENCODER...] [PARM...] --out BUNDLE_DIR [--opset 18] [--fp16]
   python -m export verify BUNDLE
   python -m export trt BUNDLE [--workers N]
 
@@ -32,14 +32,18 @@ def _export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
         description="Export a classifier checkpoint (+ optional encoder and ParM checkpoints) into a "
-        "verified, self-describing bundle directory: ONNX files + manifest.json.",
+        "verified, self-describing bundle directory: ONNX files + manifest.json. One bundle may hold "
+        "several codes for its f: each encoder checkpoint is one code (n, k), each ParM joins the code "
+        "with its k (or gets its own n = k+1 code); the first code is the one `serve` picks unless "
+        "given --coding N,K.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="other verbs:\n"
         + "\n".join(f"  python -m export {verb} BUNDLE   {text}" for verb, text in VERBS.items())
         + "\n\nRun `python -m export VERB --help` for a verb's flags.",
     )
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                        help="one classifier checkpoint, optionally one encoder and one ParM checkpoint")
+                        help="one classifier checkpoint, then any encoder checkpoints (one per code (n, k)) "
+                        "and ParM checkpoints (one per k), in any order")
     parser.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to create")
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     parser.add_argument("--fp16", action="store_true",
@@ -47,7 +51,8 @@ def _export_parser() -> argparse.ArgumentParser:
                         f"atol/rtol {fp16_tol[0]:g}/{fp16_tol[1]:g} instead of {fp32_tol[0]:g}/{fp32_tol[1]:g}")
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch.onnx exporter")
     parser.add_argument("--k", type=int, default=None,
-                        help="coding group size when no encoder/ParM checkpoint sets it (average code, n = k+1)")
+                        help="coding group size when no encoder/ParM checkpoint sets it (average code, n = k+1); "
+                        "with them, every encoder and ParM must have this k")
     parser.add_argument("--model-name", default=None, help="manifest model_name (default: <dataset>-iresnet)")
     parser.add_argument("--data-dir", default=None, help="dataset directory for the verification inputs")
     parser.add_argument("--verify-samples", type=int, default=64,
@@ -91,7 +96,9 @@ def _run_export(argv: list[str]) -> int:
     from export.bundle import build_bundle
 
     manifest = build_bundle(ExportConfig(**vars(args)), command=["python", "-m", "export", *argv])
-    print(f"wrote bundle {args.out}: {len(manifest.files)} files, coding n={manifest.coding.n} k={manifest.coding.k}")
+    others = "".join(f", also n={c.n} k={c.k}" for c in manifest.codes[1:])
+    print(f"wrote bundle {args.out}: {len(manifest.files)} files, coding n={manifest.coding.n} k={manifest.coding.k}"
+          f"{' (the default)' if others else ''}{others}")
     for file, stats in manifest.verification.items():
         print(f"  {file}: max abs err {stats['max_abs_err']:.3e}, max rel err {stats['max_rel_err']:.3e} "
               f"on {stats['samples']} samples")

@@ -57,7 +57,10 @@ def provenance(sources: ExportSources, config: ExportConfig, command: Sequence[s
     commands = [c for c in (normalized_command(ck.data.get("command")) for ck in sources.checkpoints) if c]
     if command:
         commands.append(normalized_command(command))
-    metrics = {f"{ck.schema.split('/')[-1]}": ck.data.get("metrics", {}) for ck in sources.checkpoints}
+    kinds = [ck.schema.split("/")[-1] for ck in sources.checkpoints]
+    # keyed by kind ("classifier", "encoder", "parm"); a kind given several times: "<kind>:<path>"
+    metrics = {kind if kinds.count(kind) == 1 else f"{kind}:{ck.path}": ck.data.get("metrics", {})
+               for kind, ck in zip(kinds, sources.checkpoints, strict=True)}
     cls_ckpt = next(ck for ck in sources.checkpoints if ck.schema.endswith("classifier"))
     atol, rtol = config.tolerance
     return {
@@ -78,7 +81,7 @@ def provenance(sources: ExportSources, config: ExportConfig, command: Sequence[s
             "precision": "fp16" if config.fp16 else "fp32",
             "criterion": f"max|ort - torch| <= {atol:g} + {rtol:g} * max|torch| per file",
             "verification_inputs": f"{sources.dataset} test split, {config.verify_samples} samples "
-            f"(groups of k={sources.coding.k} for encoders/ParM), seed {config.seed}",
+            f"(groups of k={', '.join(map(str, sources.ks))} for encoders/ParM), seed {config.seed}",
             "reference_samples": config.reference_samples,
             "torch": torch.__version__,
             "onnx": onnx.__version__,

@@ -1,9 +1,13 @@
-"""Checkpoints in, consistent torch modules out: the classifier, its encoders and ParM.
+"""Checkpoints in, consistent torch modules out: the classifier, and the codes built on it.
 
-Each checkpoint names its kind in `schema`; export accepts exactly one classifier, at most
-one encoder checkpoint (a `ParityEncoders` set holds every parity row of its coding scheme)
-and at most one ParM. Everything else that must agree is checked here, before any export
-work starts: the f every checkpoint was trained against (`f_hash`), k, and the dataset.
+Each checkpoint names its kind in `schema`; export accepts exactly one classifier, and any
+number of encoder and ParM checkpoints trained against it. Each encoder checkpoint (a
+`ParityEncoders` set holds every parity row of its coding scheme) is one code (n, k); each
+ParM joins the code with its k (the one with n = k + 1 when several have that k, else the
+first given), or, when no encoder has its k, gets its own average code n = k + 1. The first
+code is the bundle's default: the first encoder's, else the first ParM's, else `--k`'s.
+Everything else that must agree is checked here, before any export work starts: the f every
+checkpoint was trained against (`f_hash`), k against `--k`, and the dataset.
 """
 
 from __future__ import annotations
@@ -42,16 +46,47 @@ class Checkpoint:
 
 
 @dataclass
+class CodeSources:
+    """One code of the bundle and the modules that serve it."""
+
+    coding: CodingScheme
+    encoders: torch.nn.Module | None = None  # trainer.models.encoder.ParityEncoders, eval mode
+    parm: torch.nn.Module | None = None  # trainer.models.parm.ParityModel, eval mode
+    encoder_path: Path | None = None
+    parm_path: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"n={self.coding.n} k={self.coding.k}"
+
+
+@dataclass
 class ExportSources:
     """Everything the bundle is made from, already cross-checked."""
 
     classifier: torch.nn.Module  # trainer.models.Classifier, eval mode
     f_hash: str
     dataset: str
-    coding: CodingScheme
-    encoders: torch.nn.Module | None = None  # trainer.models.encoder.ParityEncoders, eval mode
-    parm: torch.nn.Module | None = None  # trainer.models.parm.ParityModel, eval mode
+    codes: list[CodeSources]  # the first is the bundle's default code
     checkpoints: list[Checkpoint] = field(default_factory=list)
+
+    # The default code's parts (a bundle of one code reads as it did before several).
+    @property
+    def coding(self) -> CodingScheme:
+        return self.codes[0].coding
+
+    @property
+    def encoders(self) -> torch.nn.Module | None:
+        return self.codes[0].encoders
+
+    @property
+    def parm(self) -> torch.nn.Module | None:
+        return self.codes[0].parm
+
+    @property
+    def ks(self) -> list[int]:
+        """Every code's k, each once, in code order."""
+        return list(dict.fromkeys(c.coding.k for c in self.codes))
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -125,6 +160,70 @@ def _coding_of(ckpt: Checkpoint) -> CodingScheme:
         raise ExportError(f"checkpoint {str(ckpt.path)!r}: invalid coding {raw!r} ({exc})") from exc
 
 
+def _check_encoder(ckpt: Checkpoint, coding: CodingScheme, in_shape: tuple[int, ...]) -> None:
+    enc_config = ckpt.data["model_config"]
+    if [float(c) for row in enc_config.get("coefficients", []) for c in row] != [
+        float(c) for row in coding.coefficients.tolist() for c in row
+    ]:
+        raise CheckpointMismatchError(
+            f"encoder {str(ckpt.path)!r}: its `coding` {coding.to_dict()} disagrees with the "
+            f"coefficients its encoders were built with {enc_config.get('coefficients')}"
+        )
+    enc_shape = (enc_config.get("in_channels"), *enc_config.get("image_size", []))
+    if enc_shape != in_shape:
+        raise CheckpointMismatchError(f"encoder {str(ckpt.path)!r} takes images {enc_shape}, the classifier {in_shape}")
+
+
+def _codes(encoders: list[Checkpoint], parms: list[Checkpoint], k: int | None,
+           in_shape: tuple[int, ...]) -> list[CodeSources]:
+    """One code per encoder checkpoint, each ParM joined to the code with its k (see the
+    module docstring); modules are not built yet."""
+    if k is not None:  # --k pins the group size: every source that knows it must agree
+        ks = {"--k": int(k)}
+        ks.update({str(c.path): _coding_of(c).k for c in encoders})
+        ks.update({str(c.path): int(c.data["model_config"]["k"]) for c in parms})
+        if len(set(ks.values())) > 1:
+            raise CheckpointMismatchError(
+                f"k mismatch: {', '.join(f'{src} has k={v}' for src, v in ks.items())}; with --k every "
+                "encoder and ParM must use that group size k (drop --k to export codes of several k)"
+            )
+    codes: list[CodeSources] = []
+    for ckpt in encoders:
+        coding = _coding_of(ckpt)
+        _check_encoder(ckpt, coding, in_shape)
+        twin = next((c for c in codes if (c.coding.n, c.coding.k) == (coding.n, coding.k)), None)
+        if twin is not None:
+            raise ExportError(
+                f"encoders {str(twin.encoder_path)!r} and {str(ckpt.path)!r} are both for the code "
+                f"n={coding.n}, k={coding.k}; a bundle holds one encoder set per (n, k): drop one, or "
+                "export each into its own bundle"
+            )
+        codes.append(CodeSources(coding=coding, encoder_path=ckpt.path))
+    parm_of_k: dict[int, Path] = {}
+    for ckpt in parms:
+        pk = int(ckpt.data["model_config"]["k"])
+        if pk in parm_of_k:
+            raise ExportError(
+                f"ParM checkpoints {str(parm_of_k[pk])!r} and {str(ckpt.path)!r} both have k={pk}; a "
+                "bundle holds one ParM per k: drop one"
+            )
+        parm_of_k[pk] = ckpt.path
+        same_k = [c for c in codes if c.coding.k == pk]
+        code = next((c for c in same_k if c.coding.n == pk + 1), same_k[0] if same_k else None)
+        if code is None:  # no encoder for this k: the average code, as a ParM-only bundle has
+            code = CodeSources(coding=CodingScheme.average(pk))
+            codes.append(code)
+        code.parm_path = ckpt.path
+    if not codes:
+        if k is None:
+            raise ExportError(
+                "no encoder or ParM checkpoint to take the coding scheme from; pass --k K to "
+                "describe coding groups of K queries (the default average code, n = K + 1)"
+            )
+        codes.append(CodeSources(coding=CodingScheme.average(int(k))))
+    return codes
+
+
 def load_sources(paths: list[str] | tuple[str, ...], k: int | None = None) -> ExportSources:
     """Read, classify and cross-check the checkpoints; `k` (optional) pins the group size."""
     ckpts = [read_checkpoint(p) for p in paths]
@@ -137,13 +236,6 @@ def load_sources(paths: list[str] | tuple[str, ...], k: int | None = None) -> Ex
             f"expected exactly one classifier checkpoint ({CLASSIFIER_SCHEMA}), got {len(classifiers)}: "
             f"{[str(c.path) for c in classifiers]}"
         )
-    if len(encoders) > 1:
-        raise ExportError(
-            f"expected at most one encoder checkpoint (it holds every parity row), got {len(encoders)}: "
-            f"{[str(c.path) for c in encoders]}"
-        )
-    if len(parms) > 1:
-        raise ExportError(f"expected at most one ParM checkpoint, got {len(parms)}: {[str(c.path) for c in parms]}")
     cls_ckpt = classifiers[0]
     classifier = _build(cls_ckpt)
     f_hash = str(cls_ckpt.f_hash)  # load_classifier checked it against fingerprint(f)
@@ -161,49 +253,11 @@ def load_sources(paths: list[str] | tuple[str, ...], k: int | None = None) -> Ex
             raise CheckpointMismatchError(
                 f"{str(other.path)!r} was trained on dataset {other_dataset!r}, the classifier on {dataset!r}"
             )
-    # k: every source that knows it must agree.
-    ks: dict[str, int] = {}
-    if k is not None:
-        ks["--k"] = int(k)
-    coding = None
-    if encoders:
-        coding = _coding_of(encoders[0])
-        ks[str(encoders[0].path)] = coding.k
-    if parms:
-        ks[str(parms[0].path)] = int(parms[0].data["model_config"]["k"])
-    if len(set(ks.values())) > 1:
-        raise CheckpointMismatchError(
-            f"k mismatch: {', '.join(f'{src} has k={v}' for src, v in ks.items())}; every encoder, "
-            "ParM and the coding scheme must use the same group size k"
-        )
-    if encoders:
-        enc_config = encoders[0].data["model_config"]
-        if [float(c) for row in enc_config.get("coefficients", []) for c in row] != [
-            float(c) for row in coding.coefficients.tolist() for c in row
-        ]:
-            raise CheckpointMismatchError(
-                f"encoder {str(encoders[0].path)!r}: its `coding` {coding.to_dict()} disagrees with the "
-                f"coefficients its encoders were built with {enc_config.get('coefficients')}"
-            )
-        in_shape = tuple(classifier.config.f.in_shape)
-        enc_shape = (enc_config.get("in_channels"), *enc_config.get("image_size", []))
-        if enc_shape != in_shape:
-            raise CheckpointMismatchError(
-                f"encoder {str(encoders[0].path)!r} takes images {enc_shape}, the classifier {in_shape}"
-            )
-    if coding is None:
-        if not ks:
-            raise ExportError(
-                "no encoder or ParM checkpoint to take the coding scheme from; pass --k K to "
-                "describe coding groups of K queries (the default average code, n = K + 1)"
-            )
-        coding = CodingScheme.average(next(iter(ks.values())))
-    return ExportSources(
-        classifier=classifier,
-        f_hash=f_hash,
-        dataset=dataset,
-        coding=coding,
-        encoders=_build(encoders[0]) if encoders else None,
-        parm=_build(parms[0]) if parms else None,
-        checkpoints=ckpts,
-    )
+    codes = _codes(encoders, parms, k, tuple(classifier.config.f.in_shape))
+    by_path = {c.path: c for c in ckpts}
+    for code in codes:
+        code.encoders = None if code.encoder_path is None else _build(by_path[code.encoder_path])
+        code.parm = None if code.parm_path is None else _build(by_path[code.parm_path])
+        logger.info("code %s: encoders %s, ParM %s", code.label, code.encoder_path or "none",
+                    code.parm_path or "none")
+    return ExportSources(classifier=classifier, f_hash=f_hash, dataset=dataset, codes=codes, checkpoints=ckpts)

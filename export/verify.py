@@ -1,5 +1,6 @@
 """`python -m export verify BUNDLE`: checksums, schema, ONNX structure and numerics.
 
+Every code of the bundle is verified: its encoders and its ParM are among the files checked.
 Numerics: every file listed in manifest["verification"] is re-run on the inputs stored in
 verification/reference.npz at export and compared with the PyTorch outputs stored beside
 them, under the tolerance recorded for that file. This catches a file swapped for another
@@ -36,11 +37,14 @@ class FileCheck:
 @dataclass
 class VerifyReport:
     bundle: str
+    codes: list[str] = field(default_factory=list)  # "n,k" of every code, the default first
     checked: list[FileCheck] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # "<file>: why"
 
     def lines(self) -> list[str]:
-        out = [f"bundle {self.bundle}: checksums and schema OK"]
+        codes = f"; codes (n,k) {', '.join(self.codes)}" + (" (the first is served by default)"
+                                                             if len(self.codes) > 1 else "")
+        out = [f"bundle {self.bundle}: checksums and schema OK{codes if self.codes else ''}"]
         out += [
             f"  {c.file}: max abs err {c.max_abs_err:.3e}, max rel err {c.max_rel_err:.3e} "
             f"(atol {c.atol:g}, rtol {c.rtol:g}) {'OK' if c.ok else 'FAIL'}"
@@ -69,7 +73,7 @@ def verify_bundle(config: VerifyConfig) -> VerifyReport:
     except ManifestError as exc:
         raise ExportVerificationError(str(exc)) from exc
     names = manifest.io_names()
-    report = VerifyReport(bundle=str(root))
+    report = VerifyReport(bundle=str(root), codes=manifest.code_labels())
     if not config.numerics:
         report.skipped.append("numerics: --no-numerics")
         return report

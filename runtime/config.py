@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.errors import ConfigError
+from runtime.manifest import ManifestError, parse_code_label
 
 ENGINES = ("onnxruntime", "torch", "tensorrt")
 DEVICES = ("cpu", "cuda")
@@ -64,6 +65,7 @@ class ServerConfig:
     grpc_port: int = 8001  # KServe v2 gRPC; 0 picks a free port; -1 disables it
     workers: int = 0  # compute threads shared by all workers; 0 = min(n, cpu count)
     mode: str = "coded"  # a name in runtime.modes.MODES
+    coding: str | None = None  # the bundle's code to serve, "N,K"; None = its first code
     workers_backend: str = "thread"  # a name in runtime.worker.BACKENDS
     ray_address: str | None = None  # ray backend: join this cluster; None = start a local one
     ray_num_cpus: float | None = None  # ray backend: CPUs per worker actor; None = auto
@@ -121,6 +123,11 @@ class ServerConfig:
         _check(self.mode in MODES, f"--mode must be one of {tuple(MODES)}, got {self.mode!r}")
         _check(self.workers_backend in BACKENDS, f"--workers-backend must be one of "
                f"{tuple(BACKENDS)}, got {self.workers_backend!r}")
+        if self.coding is not None:
+            try:
+                parse_code_label(self.coding)
+            except ManifestError as exc:
+                raise ConfigError(f"--coding: {exc}") from exc
         _check(self.engine in ENGINES, f"--engine must be one of {ENGINES}, got {self.engine!r}")
         _check(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _check(not (self.engine == "onnxruntime" and self.device == "cuda"),
@@ -183,6 +190,11 @@ class ServerConfig:
         _check(self.request_timeout_ms > 0, "--request-timeout-ms must be > 0")
         _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
                f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    @property
+    def code(self) -> tuple[int, int] | None:
+        """--coding as (n, k), or None for the bundle's first code."""
+        return None if self.coding is None else parse_code_label(self.coding)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ServerConfig:

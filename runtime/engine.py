@@ -27,11 +27,11 @@ from runtime.batcher import Batcher
 from runtime.config import ServerConfig
 from runtime.context import EngineContext
 from runtime.deadlines import DecodeWait
-from runtime.errors import RequestTimeout, ServiceUnavailable, ServingError
+from runtime.errors import ConfigError, RequestTimeout, ServiceUnavailable, ServingError
 from runtime.faults import with_faults
 from runtime.frontend import Frontend
 from runtime.gpu_decode import DeviceDecoders, make_device_decoders
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, ManifestError
 from runtime.metrics import Metrics
 from runtime.model_io import InferenceResult, build_result, preprocess
 from runtime.models import ModelFactory
@@ -55,7 +55,7 @@ class Engine:
     def __init__(self, config: ServerConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.bundle_dir = Path(config.bundle)
-        self.manifest = Manifest.load(self.bundle_dir)
+        self.manifest = self._load_manifest(config)
         self.model_name = self.manifest.model_name
         self.metrics = metrics or Metrics(self.model_name)
         self.mode_cls: type[Mode] = MODES[config.mode]
@@ -75,6 +75,18 @@ class Engine:
         self.shadow: ShadowMonitor | None = None  # runtime/shadow.py, when on
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def _load_manifest(self, config: ServerConfig) -> Manifest:
+        """The bundle's manifest with the code to serve (--coding) selected, once, here: every
+        part of the engine (modes, models, metadata, Ray actors) reads that code only."""
+        manifest = Manifest.load(self.bundle_dir)
+        code = config.code
+        if code is None:
+            return manifest
+        try:
+            return manifest.select_code(*code)
+        except ManifestError as exc:
+            raise ConfigError(f"--coding {config.coding}: {exc}") from exc
 
     # -- lifecycle ---------------------------------------------------------------------------
     def load_bundle(self) -> None:
@@ -151,7 +163,9 @@ class Engine:
         """The key facts, for the one start-up log line."""
         config, coding = self.config, self.manifest.coding
         inline = self.frontend is not None and self.frontend.inline
-        return (f"bundle {self.bundle_dir}; mode={config.mode} n={coding.n} k={coding.k} "
+        others = self.manifest.code_labels()[1:]
+        also = f"(other codes in the bundle: {' '.join(others)}) " if others else ""
+        return (f"bundle {self.bundle_dir}; mode={config.mode} n={coding.n} k={coding.k} {also}"
                 f"workers={self.pool_size} ({config.workers_backend}) threads={self.threads} "
                 f"engine={config.engine} device={config.device} "
                 f"encoders_on_workers={config.encoders_on_workers} "

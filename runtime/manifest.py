@@ -6,12 +6,20 @@ them through it; no other module spells one of these names. Pure Python + the st
 library, so a torch-free serving install can load it. Every field is validated on load;
 unknown keys are errors, so a typo in a hand-edited manifest fails loudly instead of
 being ignored. docs/ARCHITECTURE.md shows the layout.
+
+A bundle holds one f and its heads, and one or more *codes* (coding schemes (n, k) with the
+encoders and the ParM that serve them, all trained against that f); the first code is the
+one served unless another is selected (`Manifest.select_code`, `serve --coding N,K`).
+Schema version 1 held exactly one code at the top level (`coding`, `encoders`, `parm`); such
+manifests are still read, as a version-2 manifest with that one code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -20,14 +28,17 @@ from typing import Any
 
 from kernels.configs import check_keys
 
-SCHEMA_VERSION = 1
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # what export writes: a list of codes
+READABLE_VERSIONS = (1, 2)  # version 1 (one code at the top level) is read as one code
 MANIFEST_NAME = "manifest.json"
 ACCEPTED_DTYPES = ("UINT8", "FP32")
 INPUT_NAME = "INPUT"  # the served input tensor of the bundles export writes
 
 # -- file layout (relative to the bundle directory) -----------------------------------------
 F_FILE = "f.onnx"
-PARM_FILE = "parm.onnx"
+CODES_DIR = "codes"  # one folder per code: codes/n5k4/enc_0.onnx, codes/n5k4/parm.onnx
 TORCH_F_FILE = "torch/f.pt2"  # torch.export program of f (--engine torch)
 REFERENCE_FILE = "verification/reference.npz"  # export-time inputs and PyTorch outputs
 ENGINES_DIR = "engines"  # TensorRT plans, one directory per (GPU, TensorRT version)
@@ -35,6 +46,43 @@ ENGINES_DIR = "engines"  # TensorRT plans, one directory per (GPU, TensorRT vers
 
 def head_file(task: str) -> str:
     return f"heads/{task}.onnx"
+
+
+def code_label(n: int, k: int) -> str:
+    """How a code is named on the command line and in the server's metadata: `"5,4"`."""
+    return f"{n},{k}"
+
+
+def parse_code_label(text: str) -> tuple[int, int]:
+    """`"5,4"` -> (5, 4); ManifestError for anything that is not two integers n >= k >= 1."""
+    parts = str(text).split(",")
+    try:
+        n, k = (int(p.strip()) for p in parts) if len(parts) == 2 else (0, 0)
+    except ValueError:
+        n, k = 0, 0
+    if not 1 <= k <= n:
+        raise ManifestError(f"a code is named N,K with integers N >= K >= 1 (e.g. 5,4), got {text!r}")
+    return n, k
+
+
+def code_dir(n: int, k: int) -> str:
+    """The folder of one code's models: `codes/n5k4`."""
+    return f"{CODES_DIR}/n{n}k{k}"
+
+
+def code_encoder_file(n: int, k: int, row: int) -> str:
+    """Parity row `row`'s encoder of code (n, k): `codes/n5k4/enc_0.onnx`."""
+    return f"{code_dir(n, k)}/enc_{row}.onnx"
+
+
+def code_parm_file(n: int, k: int) -> str:
+    """The ParM of code (n, k): `codes/n5k4/parm.onnx`."""
+    return f"{code_dir(n, k)}/parm.onnx"
+
+
+# Schema-1 layout (one code, bundles exported before several codes; their manifests name
+# these paths, so they keep loading): encoders/enc_<r>.onnx and parm.onnx.
+PARM_FILE = "parm.onnx"
 
 
 def encoder_file(row: int) -> str:
@@ -172,16 +220,83 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
+class CodeSpec:
+    """One code of the bundle: its coding scheme, the encoders of its parity rows (coded
+    mode; none = the code serves the other modes only) and an optional ParM for its k."""
+
+    coding: CodingSpec
+    encoders: tuple[EncoderSpec, ...] = ()
+    parm: str | None = None
+
+    def __post_init__(self) -> None:
+        rows = sorted(e.row for e in self.encoders)
+        parities = self.coding.n - self.coding.k
+        if self.encoders and rows != list(range(parities)):
+            raise ManifestError(
+                f"encoders: need exactly one encoder per parity row 0..{parities - 1}, got rows {rows}"
+            )
+
+    @property
+    def n(self) -> int:
+        return self.coding.n
+
+    @property
+    def k(self) -> int:
+        return self.coding.k
+
+    @property
+    def label(self) -> str:
+        return code_label(self.n, self.k)
+
+    def model_files(self) -> list[str]:
+        return [*(e.file for e in self.encoders), *([] if self.parm is None else [self.parm])]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.coding.to_dict(),
+                "encoders": [{"row": e.row, "file": e.file} for e in self.encoders],
+                "parm": self.parm}
+
+    @classmethod
+    def from_dict(cls, where: str, data: Any) -> CodeSpec:
+        """A version-2 `codes[i]` entry; `where` prefixes error messages ("" for the top
+        level of a version-1 manifest, whose fields are named as they were)."""
+        prefix = f"{where}: " if where else ""
+        try:
+            _check_keys(where or "coding", data, {"n", "k", "coefficients", "encoders"}, {"parm"})
+            encoders = data["encoders"]
+            if not isinstance(encoders, list):
+                raise ManifestError(f"encoders: expected a list, got {type(encoders).__name__}")
+            for i, enc in enumerate(encoders):
+                _check_keys(f"encoders[{i}]", enc, {"row", "file"}, set())
+            return cls(
+                coding=CodingSpec(
+                    n=data["n"],
+                    k=data["k"],
+                    coefficients=tuple(tuple(float(c) for c in row) for row in data["coefficients"]),
+                ),
+                encoders=tuple(
+                    EncoderSpec(row=int(e["row"]), file=_relative_file(f"encoders[{i}].file", e["file"]))
+                    for i, e in enumerate(encoders)
+                ),
+                parm=None if data.get("parm") is None else _relative_file("parm", data["parm"]),
+            )
+        except ManifestError as exc:
+            if not prefix or str(exc).startswith(where):
+                raise
+            raise ManifestError(f"{prefix}{exc}") from exc
+        except (TypeError, KeyError, ValueError) as exc:  # wrong JSON types inside the code
+            raise ManifestError(f"{where or 'coding'}: malformed field ({type(exc).__name__}: {exc})") from exc
+
+
+@dataclass(frozen=True)
 class Manifest:
     model_name: str
     input: InputSpec
     embedding_shape: tuple[int, ...]
     f: str
     heads: tuple[HeadSpec, ...]
-    coding: CodingSpec
-    encoders: tuple[EncoderSpec, ...]
+    codes: tuple[CodeSpec, ...]  # the first is the one served (see select_code)
     files: dict[str, str]
-    parm: str | None = None
     torch: dict[str, str] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -203,11 +318,14 @@ class Manifest:
                 f"embedding_shape {list(self.embedding_shape)} must hold as many elements as "
                 f"input.shape {list(self.input.shape)} (f is a bijection, no injective padding)"
             )
-        rows = sorted(e.row for e in self.encoders)
-        if self.encoders and rows != list(range(self.coding.n - self.coding.k)):
+        if not self.codes:
+            raise ManifestError("codes: a bundle needs at least one code {n, k, coefficients, encoders, parm}")
+        labels = [c.label for c in self.codes]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
             raise ManifestError(
-                f"encoders: need exactly one encoder per parity row 0..{self.coding.n - self.coding.k - 1}, "
-                f"got rows {rows}"
+                f"codes: (n, k) {', '.join(repeated)} appear(s) more than once ({labels}); each code "
+                "of a bundle needs its own (n, k)"
             )
         unlisted = [p for p in self.model_files() if p not in self.files]
         if unlisted:
@@ -216,18 +334,26 @@ class Manifest:
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
-        _check_keys(
-            "manifest",
-            data,
-            required={"schema_version", "model_name", "input", "embedding_shape", "f", "heads",
-                      "coding", "encoders", "files"},
-            optional={"parm", "torch", "verification", "provenance"},
-        )
-        version = data["schema_version"]
-        if version != SCHEMA_VERSION:
+        """A version-2 manifest, or a version-1 one (read as its one code)."""
+        version = data.get("schema_version") if isinstance(data, Mapping) else None
+        common = {"schema_version", "model_name", "input", "embedding_shape", "f", "heads", "files"}
+        optional = {"torch", "verification", "provenance"}
+        if version == 1:
+            _check_keys("manifest", data, required=common | {"coding", "encoders"}, optional=optional | {"parm"})
+            _check_keys("coding", data["coding"], {"n", "k", "coefficients"}, set())
+            codes = (CodeSpec.from_dict("", {**data["coding"], "encoders": data["encoders"],
+                                             "parm": data.get("parm")}),)
+            logger.debug("manifest schema_version 1: read as its one code %s", codes[0].label)
+        elif version == SCHEMA_VERSION:
+            _check_keys("manifest", data, required=common | {"codes"}, optional=optional)
+            if not isinstance(data["codes"], list):
+                raise ManifestError(f"codes: expected a list, got {type(data['codes']).__name__}")
+            codes = tuple(CodeSpec.from_dict(f"codes[{i}]", c) for i, c in enumerate(data["codes"]))
+        else:
             raise ManifestError(
-                f"manifest schema_version is {version!r}, this runtime reads version "
-                f"{SCHEMA_VERSION}; re-export the bundle with this version's `python -m export`"
+                f"manifest schema_version is {version!r}, this runtime reads version(s) "
+                f"{', '.join(map(str, READABLE_VERSIONS))}; re-export the bundle with this version's "
+                "`python -m export`"
             )
         inp = data["input"]
         _check_keys("input", inp, {"name", "shape", "accepted_dtypes", "preprocessing"}, set())
@@ -238,13 +364,6 @@ class Manifest:
             raise ManifestError(f"heads: expected a list, got {type(heads).__name__}")
         for i, head in enumerate(heads):
             _check_keys(f"heads[{i}]", head, {"task", "file", "classes"}, set())
-        coding = data["coding"]
-        _check_keys("coding", coding, {"n", "k", "coefficients"}, set())
-        encoders = data["encoders"]
-        if not isinstance(encoders, list):
-            raise ManifestError(f"encoders: expected a list, got {type(encoders).__name__}")
-        for i, enc in enumerate(encoders):
-            _check_keys(f"encoders[{i}]", enc, {"row", "file"}, set())
         files = data["files"]
         if not isinstance(files, Mapping) or not all(
             isinstance(v, str) and len(v) == 64 for v in files.values()
@@ -255,7 +374,6 @@ class Manifest:
             raise ManifestError("torch: expected an object mapping model name -> file")
         try:
             return cls(
-                schema_version=version,
                 model_name=str(data["model_name"]),
                 input=InputSpec(
                     name=str(inp["name"]),
@@ -276,17 +394,8 @@ class Manifest:
                     )
                     for i, h in enumerate(heads)
                 ),
-                coding=CodingSpec(
-                    n=coding["n"],
-                    k=coding["k"],
-                    coefficients=tuple(tuple(float(c) for c in row) for row in coding["coefficients"]),
-                ),
-                encoders=tuple(
-                    EncoderSpec(row=int(e["row"]), file=_relative_file(f"encoders[{i}].file", e["file"]))
-                    for i, e in enumerate(encoders)
-                ),
+                codes=codes,
                 files={_relative_file("files", k): v for k, v in files.items()},
-                parm=None if data.get("parm") is None else _relative_file("parm", data["parm"]),
                 torch={str(k): _relative_file(f"torch.{k}", v) for k, v in torch_files.items()},
                 verification=dict(data.get("verification") or {}),
                 provenance=dict(data.get("provenance") or {}),
@@ -308,13 +417,46 @@ class Manifest:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (tuples become lists), so `from_dict(to_dict())` round-trips."""
-        return json.loads(json.dumps(asdict(self)))
+        """Plain JSON types (tuples become lists), always schema version 2, so
+        `from_dict(to_dict())` round-trips (a version-1 manifest comes back as version 2)."""
+        data = json.loads(json.dumps(asdict(self)))
+        data["codes"] = [c.to_dict() for c in self.codes]
+        return data
 
     def dump(self, bundle_dir: str | Path) -> Path:
         path = Path(bundle_dir) / MANIFEST_NAME
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         return path
+
+    # -- the selected code (the first one): what everything serving one code reads ---------------
+    @property
+    def code(self) -> CodeSpec:
+        return self.codes[0]
+
+    @property
+    def coding(self) -> CodingSpec:
+        return self.codes[0].coding
+
+    @property
+    def encoders(self) -> tuple[EncoderSpec, ...]:
+        return self.codes[0].encoders
+
+    @property
+    def parm(self) -> str | None:
+        return self.codes[0].parm
+
+    def code_labels(self) -> list[str]:
+        """Every code of the bundle as "n,k", the selected one first."""
+        return [c.label for c in self.codes]
+
+    def select_code(self, n: int, k: int) -> Manifest:
+        """A copy whose first (selected) code is (n, k), the others after it in their order."""
+        chosen = [c for c in self.codes if (c.n, c.k) == (n, k)]
+        if not chosen:
+            raise ManifestError(
+                f"the bundle has no code n={n}, k={k}; its codes (n,k): {', '.join(self.code_labels())}"
+            )
+        return dataclasses.replace(self, codes=(chosen[0], *(c for c in self.codes if c is not chosen[0])))
 
     # -- queries ----------------------------------------------------------------------------------
     @property
@@ -322,12 +464,13 @@ class Manifest:
         return self.heads[0]
 
     def io_names(self) -> dict[str, tuple[str, str]]:
-        """(input, output) ONNX tensor names of every ONNX file in the bundle."""
+        """(input, output) ONNX tensor names of every ONNX file in the bundle, every code's."""
         names = {self.f: F_IO}
         names.update({h.file: HEAD_IO for h in self.heads})
-        names.update({e.file: ENCODER_IO for e in self.encoders})
-        if self.parm is not None:
-            names[self.parm] = PARM_IO
+        for code in self.codes:
+            names.update({e.file: ENCODER_IO for e in code.encoders})
+            if code.parm is not None:
+                names[code.parm] = PARM_IO
         return names
 
     def output_names(self) -> list[str]:
@@ -336,12 +479,10 @@ class Manifest:
                 RECONSTRUCTED_OUTPUT]
 
     def model_files(self) -> list[str]:
-        """Every model file the manifest points at (each must have a checksum)."""
-        paths = [self.f, *(h.file for h in self.heads), *(e.file for e in self.encoders)]
-        if self.parm is not None:
-            paths.append(self.parm)
+        """Every model file the manifest points at, every code's (each must have a checksum)."""
+        paths = [self.f, *(h.file for h in self.heads), *(p for c in self.codes for p in c.model_files())]
         paths.extend(self.torch.values())
-        return paths
+        return list(dict.fromkeys(paths))
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

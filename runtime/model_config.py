@@ -57,7 +57,8 @@ def _input_dtype(manifest: Manifest) -> str:
 
 def model_metadata(manifest: Manifest, mode: str) -> dict[str, Any]:
     """KServe v2 model metadata: one input (its canonical datatype; the others it accepts
-    are in `parameters.input_datatypes`), the served outputs, and what they mean."""
+    are in `parameters.input_datatypes`), the served outputs, and what they mean; `n`, `k`
+    are the served code's, `codes` lists every code of the bundle ("n,k", served first)."""
     spec, coding = manifest.input, manifest.coding
     return {
         "name": manifest.model_name,
@@ -68,7 +69,7 @@ def model_metadata(manifest: Manifest, mode: str) -> dict[str, Any]:
         "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
                     for o in output_specs(manifest)],
         "parameters": {
-            "mode": mode, "n": coding.n, "k": coding.k,
+            "mode": mode, "n": coding.n, "k": coding.k, "codes": manifest.code_labels(),
             "workers": MODES[mode].pool_size(manifest),
             "input_datatypes": {spec.name: list(spec.accepted_dtypes)},
             "classes": {h.task: list(h.classes) for h in manifest.heads},
@@ -97,8 +98,8 @@ def _string(value: Any) -> dict[str, str]:
 def model_config(manifest: Manifest, config: ServerConfig) -> dict[str, Any]:
     """Triton's model configuration (the JSON mapping of `inference.ModelConfig`): tensors
     without the batch dimension, the batcher as `dynamic_batching`, the workers as one
-    instance group, and the coding scheme and serving options under `parameters`
-    (string values; lists and objects as JSON text)."""
+    instance group, and the served coding scheme (`codes`: every code of the bundle) and
+    the serving options under `parameters` (string values; lists and objects as JSON text)."""
     spec, coding = manifest.input, manifest.coding
     mode = MODES[config.mode]
     outputs = []
@@ -109,6 +110,7 @@ def model_config(manifest: Manifest, config: ServerConfig) -> dict[str, Any]:
         "n": coding.n,
         "k": coding.k,
         "coefficients": [list(row) for row in coding.coefficients],
+        "codes": manifest.code_labels(),  # every code of the bundle, "n,k", the served one first
         "workers": mode.pool_size(manifest),
         "engine": config.engine,
         "device": config.device,

@@ -27,6 +27,9 @@ HELP = {
     "grpc_port": "KServe v2 gRPC port, GRPCInferenceService (0 = any free port, -1 = off)",
     "workers": "compute threads shared by all workers (0 = min(workers, CPU count))",
     "mode": "serving scheme",
+    "coding": "which of the bundle's codes to serve, as N,K (e.g. 5,4; a bundle exported with "
+              "several encoder/ParM checkpoints holds several codes for one f, listed by "
+              "`python -m export verify BUNDLE`); unset = the bundle's first code",
     "workers_backend": "where the n workers run: thread = threads of this process; ray = one "
                        "Ray actor each (pip install '.[dist]'), across a cluster's nodes",
     "ray_address": "ray backend: address of a running Ray cluster to join (`ray start --head` "

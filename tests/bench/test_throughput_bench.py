@@ -92,7 +92,7 @@ def test_cli_flags_map_onto_the_config(bundle: Path) -> None:
 
 def test_parm_is_skipped_with_a_reason_without_parm_onnx(bundle: Path, manifest: Manifest) -> None:
     assert tp.skip_reason("parm", manifest, bundle) is None
-    no_parm = dataclasses.replace(manifest, parm=None)
+    no_parm = dataclasses.replace(manifest, codes=(dataclasses.replace(manifest.code, parm=None),))
     assert "no ParM model" in tp.skip_reason("parm", no_parm, bundle)
     assert tp.skip_reason("coded", no_parm, bundle) is None
 

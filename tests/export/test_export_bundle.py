@@ -18,12 +18,12 @@ from export.numerics import run_ort
 from export.sources import load_sources
 from runtime.manifest import (
     F_FILE,
-    PARM_FILE,
     REFERENCE_FILE,
     TORCH_F_FILE,
     Manifest,
     ManifestError,
-    encoder_file,
+    code_encoder_file,
+    code_parm_file,
     head_file,
     sha256_file,
     verify_checksums,
@@ -42,8 +42,9 @@ def test_bundle_layout_and_manifest(bundle: Path, checkpoints: dict[str, Path]) 
     assert [h.file for h in manifest.heads] == ["heads/digit.onnx", "heads/parity.onnx"]
     assert manifest.heads[0].classes == tuple(str(d) for d in range(10))
     assert manifest.heads[1].classes == ("even", "odd")
-    assert [(e.row, e.file) for e in manifest.encoders] == [(0, "encoders/enc_0.onnx")]
-    assert manifest.parm == "parm.onnx"
+    assert manifest.schema_version == 2 and manifest.code_labels() == ["3,2"]
+    assert [(e.row, e.file) for e in manifest.encoders] == [(0, "codes/n3k2/enc_0.onnx")]
+    assert manifest.parm == "codes/n3k2/parm.onnx"
     assert manifest.torch == {"f": "torch/f.pt2"}
     assert (manifest.coding.n, manifest.coding.k, manifest.coding.coefficients) == (3, 2, ((0.5, 0.5),))
     assert manifest.input.shape == (1, 28, 28) and manifest.embedding_shape == (4, 14, 14)
@@ -91,8 +92,8 @@ def test_ort_matches_pytorch_on_fresh_inputs(bundle: Path, checkpoints: dict[str
                 F_FILE: (x, z),
                 head_file("digit"): (z, clf.heads["digit"](z)),
                 head_file("parity"): (z, clf.heads["parity"](z)),
-                encoder_file(0): (groups, sources.encoders.encoders[0](groups)),
-                PARM_FILE: (groups, sources.parm(groups)),
+                code_encoder_file(3, 2, 0): (groups, sources.encoders.encoders[0](groups)),
+                code_parm_file(3, 2): (groups, sources.parm(groups)),
             }
         names = Manifest.load(bundle).io_names()
         for file, (inp, out) in expected.items():
@@ -111,13 +112,65 @@ def test_squeezed_encoder_bundle(checkpoints: dict[str, Path], tmp_path: Path) -
     out = tmp_path / "bundle"
     manifest = build_bundle(ExportConfig(checkpoints=(str(checkpoints["classifier"]), str(enc)), out=str(out),
                                          exporter="torchscript", verify_samples=16, reference_samples=4))
-    assert manifest.verification[encoder_file(0)]["max_abs_err"] <= ATOL
+    enc_file = code_encoder_file(3, 2, 0)
+    assert manifest.verification[enc_file]["max_abs_err"] <= ATOL
     groups = torch.randn(5, 2, 1, 28, 28, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         expected = load_sources([str(checkpoints["classifier"]), str(enc)]).encoders.encoders[0](groups)
-    names = manifest.io_names()[encoder_file(0)]
-    actual = run_ort(out / encoder_file(0), groups.numpy(), input_name=names[0], output_name=names[1])
+    names = manifest.io_names()[enc_file]
+    actual = run_ort(out / enc_file, groups.numpy(), input_name=names[0], output_name=names[1])
     np.testing.assert_allclose(actual, expected.numpy(), atol=ATOL, rtol=RTOL)
+
+
+def test_bundle_of_several_codes(checkpoints: dict[str, Path], tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """One f, three codes: (3,2) with its encoder and ParM, (4,3) with an encoder only and the
+    ParM-only average code (5,4); each code's files are exported, checked and verified."""
+    from export_fixtures import save_encoders, save_parm, tiny_classifier
+
+    from export.cli import main
+    from export.config import VerifyConfig
+    from export.verify import verify_bundle
+
+    f_hash = torch.load(checkpoints["classifier"], weights_only=True)["f_hash"]
+    enc43 = save_encoders(tmp_path / "enc_4_3.pt", f_hash, k=3)
+    parm4 = save_parm(tmp_path / "parm_k4.pt", tiny_classifier(), f_hash, k=4)
+    out = tmp_path / "codes"
+    argv = [str(checkpoints["classifier"]), str(checkpoints["encoder"]), str(parm4), str(enc43),
+            str(checkpoints["parm"]), "--out", str(out), "--exporter", "torchscript", "--verify-samples", "8",
+            "--reference-samples", "2", "--no-torch-program"]
+    assert main(argv) == 0
+    assert "coding n=3 k=2 (the default), also n=4 k=3, also n=5 k=4" in capsys.readouterr().out
+    manifest = Manifest.load(out)
+    assert manifest.code_labels() == ["3,2", "4,3", "5,4"]
+    assert [([e.file for e in c.encoders], c.parm) for c in manifest.codes] == [
+        (["codes/n3k2/enc_0.onnx"], "codes/n3k2/parm.onnx"),
+        (["codes/n4k3/enc_0.onnx"], None),
+        ([], "codes/n5k4/parm.onnx"),
+    ]
+    code_files = ["codes/n3k2/enc_0.onnx", "codes/n3k2/parm.onnx", "codes/n4k3/enc_0.onnx", "codes/n5k4/parm.onnx"]
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert on_disk == sorted([*manifest.files, "manifest.json"]) and set(code_files) <= set(on_disk)
+    assert all(manifest.verification[f]["samples"] == 8 for f in code_files)
+    report = verify_bundle(VerifyConfig(bundle=str(out)))
+    assert report.codes == ["3,2", "4,3", "5,4"] and set(code_files) <= {c.file for c in report.checked}
+    assert all(c.ok for c in report.checked)
+    assert {"encoder:" + str(checkpoints["encoder"]), "encoder:" + str(enc43), "parm:" + str(parm4)} <= set(
+        manifest.provenance["metrics"])
+    # the second code's encoder is the k = 3 checkpoint's, exactly
+    second = manifest.select_code(4, 3)
+    assert (second.coding.n, second.coding.k, second.parm) == (4, 3, None)
+    groups = torch.randn(5, 3, 1, 28, 28, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = load_sources([str(checkpoints["classifier"]), str(enc43)]).encoders.encoders[0](groups)
+    (file,) = [e.file for e in second.encoders]
+    names = second.io_names()[file]
+    actual = run_ort(out / file, groups.numpy(), input_name=names[0], output_name=names[1])
+    np.testing.assert_allclose(actual, expected.numpy(), atol=ATOL, rtol=RTOL)
+    # a later code's file is verified like the first's
+    (out / "codes/n5k4/parm.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ExportVerificationError, match=r"codes/n5k4/parm\.onnx: sha256"):
+        verify_bundle(VerifyConfig(bundle=str(out)))
 
 
 def test_failed_verification_leaves_nothing_behind(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -145,7 +198,7 @@ def test_overwrite_replaces_a_bundle_atomically(
                               exporter="torchscript", verify_samples=4, reference_samples=2, torch_program=False))
     manifest = Manifest.load(out)
     assert (manifest.coding.k, manifest.parm, manifest.encoders) == (3, None, ())
-    assert not (out / "parm.onnx").exists() and not (out / "torch").exists()  # nothing of the old bundle left
+    assert not (out / "codes").exists() and not (out / "torch").exists()  # nothing of the old bundle left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .partial / .old leftovers
 
 
@@ -178,10 +231,12 @@ def test_manifest_schema_rejects_what_export_must_not_write(bundle: Path) -> Non
     Manifest.from_dict(data)  # the exported manifest itself is valid
     for mutate, message in [
         (lambda d: d.update(extra_key=1), r"unknown key\(s\) \['extra_key'\]"),
-        (lambda d: d.update(schema_version=2), "schema_version is 2"),
+        (lambda d: d.update(schema_version=3), "schema_version is 3"),
         (lambda d: d["files"].pop("f.onnx"), r"no sha256 recorded for \['f.onnx'\]"),
         (lambda d: d.update(embedding_shape=[4, 14, 13]), "as many elements"),
-        (lambda d: d["encoders"].append({"row": 5, "file": "encoders/enc_5.onnx"}), "one encoder per parity row"),
+        (lambda d: d["codes"][0]["encoders"].append({"row": 5, "file": "codes/n3k2/enc_5.onnx"}),
+         "one encoder per parity row"),
+        (lambda d: d["codes"].append(d["codes"][0]), r"\(n, k\) 3,2 appear\(s\) more than once"),
     ]:
         broken = json.loads(json.dumps(data))
         mutate(broken)

@@ -40,16 +40,57 @@ def test_parm_trained_against_another_f_is_refused(checkpoints: dict[str, Path],
         load_sources([str(checkpoints["classifier"]), str(parm)])
 
 
-def test_k_mismatch_between_encoder_and_parm_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def _f_hash(checkpoints: dict[str, Path]) -> str:
+    return torch.load(checkpoints["classifier"], weights_only=True)["f_hash"]
+
+
+def test_parm_of_another_k_gets_its_own_average_code(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     model = tiny_classifier()
     parm3 = save_parm(tmp_path / "parm_k3.pt", model, fingerprint(model.f), k=3)
-    with pytest.raises(CheckpointMismatchError, match=r"k mismatch: .*k=2.*k=3"):
-        load_sources([str(checkpoints["classifier"]), str(checkpoints["encoder"]), str(parm3)])
+    sources = load_sources([str(checkpoints["classifier"]), str(parm3), str(checkpoints["encoder"])])
+    assert [(c.coding.n, c.coding.k) for c in sources.codes] == [(3, 2), (4, 3)]  # encoders' codes first
+    first, second = sources.codes
+    assert first.encoders is not None and first.parm is None
+    assert second.encoders is None and second.parm is not None and second.parm_path == parm3
+    assert second.coding.coefficients.tolist() == [[1 / 3, 1 / 3, 1 / 3]]
+    assert sources.ks == [2, 3] and sources.coding is first.coding  # the default code's parts
 
 
-def test_k_flag_must_match_the_encoders(checkpoints: dict[str, Path]) -> None:
+def test_several_codes_and_where_each_parm_goes(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    f_hash = _f_hash(checkpoints)
+    enc42 = save_encoders(tmp_path / "enc_4_2.pt", f_hash, coefficients=[[0.5, 0.5], [1.0, 2.0]])
+    enc43 = save_encoders(tmp_path / "enc_4_3.pt", f_hash, k=3)
+    parm3 = save_parm(tmp_path / "parm_k3.pt", tiny_classifier(), f_hash, k=3)
+    sources = load_sources([str(checkpoints["classifier"]), str(enc42), str(checkpoints["parm"]), str(enc43),
+                            str(checkpoints["encoder"]), str(parm3)])
+    assert [(c.coding.n, c.coding.k) for c in sources.codes] == [(4, 2), (4, 3), (3, 2)]
+    by_code = {(c.coding.n, c.coding.k): c for c in sources.codes}
+    assert by_code[(3, 2)].parm_path == checkpoints["parm"]  # k = 2: the n = k + 1 code, not the first
+    assert by_code[(4, 2)].parm is None and len(by_code[(4, 2)].encoders.encoders) == 2
+    assert by_code[(4, 3)].parm_path == parm3  # the only code with k = 3
+    assert all(c.encoders is not None for c in sources.codes)
+
+
+def test_two_encoders_of_one_code_are_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    again = save_encoders(tmp_path / "enc_again.pt", _f_hash(checkpoints))
+    with pytest.raises(ExportError, match=rf"encoders '{checkpoints['encoder']}' and '{again}' are both for the "
+                                          r"code n=3, k=2"):
+        load_sources([str(checkpoints["classifier"]), str(checkpoints["encoder"]), str(again)])
+
+
+def test_two_parms_of_one_k_are_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    again = save_parm(tmp_path / "parm_again.pt", tiny_classifier(), _f_hash(checkpoints))
+    with pytest.raises(ExportError, match=rf"ParM checkpoints '{checkpoints['parm']}' and '{again}' both have k=2"):
+        load_sources([str(checkpoints["classifier"]), str(checkpoints["parm"]), str(again)])
+
+
+def test_k_flag_must_match_the_encoders(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(CheckpointMismatchError, match=r"--k has k=4"):
         load_sources([str(checkpoints["classifier"]), str(checkpoints["encoder"])], k=4)
+    model = tiny_classifier()
+    parm3 = save_parm(tmp_path / "parm_k3.pt", model, fingerprint(model.f), k=3)
+    with pytest.raises(CheckpointMismatchError, match=r"k mismatch: --k has k=2, .*k=2, .*k=3; with --k"):
+        load_sources([str(checkpoints["classifier"]), str(checkpoints["encoder"]), str(parm3)], k=2)
 
 
 def test_classifier_alone_needs_k(checkpoints: dict[str, Path]) -> None:

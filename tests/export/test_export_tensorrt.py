@@ -157,11 +157,11 @@ def test_build_records_profiles_cache_and_manifest(
     report = tensorrt_build.build_engines(TrtConfig(bundle=str(copy), workers=3, opt_batch=4, max_batch=32))
     assert report.engine_dir == "engines/sm90_trt10.13.0"
     assert report.engines["f.onnx"] == "engines/sm90_trt10.13.0/f.plan"
-    assert report.engines["encoders/enc_0.onnx"] == "engines/sm90_trt10.13.0/encoders/enc_0.plan"
-    assert set(report.engines) == {"f.onnx", "heads/digit.onnx", "heads/parity.onnx", "encoders/enc_0.onnx",
-                                   "parm.onnx"}
+    assert report.engines["codes/n3k2/enc_0.onnx"] == "engines/sm90_trt10.13.0/codes/n3k2/enc_0.plan"
+    assert set(report.engines) == {"f.onnx", "heads/digit.onnx", "heads/parity.onnx", "codes/n3k2/enc_0.onnx",
+                                   "codes/n3k2/parm.onnx"}
     assert trt.calls["flags"] == [1 << 3] * 5  # TensorRT 10: strongly typed, precision from the ONNX
-    plan = json.loads((copy / report.engines["encoders/enc_0.onnx"]).read_bytes())
+    plan = json.loads((copy / report.engines["codes/n3k2/enc_0.onnx"]).read_bytes())
     assert plan["profiles"] == [{"x": [[1, 2, 1, 28, 28], [4, 2, 1, 28, 28], [32, 2, 1, 28, 28]]}] * 3
     plan = json.loads((copy / report.engines["heads/digit.onnx"]).read_bytes())
     assert plan["profiles"][0] == {"z": [[1, 4, 14, 14], [4, 4, 14, 14], [32, 4, 14, 14]]}

@@ -32,8 +32,9 @@ def _rehash(bundle: Path, rel: str) -> None:
 def test_fresh_bundle_verifies(bundle: Path) -> None:
     report = verify_bundle(VerifyConfig(bundle=str(bundle)))
     checked = {c.file for c in report.checked}
-    assert checked == {"f.onnx", "heads/digit.onnx", "heads/parity.onnx", "encoders/enc_0.onnx", "parm.onnx",
-                       "torch/f.pt2"}
+    assert checked == {"f.onnx", "heads/digit.onnx", "heads/parity.onnx", "codes/n3k2/enc_0.onnx",
+                       "codes/n3k2/parm.onnx", "torch/f.pt2"}
+    assert report.codes == ["3,2"] and "codes (n,k) 3,2" in report.lines()[0]
     assert all(c.ok and c.max_abs_err <= 1e-5 for c in report.checked)
 
 
@@ -50,15 +51,15 @@ def test_cli_verify_exit_codes(bundle_copy: Callable[[], Path], capsys: pytest.C
 
 def test_tampered_file_fails_checksum(bundle_copy: Callable[[], Path]) -> None:
     copy = bundle_copy()
-    (copy / "encoders/enc_0.onnx").write_bytes(b"not onnx")
-    with pytest.raises(ExportVerificationError, match=r"encoders/enc_0\.onnx: sha256 .* != manifest"):
+    (copy / "codes/n3k2/enc_0.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ExportVerificationError, match=r"codes/n3k2/enc_0\.onnx: sha256 .* != manifest"):
         verify_bundle(VerifyConfig(bundle=str(copy)))
 
 
 def test_missing_file_is_reported(bundle_copy: Callable[[], Path]) -> None:
     copy = bundle_copy()
-    (copy / "parm.onnx").unlink()
-    with pytest.raises(ExportVerificationError, match=r"parm\.onnx: missing"):
+    (copy / "codes/n3k2/parm.onnx").unlink()
+    with pytest.raises(ExportVerificationError, match=r"codes/n3k2/parm\.onnx: missing"):
         verify_bundle(VerifyConfig(bundle=str(copy), numerics=False))
 
 
@@ -94,9 +95,9 @@ def test_other_weights_same_interface_fail_numerics(bundle_copy: Callable[[], Pa
 def test_manifest_schema_error_is_reported(bundle_copy: Callable[[], Path]) -> None:
     copy = bundle_copy()
     data = json.loads((copy / "manifest.json").read_text())
-    data["coding"]["k"] = 5
+    data["codes"][0]["k"] = 5
     (copy / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ExportVerificationError, match=r"coding: need integers 1 <= k <= n, got n=3, k=5"):
+    with pytest.raises(ExportVerificationError, match=r"codes\[0\]: coding: need integers 1 <= k <= n, got n=3, k=5"):
         verify_bundle(VerifyConfig(bundle=str(copy)))
 
 
@@ -109,5 +110,5 @@ def test_verify_runs_without_torch(bundle: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "f.onnx: max abs err" in result.stdout and "parm.onnx: max abs err" in result.stdout
+    assert "f.onnx: max abs err" in result.stdout and "codes/n3k2/parm.onnx: max abs err" in result.stdout
     assert "skipped torch/f.pt2: torch is not installed" in result.stdout

@@ -27,7 +27,7 @@ except ImportError:
     onnx = None
 
 from runtime.config import ServerConfig
-from runtime.manifest import sha256_file
+from runtime.manifest import code_encoder_file, code_parm_file, sha256_file
 from runtime.server import Server
 
 CHW = (1, 4, 4)
@@ -79,15 +79,56 @@ def _tensor(name: str, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
-def build_tiny_bundle(root: Path, k: int = 2, n: int = 3, seed: int = 0) -> TinyModel:
+def _coefficients(n: int, k: int) -> np.ndarray:
+    return np.full((n - k, k), 1.0 / k) if n - k == 1 else \
+        np.array([[1.0 / k] * k] + [[(j + 1.0) ** r for j in range(k)] for r in range(1, n - k)])
+
+
+def _write_encoders(root: Path, coefficients: np.ndarray, files: list[str]) -> list[dict]:
+    """Enc_r(x) = sum_j C[r, j] x_j into `files[r]` (exact for the linear f)."""
+    k = coefficients.shape[1]
+    encoders = []
+    for r, rel in enumerate(files):
+        coeff = np.asarray(coefficients[r], np.float32).reshape(1, k, 1, 1, 1)
+        graph = helper.make_graph(
+            [helper.make_node("Mul", ["x", "c"], ["weighted"]),
+             helper.make_node("ReduceSum", ["weighted", "axes"], ["x_parity"], keepdims=0)],
+            f"enc_{r}", [_tensor("x", ["batch", k, *CHW])], [_tensor("x_parity", ["batch", *CHW])],
+            [numpy_helper.from_array(coeff, "c"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")])
+        _save(helper.make_model(graph), root / rel)
+        encoders.append({"row": r, "file": rel})
+    return encoders
+
+
+def _write_parm(root: Path, rel: str, k: int, A: np.ndarray, W: np.ndarray, b: np.ndarray) -> None:
+    """parm: sum_j logits_primary(x_j) = f(sum_j x_j) W + k b (exact for linear f and head)."""
+    f_nodes, f_inits = _f_graph(A, "xsum", "zsum", "f_")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["xsum"], keepdims=0), *f_nodes,
+         helper.make_node("Reshape", ["zsum", "shape"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+         helper.make_node("Add", ["mm", "kb"], ["logits_sum"])],
+        "parm", [_tensor("x", ["batch", k, *CHW])], [_tensor("logits_sum", ["batch", W.shape[1]])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axes"), *f_inits,
+         numpy_helper.from_array(np.array([-1, D], np.int64), "shape"),
+         numpy_helper.from_array(W, "W"),
+         numpy_helper.from_array((k * b).astype(np.float32), "kb")])
+    _save(helper.make_model(graph), root / rel)
+
+
+def build_tiny_bundle(root: Path, k: int = 2, n: int = 3, seed: int = 0,
+                      codes: list[tuple[int, int]] | None = None) -> TinyModel:
+    """A schema-1 bundle of the one code (n, k) (the layout of bundles exported before
+    several codes), or with `codes` [(n, k), ...] a schema-2 bundle holding each of them
+    (encoders and a ParM per code, in runtime.manifest's codes/ layout; the first is the
+    default and is the TinyModel's n, k)."""
     if onnx is None:
         raise RuntimeError("the tiny test bundle needs onnx (pip install -e '.[train]')")
     rng = np.random.default_rng(seed)
     A = (np.eye(D) + 0.3 * rng.standard_normal((D, D))).astype(np.float32)  # invertible (a.s.)
     W = {t: rng.standard_normal((D, c)).astype(np.float32) for t, c in TASKS.items()}
     b = {t: rng.standard_normal(c).astype(np.float32) for t, c in TASKS.items()}
-    coefficients = np.full((n - k, k), 1.0 / k) if n - k == 1 else \
-        np.array([[1.0 / k] * k] + [[(j + 1.0) ** r for j in range(k)] for r in range(1, n - k)])
 
     nodes, inits = _f_graph(A, "x", "z", "")
     _save(helper.make_model(helper.make_graph(
@@ -105,44 +146,34 @@ def build_tiny_bundle(root: Path, k: int = 2, n: int = 3, seed: int = 0) -> Tiny
         _save(helper.make_model(graph), root / f"heads/{task}.onnx")
         heads.append({"task": task, "file": f"heads/{task}.onnx",
                       "classes": [f"{task}{c}" for c in range(classes)]})
-    encoders = []
-    for r in range(n - k):
-        coeff = np.asarray(coefficients[r], np.float32).reshape(1, k, 1, 1, 1)
-        graph = helper.make_graph(
-            [helper.make_node("Mul", ["x", "c"], ["weighted"]),
-             helper.make_node("ReduceSum", ["weighted", "axes"], ["x_parity"], keepdims=0)],
-            f"enc_{r}", [_tensor("x", ["batch", k, *CHW])], [_tensor("x_parity", ["batch", *CHW])],
-            [numpy_helper.from_array(coeff, "c"),
-             numpy_helper.from_array(np.array([1], np.int64), "axes")])
-        _save(helper.make_model(graph), root / f"encoders/enc_{r}.onnx")
-        encoders.append({"row": r, "file": f"encoders/enc_{r}.onnx"})
-    # parm: sum_j logits_primary(x_j) = f(sum_j x_j) W + k b (exact for linear f and head)
     primary = next(iter(TASKS))
-    f_nodes, f_inits = _f_graph(A, "xsum", "zsum", "f_")
-    graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["x", "axes"], ["xsum"], keepdims=0), *f_nodes,
-         helper.make_node("Reshape", ["zsum", "shape"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "W"], ["mm"]),
-         helper.make_node("Add", ["mm", "kb"], ["logits_sum"])],
-        "parm", [_tensor("x", ["batch", k, *CHW])], [_tensor("logits_sum", ["batch", TASKS[primary]])],
-        [numpy_helper.from_array(np.array([1], np.int64), "axes"), *f_inits,
-         numpy_helper.from_array(np.array([-1, D], np.int64), "shape"),
-         numpy_helper.from_array(W[primary], "W"),
-         numpy_helper.from_array((k * b[primary]).astype(np.float32), "kb")])
-    _save(helper.make_model(graph), root / "parm.onnx")
+    if codes is None:  # schema 1: encoders/enc_<r>.onnx, parm.onnx, one code at the top level
+        coefficients = _coefficients(n, k)
+        encoders = _write_encoders(root, coefficients, [f"encoders/enc_{r}.onnx" for r in range(n - k)])
+        _write_parm(root, "parm.onnx", k, A, W[primary], b[primary])
+        version, code_fields = 1, {"coding": {"n": n, "k": k, "coefficients": coefficients.tolist()},
+                                   "encoders": encoders, "parm": "parm.onnx"}
+    else:
+        entries = []
+        for cn, ck in codes:
+            coefficients = _coefficients(cn, ck)
+            encoders = _write_encoders(root, coefficients,
+                                       [code_encoder_file(cn, ck, r) for r in range(cn - ck)])
+            _write_parm(root, code_parm_file(cn, ck), ck, A, W[primary], b[primary])
+            entries.append({"n": cn, "k": ck, "coefficients": coefficients.tolist(),
+                            "encoders": encoders, "parm": code_parm_file(cn, ck)})
+        (n, k), version, code_fields = codes[0], 2, {"codes": entries}
 
     files = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*.onnx"))]
     manifest = {
-        "schema_version": 1,
+        "schema_version": version,
         "model_name": "tiny",
         "input": {"name": "INPUT", "shape": list(CHW), "accepted_dtypes": ["UINT8", "FP32"],
                   "preprocessing": {"mean": [MEAN], "std": [STD]}},
         "embedding_shape": list(EMB),
         "f": "f.onnx",
         "heads": heads,
-        "coding": {"n": n, "k": k, "coefficients": np.asarray(coefficients).tolist()},
-        "encoders": encoders,
-        "parm": "parm.onnx",
+        **code_fields,
         "files": {rel: sha256_file(root / rel) for rel in files},
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))

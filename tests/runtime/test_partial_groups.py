@@ -9,7 +9,6 @@ clients. Set RUNTIME_MEASURE_BUNDLE to measure another bundle (default: the tiny
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -19,6 +18,8 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from runtime_harness import ClientPool, ServerThread, TinyModel, metric_value, read_metrics, server_config
+
+from runtime.manifest import Manifest
 
 DELAYS_MS = (0.0, 2.0, 10.0)
 REPEATS = 40
@@ -40,8 +41,8 @@ def _latencies_ms(client: triton.InferenceServerClient, model: str, images: np.n
 @pytest.mark.slow
 def test_partial_group_rule_measured(tiny: TinyModel) -> None:
     bundle = Path(os.environ.get("RUNTIME_MEASURE_BUNDLE", tiny.bundle))
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    k, shape, model = manifest["coding"]["k"], manifest["input"]["shape"], manifest["model_name"]
+    manifest = Manifest.load(bundle)
+    k, shape, model = manifest.coding.k, manifest.input.shape, manifest.model_name
     rng = np.random.default_rng(0)
     print(f"\nbundle {bundle} k={k}, load average {os.getloadavg()} on {os.cpu_count()} CPUs")
     for delay_ms in DELAYS_MS:
