@@ -74,7 +74,8 @@ def overhead_section(path: Path, png: str) -> list[str]:
     for name, c in rec["components"].items():
         out.append(f"| {name} | {c['median_ms']:.2f} | {rec['ratio_to_f'].get(name, 1.0):.4f} |")
     if rec["encoder_vs_k"]:
-        out += ["", "| k | Enc median ms / batch (UNetEncoder, random init) | / bundle f | / (k x f) |",
+        design = rec["encoder_vs_k"][0].get("encoder_config", {}).get("arch", "unet")
+        out += ["", f"| k | Enc median ms / batch ({design} encoder, random init) | / bundle f | / (k x f) |",
                 "|---|---|---|---|"]
         out += [f"| {e['k']} | {e['median_ms']:.1f} | {e['ratio_to_bundle_f']:.3f} | "
                 f"{e.get('ratio_to_bundle_f_per_query', float('nan')):.3f} |" for e in rec["encoder_vs_k"]]

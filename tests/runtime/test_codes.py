@@ -122,8 +122,9 @@ def test_serve_help_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--coding CODING" in capsys.readouterr().out
 
 
-def test_the_shipped_schema_1_bundle_still_loads() -> None:
-    bundle = Path(__file__).resolve().parents[2] / "bundles" / "mnist-default"
+def test_a_schema_1_manifest_still_loads_as_one_code() -> None:
+    """The shipped bundle's manifest before it was re-exported as schema 2 (tests/runtime/data)."""
+    bundle = Path(__file__).resolve().parent / "data" / "schema1-bundle"
     assert json.loads((bundle / "manifest.json").read_text())["schema_version"] == 1
     manifest = Manifest.load(bundle)
     assert manifest.code_labels() == ["5,4"] and manifest.parm == "parm.onnx"

@@ -99,16 +99,31 @@ def test_force_reruns_current_outputs(tmp_path: Path, monkeypatch) -> None:
     assert ran == ["classifier", "ideal-data", "encoder", "parm", "ideal-data", "encoder"]
 
 
-@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist"])
-def test_the_tables_f_is_pinned_whatever_the_cpu_preset_says(dataset: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("dataset", "blocks", "epochs", "alpha", "shift"), [
+    ("mnist", (2, 8), 16, 0.15, 1),  # the shipped bundle's f: the cpu preset as trained, 99.15 %
+    ("fashion-mnist", (2, 4), 6, 1.0, 0),  # the committed table's earlier f
+])
+def test_each_datasets_f_is_pinned_whatever_the_cpu_preset_says(dataset: str, blocks: tuple[int, ...], epochs: int,
+                                                                 alpha: float, shift: int, tmp_path: Path) -> None:
     from trainer.train_classifier import build_parser, config_from_args, resolve
 
     step = plan(TrainAllConfig(datasets=[dataset], runs_dir=str(tmp_path), settings=["3,2"]), dataset)[0]
     args = build_parser().parse_args(list(step.argv[1:]))  # drop the "classifier" sub-command
     model_cfg, cfg = resolve(config_from_args(args))
-    # the committed accuracy table's f: 2 + 4 blocks, widths 16 / 64, 6 epochs, alpha 1, no shift
-    assert model_cfg.f.blocks_per_stage == (2, 4) and model_cfg.f.hidden_channels == (16, 64)
-    assert (cfg.epochs, cfg.mixup_alpha, cfg.augment_shift, cfg.batch_size, cfg.lr) == (6, 1.0, 0, 128, 2e-3)
+    assert model_cfg.f.blocks_per_stage == blocks and model_cfg.f.hidden_channels == (16, 64)
+    assert (cfg.epochs, cfg.mixup_alpha, cfg.augment_shift, cfg.batch_size, cfg.lr) == (epochs, alpha, shift, 128, 2e-3)
+    assert "--blocks-per-stage" in step.argv and "--epochs" in step.argv  # explicit, not the preset's
+
+
+def test_the_bundles_encoder_step_trains_the_light_encoder_on_50k_ideal_groups(tmp_path: Path) -> None:
+    steps = {s.name: s for s in plan(TrainAllConfig(datasets=["mnist"], runs_dir=str(tmp_path), settings=["5,4"]),
+                                     "mnist")}
+    ideal, enc = steps["ideal_k4"].argv, steps["encoder_k4"].argv
+    assert ideal[ideal.index("--groups") + 1] == "50000"
+    assert enc[enc.index("--arch") + 1] == "squeezed" and enc[enc.index("--gan-weight") + 1] == "0"
+    other = {s.name: s for s in plan(TrainAllConfig(datasets=["mnist"], runs_dir=str(tmp_path), settings=["3,2"]),
+                                     "mnist")}["ideal_k2"].argv
+    assert "--groups" not in other  # the cpu preset's 6,000 groups elsewhere
 
 
 def test_records_and_plan_lines_carry_the_typed_command(tmp_path: Path, monkeypatch, caplog) -> None:
