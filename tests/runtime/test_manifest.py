@@ -31,17 +31,24 @@ def _files(tmp_path: Path, rels: list[str]) -> dict[str, str]:
     return files
 
 
-def _bundle(tmp_path: Path) -> dict:
-    """A schema-1 manifest: one code at the top level."""
-    files = _files(tmp_path, ["f.onnx", "heads/digit.onnx", "encoders/enc_0.onnx"])
+def _model() -> dict:
+    """What both schemas share: one f and its heads (a fresh dict: tests edit it in place)."""
     return {
-        "schema_version": 1,
         "model_name": "toy",
         "input": {"name": "INPUT", "shape": [1, 4, 4], "accepted_dtypes": ["UINT8", "FP32"],
                   "preprocessing": {"mean": [0.5], "std": [0.25]}},
         "embedding_shape": [4, 2, 2],
         "f": "f.onnx",
         "heads": [{"task": "digit", "file": "heads/digit.onnx", "classes": ["a", "b"]}],
+    }
+
+
+def _bundle(tmp_path: Path) -> dict:
+    """A schema-1 manifest: one code at the top level."""
+    files = _files(tmp_path, ["f.onnx", "heads/digit.onnx", "encoders/enc_0.onnx"])
+    return {
+        "schema_version": 1,
+        **_model(),
         "coding": {"n": 3, "k": 2, "coefficients": [[0.5, 0.5]]},
         "encoders": [{"row": 0, "file": "encoders/enc_0.onnx"}],
         "parm": None,
@@ -55,12 +62,7 @@ def _two_codes(tmp_path: Path) -> dict:
             code_encoder_file(4, 2, 0), code_encoder_file(4, 2, 1)]
     return {
         "schema_version": 2,
-        "model_name": "toy",
-        "input": {"name": "INPUT", "shape": [1, 4, 4], "accepted_dtypes": ["UINT8", "FP32"],
-                  "preprocessing": {"mean": [0.5], "std": [0.25]}},
-        "embedding_shape": [4, 2, 2],
-        "f": "f.onnx",
-        "heads": [{"task": "digit", "file": "heads/digit.onnx", "classes": ["a", "b"]}],
+        **_model(),
         "codes": [
             {"n": 5, "k": 4, "coefficients": [[0.25] * 4],
              "encoders": [{"row": 0, "file": code_encoder_file(5, 4, 0)}], "parm": code_parm_file(5, 4)},

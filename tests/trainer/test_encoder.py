@@ -34,21 +34,28 @@ def test_output_shape(k: int) -> None:
     assert enc.encoders[1](torch.randn(5, k, 1, 28, 28)).shape == (5, 1, 28, 28)
 
 
-@pytest.mark.parametrize("shared_levels", [1, 2, 3])
-def test_permutation_invariant(shared_levels: int) -> None:
-    # unequal coefficients: permuting (query, coefficient) pairs together must not change the output
+def _order_check(config: EncoderConfig, randomise_head: bool = False) -> tuple[torch.Tensor, ...]:
+    """(output, output for (query, coefficient) pairs permuted together, output for the
+    queries alone permuted) of encoder row 0 of `config`, k = 4, unequal coefficients."""
     torch.manual_seed(0)
-    k = 4
-    config = _config(k, rows=1, shared_levels=shared_levels)
     enc = ParityEncoders(config).eval()
-    x = torch.randn(2, k, 1, 28, 28)
+    if randomise_head:
+        _randomise_head(enc)
+    x = torch.randn(2, config.k, 1, 28, 28)
     perm = torch.tensor([2, 0, 3, 1])
     permuted = ParityEncoders(
         EncoderConfig.from_dict({**config.to_dict(), "coefficients": [[config.coefficients[0][i] for i in perm]]})
     ).eval()
     permuted.load_state_dict({**enc.state_dict(), "encoders.0.coefficients": enc.encoders[0].coefficients[perm]})
     with torch.no_grad():
-        np.testing.assert_allclose(permuted(x[:, perm]).numpy(), enc(x).numpy(), rtol=0, atol=1e-5)
+        return enc(x), permuted(x[:, perm]), enc(x[:, perm])
+
+
+@pytest.mark.parametrize("shared_levels", [1, 2, 3])
+def test_permutation_invariant(shared_levels: int) -> None:
+    # unequal coefficients: permuting (query, coefficient) pairs together must not change the output
+    y, y_pairs, _ = _order_check(_config(4, rows=1, shared_levels=shared_levels))
+    np.testing.assert_allclose(y_pairs.numpy(), y.numpy(), rtol=0, atol=1e-5)
 
 
 def test_uniform_code_is_order_invariant_and_depends_on_inputs() -> None:
@@ -144,22 +151,10 @@ def _randomise_head(enc: ParityEncoders) -> None:
 
 @pytest.mark.parametrize("query_layers", [1, 2])
 def test_squeezed_permutation_invariant(query_layers: int) -> None:
-    torch.manual_seed(0)
-    k = 4
-    config = _squeezed(k, rows=1, width=8, query_layers=query_layers)
-    enc = ParityEncoders(config).eval()
-    _randomise_head(enc)
-    x = torch.randn(2, k, 1, 28, 28)
-    perm = torch.tensor([2, 0, 3, 1])
-    permuted = ParityEncoders(
-        EncoderConfig.from_dict({**config.to_dict(), "coefficients": [[config.coefficients[0][i] for i in perm]]})
-    ).eval()
-    permuted.load_state_dict({**enc.state_dict(), "encoders.0.coefficients": enc.encoders[0].coefficients[perm]})
-    with torch.no_grad():
-        y = enc(x)
-        np.testing.assert_allclose(permuted(x[:, perm]).numpy(), y.numpy(), rtol=0, atol=1e-5)
-        # the (query, coefficient) pairing matters: permuting the queries alone changes the output
-        assert (enc(x[:, perm]) - y).abs().max() > 1e-3
+    y, y_pairs, y_queries = _order_check(_squeezed(4, rows=1, width=8, query_layers=query_layers), randomise_head=True)
+    np.testing.assert_allclose(y_pairs.numpy(), y.numpy(), rtol=0, atol=1e-5)
+    # the (query, coefficient) pairing matters: permuting the queries alone changes the output
+    assert (y_queries - y).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("squeeze", [2, 4])
