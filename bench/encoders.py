@@ -81,6 +81,8 @@ def linear_mix_encoders(coefficients: list[list[float]]):
     import torch
     from torch import nn
 
+    from trainer.models.encoder import linear_mix
+
     class LinearMix(nn.Module):
         def __init__(self, rows: list[list[float]]) -> None:
             super().__init__()
@@ -96,8 +98,7 @@ def linear_mix_encoders(coefficients: list[list[float]]):
             self.register_buffer("c", parent.c[row].clone())
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            B, k = x.shape[:2]
-            return torch.matmul(self.c.view(1, 1, k), x.reshape(B, k, -1)).reshape(B, *x.shape[2:])
+            return linear_mix(self.c, x)
 
     return LinearMix(coefficients).eval()
 

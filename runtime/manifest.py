@@ -485,6 +485,14 @@ class Manifest:
         return list(dict.fromkeys(paths))
 
 
+    def served_files(self) -> dict[str, str]:
+        """`files` less those only the other codes use: what serving the selected code reads
+        (start-up cost then does not grow with the number of codes in the bundle)."""
+        served = set(self.code.model_files())
+        others = {p for c in self.codes[1:] for p in c.model_files()} - served
+        return {rel: digest for rel, digest in self.files.items() if rel not in others}
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -493,24 +501,28 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_files(bundle_dir: str | Path, manifest: Manifest, verify: bool = True) -> dict[str, bytes]:
-    """Every file the manifest lists, read once; with `verify`, the bytes read are the bytes
+def read_files(bundle_dir: str | Path, manifest: Manifest, verify: bool = True,
+               served_only: bool = False) -> dict[str, bytes]:
+    """Every file the manifest lists (with `served_only`, those serving its selected code
+    reads: Manifest.served_files), read once; with `verify`, the bytes read are the bytes
     checked against their sha256, so whoever serves from these bytes serves what was
     verified even if a file is swapped on disk later. Raises ManifestError naming every
     file that is missing or differs."""
     root = Path(bundle_dir)
-    files = {rel: (root / rel).read_bytes() for rel in sorted(manifest.files)
-             if (root / rel).is_file()}
-    check_files(manifest, files, f"bundle {root}", verify)
+    wanted = manifest.served_files() if served_only else manifest.files
+    files = {rel: (root / rel).read_bytes() for rel in sorted(wanted) if (root / rel).is_file()}
+    check_files(manifest, files, f"bundle {root}", verify, served_only)
     return files
 
 
 def check_files(manifest: Manifest, files: Mapping[str, bytes], where: str,
-                verify: bool = True) -> None:
-    """Raise ManifestError naming every manifest file missing from `files` or (with
-    `verify`) whose bytes' sha256 differs; `where` names their origin in the message."""
+                verify: bool = True, served_only: bool = False) -> None:
+    """Raise ManifestError naming every manifest file (with `served_only`, every file of
+    Manifest.served_files) missing from `files` or (with `verify`) whose bytes' sha256
+    differs; `where` names their origin in the message."""
     problems = []
-    for rel, expected in sorted(manifest.files.items()):
+    wanted = manifest.served_files() if served_only else manifest.files
+    for rel, expected in sorted(wanted.items()):
         data = files.get(rel)
         if data is None:
             problems.append(f"{rel}: missing")

@@ -36,9 +36,10 @@ def encoder_then_f(row: int) -> str:
 
 
 class ModelFactory:
-    """Runners from the bundle's bytes, read (and checked against the manifest, with
-    --verify-checksums) once at construction: a worker restarted later builds its models
-    from these same bytes, never from whatever the disk holds by then."""
+    """Runners from the bundle's bytes (the served code's: Manifest.served_files), read (and
+    checked against the manifest, with --verify-checksums) once at construction: a worker
+    restarted later builds its models from these same bytes, never from whatever the disk
+    holds by then."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, config: ServerConfig,
                  device_outputs: bool = False, files: Mapping[str, bytes] | None = None) -> None:
@@ -49,10 +50,10 @@ class ModelFactory:
         self.config = config
         self.device_outputs = device_outputs  # torch f returns CUDA tensors (GPU decoding)
         if files is None:
-            files = read_files(bundle_dir, manifest, verify=config.verify_checksums)
+            files = read_files(bundle_dir, manifest, verify=config.verify_checksums, served_only=True)
         else:
             check_files(manifest, files, f"bundle {bundle_dir} as received",
-                        config.verify_checksums)
+                        config.verify_checksums, served_only=True)
         self.files = files
 
     def _onnx(self, rel: str, io_names: tuple[str, str]) -> OrtRunner:

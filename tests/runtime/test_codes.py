@@ -129,3 +129,30 @@ def test_a_schema_1_manifest_still_loads_as_one_code() -> None:
     manifest = Manifest.load(bundle)
     assert manifest.code_labels() == ["5,4"] and manifest.parm == "parm.onnx"
     assert [e.file for e in manifest.encoders] == ["encoders/enc_0.onnx"]
+
+
+def test_only_the_served_codes_files_are_read(two_codes: TinyModel, tmp_path: Path) -> None:
+    """A code not served costs nothing at start: its files are neither read nor checked (so a
+    bundle missing one still serves the others), while `--coding` of that code, and the
+    whole-bundle check `export verify` relies on, name the missing file."""
+    import shutil
+
+    from runtime.manifest import ManifestError, verify_checksums
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(two_codes.bundle, bundle)
+    (bundle / "codes/n4k3/enc_0.onnx").unlink()
+    manifest = Manifest.load(bundle)
+    assert "codes/n4k3/enc_0.onnx" not in manifest.served_files()
+    assert "codes/n3k2/enc_0.onnx" in manifest.served_files()
+    assert "codes/n4k3/enc_0.onnx" in manifest.select_code(4, 3).served_files()
+
+    engine = Engine(server_config(bundle))
+    engine.load_bundle()
+    assert engine.models is not None
+    assert "codes/n4k3/enc_0.onnx" not in engine.models.files
+    assert set(engine.models.files) == set(manifest.served_files())
+    with pytest.raises(ManifestError, match=r"codes/n4k3/enc_0.onnx: missing"):
+        Engine(server_config(bundle, coding="4,3")).load_bundle()
+    with pytest.raises(ManifestError, match=r"codes/n4k3/enc_0.onnx: missing"):
+        verify_checksums(bundle, manifest)

@@ -124,6 +124,14 @@ class EncoderConfig:
         return strict_from_dict(cls, data, EncoderConfigError)
 
 
+def linear_mix(coefficients: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_j c_j x_j: coefficients (k,), x [B, k, C, H, W] -> [B, C, H, W] (a batched matmul:
+    faster than Einsum in ONNX Runtime)."""
+    B, k = x.shape[0], x.shape[1]
+    coeff = coefficients.to(x.dtype).view(1, 1, k)
+    return torch.matmul(coeff, x.reshape(B, k, -1)).reshape(B, *x.shape[2:])
+
+
 def _down(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
@@ -247,10 +255,7 @@ class SqueezedEncoder(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def linear_mix(self, x: torch.Tensor) -> torch.Tensor:
-        """sum_j c_j x_j: [B, k, C, H, W] -> [B, C, H, W] (a batched matmul: faster than Einsum in ORT)."""
-        B, k = x.shape[0], self.k
-        coeff = self.coefficients.to(x.dtype).view(1, 1, k)
-        return torch.matmul(coeff, x.reshape(B, k, -1)).reshape(B, *x.shape[2:])
+        return linear_mix(self.coefficients, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, C, H, W = x.shape
