@@ -39,8 +39,8 @@ clean:
 
 # Re-train and re-export the shipped default bundle from scratch (2-core CPU: about 1 h
 # when the machine is otherwise idle). The MNIST (5,4) steps of `trainer train-all` train it
-# with the exact flags of the accuracy table's f (trainer/pipeline.py: TABLE_F_FLAGS, pinned
-# so later cpu-preset changes cannot change it); current outputs are skipped, so an
+# with the exact flags of the MNIST table's f (trainer/pipeline.py: MNIST_F_FLAGS, pinned so
+# later cpu-preset changes cannot change it); current outputs are skipped, so an
 # interrupted rebuild resumes. The commands are also recorded in the manifest (provenance).
 RUNS ?= runs
 bundle: $(VENV)/.installed

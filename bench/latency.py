@@ -1,8 +1,9 @@
 """`python -m bench latency BUNDLE [BUNDLE...]`: end-to-end tail latency of the real server.
 
-For every bundle (its k comes from the manifest; pass one bundle per k to compare k's) and
-every mode, the real server is started as a subprocess and driven over HTTP by a separate
-load-generator process (bench/loadgen.py):
+For every bundle (its n, k are those of the code measured: the bundle's first, or every
+bundle's `--coding N,K`; pass one bundle per k to compare k's) and every mode, the real
+server is started as a subprocess and driven over HTTP by a separate load-generator
+process (bench/loadgen.py):
 
 - `paper`: the paper's setup. `num_queries` queries sent in waves of k x
   `concurrency_per_k` (the next wave when the last is answered); the server's
@@ -64,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code, refuse_coding_in
 from bench.errors import BenchError
 from bench.loadgen import LoadConfig, LoadgenError, LoadRecord, send_stats, summarize_record
 from bench.machine import machine_info, machine_label
@@ -97,6 +99,7 @@ class LatencyBenchError(BenchError):
 @dataclass
 class LatencyConfig:
     bundles: tuple[str, ...] = ()
+    coding: str | None = None  # the code every bundle is served with, "N,K"; None = each one's first
     modes: tuple[str, ...] = MODES
     num_queries: int = 5000
     delay_ms: float = 100.0
@@ -148,6 +151,9 @@ class LatencyConfig:
             if not (Path(b) / MANIFEST_NAME).is_file():
                 raise LatencyBenchError(f"{b}: not a bundle (no {MANIFEST_NAME}); build one with "
                                         "`python -m export` or `python -m bench.devbundle`")
+        self.coding = check_coding(self.coding, self.bundles, LatencyBenchError)
+        refuse_coding_in("--server-args", self.server_args, LatencyBenchError)
+        refuse_coding_in("--ray-args", self.ray_args, LatencyBenchError)
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise LatencyBenchError(f"modes must be a non-empty subset of {MODES}, got {list(self.modes)}")
@@ -192,7 +198,7 @@ class LatencyConfig:
 
 def server_args_for(mode: str, config: LatencyConfig) -> list[str]:
     """Server flags for one mode: `reference` / `coded-clean` run without faults."""
-    args = ["--mode", CLEAN_MODES.get(mode, mode),
+    args = ["--mode", CLEAN_MODES.get(mode, mode), *coding_server_args(config.coding),
             "--max-queue-delay-ms", str(config.max_queue_delay_ms), "--log-level", "WARNING"]
     if mode not in CLEAN_MODES and config.delay_ms > 0:
         args += ["--fault-delay-ms", str(config.delay_ms), "--fault-straggler-per-group",
@@ -217,12 +223,11 @@ def _measure(srv: ServerProcess, load: LoadConfig, run_dir: Path, name: str, tim
 
 def bench_bundle(bundle: str, config: LatencyConfig, run_dir: Path, backend: str = "thread"
                  ) -> dict[str, Any]:
-    from runtime.manifest import Manifest
-
-    manifest = Manifest.load(bundle)
+    manifest = load_code(bundle, config.coding)
     n, k = manifest.coding.n, manifest.coding.k
     concurrency = k * config.concurrency_per_k
-    result: dict[str, Any] = {"bundle": bundle, "n": n, "k": k, "delay_ms": config.delay_ms,
+    result: dict[str, Any] = {"bundle": bundle, "code": manifest.code.label, "n": n, "k": k,
+                              "delay_ms": config.delay_ms,
                               "backend": backend,
                               "model_name": manifest.model_name, "concurrency": concurrency,
                               "provenance_note": manifest.provenance.get("note"),
@@ -332,8 +337,8 @@ def fault_label(fault: str, config: LatencyConfig) -> str:
 
 
 def load_server_args(mode: str, fault: str, config: LatencyConfig) -> list[str]:
-    return ["--mode", mode, "--max-queue-delay-ms", str(config.max_queue_delay_ms), "--log-level", "WARNING",
-            *fault_args(fault, config), *config.server_args]
+    return ["--mode", mode, *coding_server_args(config.coding), "--max-queue-delay-ms",
+            str(config.max_queue_delay_ms), "--log-level", "WARNING", *fault_args(fault, config), *config.server_args]
 
 
 def rates_for(capacity_rps: float, fractions: tuple[float, ...]) -> list[float]:
@@ -479,10 +484,8 @@ def estimated_load_s(config: LatencyConfig, rates: list[float], num_series: int,
 
 
 def run_under_load(config: LatencyConfig) -> dict[str, Any]:
-    from runtime.manifest import Manifest
-
     bundle = config.bundles[0]
-    manifest = Manifest.load(bundle)
+    manifest = load_code(bundle, config.coding)
     run_dir = Path(config.run_dir) / f"load-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     info = machine_info()
     logger.info("latency under load: %s", json.dumps(asdict(config)))
@@ -507,7 +510,8 @@ def run_under_load(config: LatencyConfig) -> dict[str, Any]:
     record = {"benchmark": "latency-load", "config": asdict(config), "machine": info,
               "machine_after": {"load_average": machine_info()["load_average"]},
               "wall_s": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir),
-              "bundle": bundle, "n": manifest.coding.n, "k": manifest.coding.k, "model_name": manifest.model_name,
+              "bundle": bundle, "code": manifest.code.label, "n": manifest.coding.n, "k": manifest.coding.k,
+              "model_name": manifest.model_name,
               "provenance_note": manifest.provenance.get("note"),
               "percentiles": "numpy linear interpolation over successful requests; latency from the scheduled send",
               "capacity": {"rates_from": CAPACITY_MODES[0], "concurrency": config.capacity_concurrency,
@@ -623,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         "num_queries": "queries per mode in the paper setup (paper: 5000)",
         "delay_ms": "straggler delay, one worker per group (paper: 100); also the under-load fault delay",
         "tag": "suffix of the result file names",
+        "coding": f"{CODING_HELP}; every BUNDLE must hold it",
     })
     g = p.add_argument_group("under load", "open-loop Poisson at fractions of the measured uncoded capacity "
                              "(replaces the paper and Poisson parts; one bundle)")

@@ -20,6 +20,7 @@ watching real traffic shift away from the training data.
 Targets (reported, never asserted): the offline figure inside the 95 % interval of the
 monitor's estimate over the in-distribution phase; the alert fired within `detect_within`
 (500) shadow decodes of the shift; throughput cost of the default fraction <= 3 %.
+The code measured (offline and live) is the bundle's first, or `--coding N,K`.
 JSON + PNG in bench/results/monitor/monitor{-tag}.*.
 """
 
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code, refuse_coding_in
 from bench.entry import bench_main
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label
@@ -55,6 +57,7 @@ class MonitorBenchError(BenchError):
 @dataclass
 class MonitorConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code to serve and rebuild with, "N,K"; None = its first
     shift_dataset: str = "fashion-mnist"
     in_images: int = 10000
     shift_images: int = 4000
@@ -76,6 +79,8 @@ class MonitorConfig:
         self.server_args = tuple(self.server_args)
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise MonitorBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
+        self.coding = check_coding(self.coding, [self.bundle], MonitorBenchError)
+        refuse_coding_in("--server-args", self.server_args, MonitorBenchError)
         if not 0.0 < self.fraction <= 1.0:
             raise MonitorBenchError(f"--fraction must be in (0, 1], got {self.fraction}")
         for name in ("in_images", "shift_images", "concurrency", "offline_groups",
@@ -202,7 +207,7 @@ def _estimate(counts: dict[str, float], head: str) -> dict[str, Any]:
 # -- 3. cost -------------------------------------------------------------------------------------
 def _throughput(config: MonitorConfig, m: Manifest, images: np.ndarray, fraction: float | None,
                 run_dir: Path) -> dict[str, Any]:
-    args = ["--mode", "coded", "--log-level", "WARNING"]
+    args = ["--mode", "coded", *coding_server_args(config.coding), "--log-level", "WARNING"]
     if fraction is not None:
         args += ["--shadow-decode-fraction", str(fraction)]
     label = "default" if fraction is None else f"fraction-{fraction:g}"
@@ -220,7 +225,7 @@ def _throughput(config: MonitorConfig, m: Manifest, images: np.ndarray, fraction
 def run(config: MonitorConfig) -> dict[str, Any]:
     from trainer.data import load_split
 
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     images, labels, source = load_images(m, config.in_images, config.seed)
     if labels is None:
         raise MonitorBenchError(f"{config.bundle}: no labelled test split for its dataset ({source})")
@@ -242,7 +247,7 @@ def run(config: MonitorConfig) -> dict[str, Any]:
                 {h: round(v["agreement"], 4) for h, v in offline_random.items()})
 
     metrics_port = free_port()
-    args = ["--mode", "coded", "--log-level", "WARNING", "--shadow-decode-fraction",
+    args = ["--mode", "coded", *coding_server_args(config.coding), "--log-level", "WARNING", "--shadow-decode-fraction",
             str(config.fraction), "--metrics-port", str(metrics_port), "--fault-seed", str(config.seed),
             *config.server_args]
     with ServerProcess(config.bundle, args, run_dir / "live.server.log") as srv:
@@ -281,7 +286,8 @@ def run(config: MonitorConfig) -> dict[str, Any]:
         "throughput_cost_of_the_default_fraction_at_most_3_percent": {
             "cost": round(cost, 4), "met": bool(cost <= 0.03)},
     }
-    record = {"benchmark": "monitor", "config": asdict(config), "machine": info, "source": source,
+    record = {"benchmark": "monitor", "config": asdict(config), "machine": info, "code": m.code.label,
+              "source": source,
               "offline": offline, "offline_random_groups": offline_random, "live": live,
               "shift_at_decodes": shift_decodes,
               "throughput": {"default": default, "off": off}, "targets": targets,
@@ -330,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", nargs="?", default=MonitorConfig.bundle)
     p.add_argument("--server-args", default="", help="extra flags of the live server, space separated")
-    add_dataclass_flags(p, MonitorConfig, skip=("bundle", "server_args"))
+    add_dataclass_flags(p, MonitorConfig, skip=("bundle", "server_args"), helps={"coding": CODING_HELP})
     return p
 
 

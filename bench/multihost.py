@@ -3,9 +3,10 @@ hosts (bench/netns_cluster.py: network namespaces on a private bridge, one Ray w
 per worker, the Ray head and the server in another) beside the in-process thread backend,
 in one `bench latency` run inside the head's namespace:
 
-    python -m bench latency BUNDLE --backends thread,ray \\
+    python -m bench latency BUNDLE --backends thread,ray [--coding N,K] \\
         --ray-args "--ray-address HEAD:6379 --ray-num-cpus 1" --modes ... --tag multihost...
 
+with one host per worker of the code measured (the bundle's first, or `--coding N,K`).
 Each worker actor then sits on its own node and every call crosses a veth pair and a
 bridge, as between machines. Needs root (ip netns) and Ray. The record is the latency
 bench's (bench/results/serving/latency-<tag>.json + .png); the namespaces and every process
@@ -19,6 +20,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code
 from bench.entry import bench_main
 from bench.errors import BenchError
 from bench.netns_cluster import NetnsCluster, unavailable_reason
@@ -34,6 +36,7 @@ class MultihostError(BenchError):
 @dataclass
 class MultihostConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code to measure, "N,K"; None = its first
     modes: str = "reference,coded-clean,uncoded,coded"
     num_queries: int = 2000
     delay_ms: float = 100.0
@@ -42,17 +45,17 @@ class MultihostConfig:
     def __post_init__(self) -> None:
         if self.num_queries < 1:
             raise MultihostError(f"--num-queries must be >= 1, got {self.num_queries}")
+        self.coding = check_coding(self.coding, [self.bundle], MultihostError)
 
 
 def run(config: MultihostConfig) -> int:
-    from runtime.manifest import Manifest
-
     if (reason := unavailable_reason()) is not None:
         raise MultihostError(reason)
-    n = Manifest.load(config.bundle).coding.n
+    n = load_code(config.bundle, config.coding).coding.n
     with NetnsCluster(workers=n, cpus_per_node=1) as cluster:
         logger.info("Ray fleet up: head %s, %d worker hosts", cluster.ray_address, n)
-        argv = [sys.executable, "-m", "bench", "latency", config.bundle, "--backends", "thread,ray",
+        argv = [sys.executable, "-m", "bench", "latency", config.bundle, *coding_server_args(config.coding),
+                "--backends", "thread,ray",
                 "--ray-args", f"--ray-address {cluster.ray_address} --ray-num-cpus 1",
                 "--modes", config.modes, "--num-queries", str(config.num_queries),
                 "--delay-ms", str(config.delay_ms), "--tag", config.tag]
@@ -66,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench multihost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", nargs="?", default=MultihostConfig.bundle)
-    add_dataclass_flags(p, MultihostConfig, skip=("bundle",))
+    add_dataclass_flags(p, MultihostConfig, skip=("bundle",), helps={"coding": CODING_HELP})
     return p
 
 

@@ -1,7 +1,8 @@
 """`python -m bench overhead [BUNDLE]`: cost of coding next to the model itself.
 
 1. Compute time of Enc, f, g (and ParM if present) of the bundle at `batch_size` (paper
-   Fig. 7) with ONNX Runtime on CPU, and with the CUDA provider where it is available.
+   Fig. 7) with ONNX Runtime on CPU, and with the CUDA provider where it is available;
+   Enc, ParM and k are those of the bundle's first code, or of `--coding N,K`.
    Enc at batch B means B parity images from B groups of k queries: input [B, k, C, H, W];
    Enc/f compares them at equal batch, Enc/f per query divides by k (one parity serves k).
 2. Enc time against k (paper Fig. 8): encoders of the project's architectures
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.codes import CODING_HELP, check_coding, load_code
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label, usable_cpu_count
 from kernels.configs import add_dataclass_flags, dataclass_values
@@ -52,6 +54,7 @@ SQUEEZE_FACTORS = (2, 4)
 @dataclass
 class OverheadConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code to time (Enc, ParM, k), "N,K"; None = its first
     batch_size: int = 256
     ks: tuple[int, ...] = (2, 4, 10)
     repeats: int = 20
@@ -81,6 +84,7 @@ class OverheadConfig:
         self.reference_f_presets = tuple(self.reference_f_presets)
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise OverheadBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
+        self.coding = check_coding(self.coding, [self.bundle], OverheadBenchError)
         for name in ("batch_size", "repeats", "decode_repeats"):
             if getattr(self, name) < 1:
                 raise OverheadBenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -125,9 +129,7 @@ def time_session(session, feeds: dict[str, np.ndarray], repeats: int, warmup: in
 
 
 def bundle_components(config: OverheadConfig, provider: str, threads: int) -> dict[str, dict[str, Any]]:
-    from runtime.manifest import Manifest
-
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     rng = np.random.default_rng(config.seed)
     B, k = config.batch_size, m.coding.k
     x = rng.standard_normal((B, *m.input.shape)).astype(np.float32)  # (B, C, H, W)
@@ -273,18 +275,17 @@ def decode_vs_k(config: OverheadConfig, embedding_shape: tuple[int, ...]) -> lis
 
 
 def run(config: OverheadConfig) -> dict[str, Any]:
-    from runtime.manifest import Manifest
-
     info = machine_info()
     threads = config.intra_op_threads or usable_cpu_count()
     logger.info("overhead bench: %s; ORT intra-op threads %d", json.dumps(asdict(config)), threads)
     logger.info("machine: %s", machine_label(info))
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     if not config.skip_encoder_export:
         for k in config.ks:  # refuse bad --encoder-* flags before timing anything
             encoder_config(k, config, m.input.shape)
     record: dict[str, Any] = {"benchmark": "overhead", "config": asdict(config), "machine": info,
-                              "ort_intra_op_threads": threads, "bundle_k_label": f"bundle k={m.coding.k}",
+                              "ort_intra_op_threads": threads, "code": m.code.label,
+                              "bundle_k_label": f"bundle k={m.coding.k}",
                               "bundle_provenance": m.provenance, "by_provider": {}}
     for provider in providers():
         comp = bundle_components(config, provider, threads)
@@ -344,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?", default=OverheadConfig.bundle)
     p.add_argument("--ks", default="2,4,10", help="k values for Enc and decode vs k")
     p.add_argument("--reference-f-presets", default="", help="e.g. paper: also time an untrained f of that preset")
-    add_dataclass_flags(p, OverheadConfig, skip=_LIST_FLAGS,
+    add_dataclass_flags(p, OverheadConfig, skip=_LIST_FLAGS, helps={"coding": CODING_HELP},
                         choices={"encoder_arch": ENCODER_ARCHS, "encoder_squeeze": SQUEEZE_FACTORS})
     return p
 

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code, refuse_coding_in
 from bench.entry import bench_main
 from bench.errors import BenchError
 from bench.loadgen import make_images
@@ -57,6 +58,7 @@ class OverloadBenchError(BenchError):
 @dataclass
 class OverloadConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code to serve, "N,K"; None = its first
     duration_s: float = 20.0  # measured, per step
     warmup_s: float = 3.0  # per step, before the measurement
     batch: int = 8
@@ -77,6 +79,8 @@ class OverloadConfig:
         self.server_args = tuple(self.server_args)
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise OverloadBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
+        self.coding = check_coding(self.coding, [self.bundle], OverloadBenchError)
+        refuse_coding_in("--server-args", self.server_args, OverloadBenchError)
         if not self.multipliers or min(self.multipliers) < 1:
             raise OverloadBenchError(f"--multipliers must be integers >= 1, got {list(self.multipliers)}")
         for name in ("batch", "base_connections"):
@@ -214,16 +218,17 @@ def run(config: OverloadConfig) -> dict[str, Any]:
     info = machine_info()
     logger.info("overload bench: %s", json.dumps(asdict(config)))
     logger.info("machine: %s", machine_label(info))
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     run_dir = Path(config.run_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    args = ["--mode", config.mode, "--log-level", "WARNING", *config.server_args]
+    args = ["--mode", config.mode, *coding_server_args(config.coding), "--log-level", "WARNING",
+            *config.server_args]
     with ServerProcess(config.bundle, args, run_dir / "server.log") as srv:
         factory, _ = loop_factory()
         with asyncio.Runner(loop_factory=factory) as runner:
             steps = runner.run(run_steps(config, m, srv))
     result = {"benchmark": "overload", "config": asdict(config), "machine": info,
               "server": {"command": srv.command, "ready_s": srv.ready_s, "log": str(run_dir / "server.log")},
-              "n": m.coding.n, "k": m.coding.k, "steps": steps, "verdicts": verdicts(steps)}
+              "code": m.code.label, "n": m.coding.n, "k": m.coding.k, "steps": steps, "verdicts": verdicts(steps)}
     suffix = f"-{config.tag}" if config.tag else ""
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?", default=OverloadConfig.bundle)
     p.add_argument("--multipliers", default="1,2,4,8", help="connection multipliers of the capacity step")
     p.add_argument("--server-args", default="", help="extra server flags, space separated")
-    add_dataclass_flags(p, OverloadConfig, skip=_SPECIAL)
+    add_dataclass_flags(p, OverloadConfig, skip=_SPECIAL, helps={"coding": CODING_HELP})
     return p
 
 

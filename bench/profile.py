@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code, refuse_coding_in
 from bench.entry import bench_main, comma_list
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label
@@ -77,6 +78,7 @@ class ProfileBenchError(BenchError):
 @dataclass
 class ProfileConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code to serve, "N,K"; None = its first
     modes: tuple[str, ...] = ("coded", "uncoded")
     batches: tuple[int, ...] = (1, 32)
     duration_s: int = 8
@@ -93,6 +95,8 @@ class ProfileConfig:
         self.server_args = tuple(self.server_args)
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise ProfileBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
+        self.coding = check_coding(self.coding, [self.bundle], ProfileBenchError)
+        refuse_coding_in("--server-args", self.server_args, ProfileBenchError)
         if not self.modes or not self.batches or min(self.batches) < 1:
             raise ProfileBenchError("--modes and --batches must be non-empty, batches >= 1")
         if self.duration_s < 1 or self.warmup_s < 1 or self.connections < 1 or self.rate_hz < 1:
@@ -144,7 +148,7 @@ def py_spy() -> str:
 
 def profile_point(config: ProfileConfig, m: Manifest, mode: str, batch: int, run_dir: Path,
                   images: Any) -> dict[str, Any]:
-    args = ["--mode", mode, "--log-level", "WARNING", *config.server_args]
+    args = ["--mode", mode, *coding_server_args(config.coding), "--log-level", "WARNING", *config.server_args]
     body = make_body("binary", m.input.name, images[:batch])
     raw_path = run_dir / f"{mode}-b{batch}.pyspy.txt"
     with ServerProcess(config.bundle, args, run_dir / f"{mode}-b{batch}.server.log") as srv:
@@ -185,14 +189,14 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def run(config: ProfileConfig) -> dict[str, Any]:
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     images, _, _ = load_images(m, max(config.batches), seed=0)
     run_dir = Path(config.run_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     run_dir.mkdir(parents=True, exist_ok=True)
     points = [profile_point(config, m, mode, batch, run_dir, images)
               for mode in config.modes for batch in config.batches]
     record = {"benchmark": "profile", "config": asdict(config), "machine": machine_info(),
-              "points": points, "run_dir": str(run_dir)}
+              "code": m.code.label, "points": points, "run_dir": str(run_dir)}
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"-{config.tag}" if config.tag else ""
@@ -212,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="coded,uncoded")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--server-args", default="", help="extra server flags, space separated")
-    add_dataclass_flags(p, ProfileConfig, skip=_LIST_FLAGS)
+    add_dataclass_flags(p, ProfileConfig, skip=_LIST_FLAGS, helps={"coding": CODING_HELP})
     return p
 
 

@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code, refuse_coding_in
 from bench.entry import bench_main, comma_list
 from bench.errors import BenchError
 from bench.machine import machine_info
 from bench.serverproc import REPO_ROOT, ServerProcess
 from kernels.configs import add_dataclass_flags, dataclass_values
-from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ProtocolsBenchError(BenchError):
 @dataclass
 class ProtocolsConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code to serve, "N,K"; None = its first
     clients: tuple[str, ...] = CLIENTS
     batches: tuple[int, ...] = (1, 32)
     concurrency: int = 16
@@ -61,6 +63,8 @@ class ProtocolsConfig:
         self.server_args = tuple(self.server_args)
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise ProtocolsBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
+        self.coding = check_coding(self.coding, [self.bundle], ProtocolsBenchError)
+        refuse_coding_in("--server-args", self.server_args, ProtocolsBenchError)
         if not self.clients or set(self.clients) - set(CLIENTS):
             raise ProtocolsBenchError(f"--clients must be a subset of {list(CLIENTS)}")
         if not self.batches or min(self.batches) < 1 or self.concurrency < 1:
@@ -156,12 +160,12 @@ def client_main(args: argparse.Namespace) -> int:
 def run(config: ProtocolsConfig) -> dict[str, Any]:
     from bench.soakload import load_images
 
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     images, _, _ = load_images(m, max(config.batches), seed=0)
     run_dir = Path(config.run_dir) / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     run_dir.mkdir(parents=True, exist_ok=True)
     points = []
-    args = ["--log-level", "WARNING", *config.server_args]
+    args = [*coding_server_args(config.coding), "--log-level", "WARNING", *config.server_args]
     with ServerProcess(config.bundle, args, run_dir / "server.log") as srv:
         for batch in config.batches:
             path = run_dir / f"images-b{batch}.npy"
@@ -188,7 +192,7 @@ def run(config: ProtocolsConfig) -> dict[str, Any]:
             ratios[str(batch)] = {c: at[c]["images_per_s"] / at["http"]["images_per_s"]
                                   for c in at if c != "http"}
     record = {"benchmark": "protocols", "config": asdict(config), "machine": machine_info(),
-              "points": points, "ratio_vs_http": ratios, "run_dir": str(run_dir)}
+              "code": m.code.label, "points": points, "ratio_vs_http": ratios, "run_dir": str(run_dir)}
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"-{config.tag}" if config.tag else ""
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default=",".join(CLIENTS))
     p.add_argument("--batches", default="1,32")
     p.add_argument("--server-args", default="", help="extra server flags, space separated")
-    add_dataclass_flags(p, ProtocolsConfig, skip=_LIST_FLAGS)
+    add_dataclass_flags(p, ProtocolsConfig, skip=_LIST_FLAGS, helps={"coding": CODING_HELP})
     return p
 
 

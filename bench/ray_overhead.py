@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.codes import CODING_HELP, check_coding, load_code
 from bench.entry import bench_main, comma_list
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label
@@ -46,6 +47,7 @@ class RayOverheadError(BenchError):
 @dataclass
 class RayOverheadConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code (n, k of the group), "N,K"; None = its first
     batches: tuple[int, ...] = (1, 8, 32)
     groups: int = 400
     warmup: int = 40
@@ -57,6 +59,7 @@ class RayOverheadConfig:
             raise RayOverheadError(f"batches must be >= 1, got {self.batches}")
         if self.groups < 10 or self.warmup < 0:
             raise RayOverheadError("groups must be >= 10 and warmup >= 0")
+        self.coding = check_coding(self.coding, [self.bundle], RayOverheadError)
 
 
 def _stats(samples_s: list[float]) -> dict[str, float]:
@@ -110,14 +113,13 @@ async def _pool(backend_name: str, config: RayOverheadConfig, xs: dict[int, np.n
                 ) -> dict[int, list[float]]:
     from runtime.config import ServerConfig
     from runtime.context import EngineContext
-    from runtime.manifest import Manifest
     from runtime.metrics import Metrics
     from runtime.models import WORKER_F, ModelFactory
     from runtime.pool import WorkerPool
     from runtime.worker import make_backend
 
-    server = ServerConfig(bundle=config.bundle, workers_backend=backend_name)
-    manifest = Manifest.load(config.bundle)
+    server = ServerConfig(bundle=config.bundle, workers_backend=backend_name, coding=config.coding)
+    manifest = load_code(config.bundle, config.coding)
     n, k = manifest.coding.n, manifest.coding.k
     metrics = Metrics(manifest.model_name)
     executor = ThreadPoolExecutor(min(n, 2), thread_name_prefix="bench-worker")
@@ -140,10 +142,9 @@ async def _measure(config: RayOverheadConfig) -> dict[str, Any]:
     import ray
 
     from bench.netns_cluster import require_loopback_only
-    from runtime.manifest import Manifest
 
     require_loopback_only("bench ray-overhead")
-    manifest = Manifest.load(config.bundle)
+    manifest = load_code(config.bundle, config.coding)
     n, k = manifest.coding.n, manifest.coding.k
     rng = np.random.default_rng(0)
     xs = {b: rng.random((b, *manifest.input.shape), dtype=np.float32) for b in config.batches}
@@ -166,7 +167,7 @@ async def _measure(config: RayOverheadConfig) -> dict[str, Any]:
     floors = {name: _stats(samples) for name, samples in bare.items()}
     for name, s in floors.items():
         logger.info("%s (batch %d, echo): p50 %.2f ms", name, config.batches[0], s["p50_ms"])
-    return {"n": n, "k": k, "rows": rows, "bare": floors}
+    return {"code": manifest.code.label, "n": n, "k": k, "rows": rows, "bare": floors}
 
 
 def run(config: RayOverheadConfig) -> dict[str, Any]:
@@ -194,7 +195,7 @@ def build_parser() -> Any:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", nargs="?", default=RayOverheadConfig.bundle)
     p.add_argument("--batches", default="1,8,32", help="comma list of groups per call")
-    add_dataclass_flags(p, RayOverheadConfig, skip=("bundle", "batches"))
+    add_dataclass_flags(p, RayOverheadConfig, skip=("bundle", "batches"), helps={"coding": CODING_HELP})
     return p
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code
 from bench.entry import bench_main, comma_list
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label
@@ -41,7 +42,7 @@ from bench.serverproc import ServerProcess
 from bench.soakload import load_images, ort_reference
 from bench.wrk import binary_body, infer_url
 from kernels.configs import add_dataclass_flags, dataclass_values
-from runtime.manifest import MANIFEST_NAME, RECONSTRUCTED_OUTPUT, Manifest, class_output
+from runtime.manifest import MANIFEST_NAME, RECONSTRUCTED_OUTPUT, class_output
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ServedBenchError(BenchError):
 @dataclass
 class ServedConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code to serve, "N,K"; None = its first
     policies: tuple[str, ...] = tuple(POLICIES)
     faults: tuple[str, ...] = FAULTS
     num_images: int = 10000
@@ -71,6 +73,7 @@ class ServedConfig:
         self.policies, self.faults = tuple(self.policies), tuple(self.faults)
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise ServedBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
+        self.coding = check_coding(self.coding, [self.bundle], ServedBenchError)
         if not self.policies or set(self.policies) - set(POLICIES):
             raise ServedBenchError(f"--policies must be a subset of {list(POLICIES)}")
         if not self.faults or set(self.faults) - set(FAULTS):
@@ -117,7 +120,7 @@ async def _serve_all(url: str, images: np.ndarray, concurrency: int, primary: st
 
 
 def run(config: ServedConfig) -> dict[str, Any]:
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     images, labels, source = load_images(m, config.num_images, config.seed)
     if labels is None:
         raise ServedBenchError(f"{config.bundle}: no labelled test split for its dataset ({source})")
@@ -133,7 +136,8 @@ def run(config: ServedConfig) -> dict[str, Any]:
             "--fault-delay-ms", str(config.delay_ms), "--fault-straggler-per-group", "--fault-seed",
             str(config.seed)]
         for policy in config.policies:
-            args = ["--mode", "coded", "--log-level", "WARNING", *POLICIES[policy], *fault_args]
+            args = ["--mode", "coded", *coding_server_args(config.coding), "--log-level", "WARNING",
+                    *POLICIES[policy], *fault_args]
             with ServerProcess(config.bundle, args, run_dir / f"{policy}-{fault}.server.log") as srv:
                 url = infer_url(srv.url, m.model_name)
                 asyncio.run(_serve_all(url, images[:64], config.concurrency, primary))  # warm-up
@@ -149,7 +153,7 @@ def run(config: ServedConfig) -> dict[str, Any]:
             points.append(point)
     target = next((p for p in points if p["policy"] == "learned" and p["fault"] == "none"), None)
     record = {"benchmark": "served", "config": asdict(config), "machine": machine_info(),
-              "source": source, "clean_accuracy": clean_accuracy, "points": points,
+              "code": m.code.label, "source": source, "clean_accuracy": clean_accuracy, "points": points,
               "target": None if target is None else {
                   "name": "no faults: served accuracy within 0.2 points of clean (learned policy)",
                   "value_points": target["accuracy_minus_clean_points"],
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?", default=ServedConfig.bundle)
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--faults", default=",".join(FAULTS))
-    add_dataclass_flags(p, ServedConfig, skip=_LIST_FLAGS)
+    add_dataclass_flags(p, ServedConfig, skip=_LIST_FLAGS, helps={"coding": CODING_HELP})
     return p
 
 

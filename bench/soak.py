@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code, refuse_coding_in
 from bench.entry import bench_main
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label
@@ -64,7 +65,7 @@ from bench.soakload import (
     percentiles,
 )
 from kernels.configs import add_dataclass_flags, dataclass_values
-from runtime.manifest import MANIFEST_NAME, Manifest
+from runtime.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class SoakBenchError(BenchError):
 @dataclass
 class SoakConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code to serve, "N,K"; None = its first
     requests: int = 100_000  # well-formed + malformed, main phase
     duration_s: float = 600.0
     clients: int = 32
@@ -106,6 +108,8 @@ class SoakConfig:
         self.server_args = tuple(self.server_args)
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise SoakBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
+        self.coding = check_coding(self.coding, [self.bundle], SoakBenchError)
+        refuse_coding_in("--server-args", self.server_args, SoakBenchError)
         for name in ("requests", "clients", "max_batch", "num_images", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise SoakBenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -118,7 +122,8 @@ class SoakConfig:
                 raise SoakBenchError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
     def server_flags(self, metrics_port: int) -> list[str]:
-        return ["--mode", self.mode, "--log-level", "WARNING", "--metrics-port", str(metrics_port),
+        return ["--mode", self.mode, *coding_server_args(self.coding), "--log-level", "WARNING",
+                "--metrics-port", str(metrics_port),
                 "--drain-timeout-s", str(self.drain_timeout_s), "--max-body-bytes", str(self.max_body_bytes),
                 "--fault-fail-prob", str(self.fail_prob), "--fault-kill-prob", str(self.kill_prob),
                 "--fault-delay-prob", str(self.delay_prob), "--fault-delay-ms", str(self.delay_ms),
@@ -370,7 +375,7 @@ def run(config: SoakConfig, images: np.ndarray | None = None, labels: np.ndarray
     info = machine_info()
     logger.info("soak bench: %s", json.dumps(asdict(config)))
     logger.info("machine: %s", machine_label(info))
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     source = "given"
     if images is None:
         images, labels, source = load_images(m, config.num_images, config.seed)
@@ -390,7 +395,7 @@ def run(config: SoakConfig, images: np.ndarray | None = None, labels: np.ndarray
             raw = runner.run(drive(config, workload, checker, srv, f"http://127.0.0.1:{metrics_port}/metrics"))
     log_lines = log_path.read_text(errors="replace").splitlines()
     errors = [ln for ln in log_lines if " ERROR " in ln or ln.startswith("Traceback")]
-    result = {"benchmark": "soak", "config": asdict(config), "machine": info,
+    result = {"benchmark": "soak", "config": asdict(config), "machine": info, "code": m.code.label,
               "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
               "server": {"command": srv.command, "ready_s": srv.ready_s, "log": str(log_path),
                          "log_error_lines": len(errors), "log_error_examples": errors[:10]},
@@ -420,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", nargs="?", default=SoakConfig.bundle)
     p.add_argument("--server-args", default="", help="extra server flags, space separated")
-    add_dataclass_flags(p, SoakConfig, skip=("bundle", "server_args"))
+    add_dataclass_flags(p, SoakConfig, skip=("bundle", "server_args"), helps={"coding": CODING_HELP})
     return p
 
 

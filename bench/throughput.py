@@ -6,7 +6,8 @@ Each point is (mode, request batch b, body): the real server (bench/serverproc.p
 keep-alive connections, one wrk thread, real MNIST test images, binary-tensor or JSON body)
 for `duration_s` after an unrecorded `warmup_s` run. Recorded: images/s, requests/s, p50 /
 p90 / p99 from wrk, and the CPU seconds of the server's process tree and of wrk. `parm` is
-skipped, with the reason, when the bundle has no parm.onnx.
+skipped, with the reason, when the bundle has no parm.onnx. The code measured (servers,
+encoders, ceilings, the record's `code`) is the bundle's first, or `--coding N,K`.
 
 In the same run:
 - raw f: the bundle's f.onnx in ONNX Runtime at each batch, with the threads the server
@@ -51,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code, refuse_coding_in
 from bench.errors import BenchError
 from bench.machine import machine_info, machine_label, usable_cpu_count
 from bench.overhead import make_session
@@ -77,6 +79,7 @@ class ThroughputBenchError(BenchError):
 @dataclass
 class ThroughputConfig:
     bundle: str = "bundles/mnist-default"
+    coding: str | None = None  # the bundle's code to serve and to take the ceiling of, "N,K"; None = its first
     modes: tuple[str, ...] = ALL_MODES
     batches: tuple[int, ...] = (1, 8, 32)  # images per request
     bodies: tuple[str, ...] = BODY_KINDS  # binary-tensor and/or JSON request bodies
@@ -112,6 +115,8 @@ class ThroughputConfig:
                                        f"{list(self.backends)}")
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise ThroughputBenchError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
+        self.coding = check_coding(self.coding, [self.bundle], ThroughputBenchError)
+        refuse_coding_in("--server-args", self.server_args, ThroughputBenchError)
         if not self.modes or set(self.modes) - set(MODES) or len(set(self.modes)) != len(self.modes):
             raise ThroughputBenchError(f"--modes must be distinct names from {','.join(MODES)}, got "
                                        f"{list(self.modes)}")
@@ -354,7 +359,8 @@ def skip_reason(mode: str, m: Manifest, bundle: Path) -> str | None:
 
 def run_mode(mode: str, config: ThroughputConfig, m: Manifest, bodies: list[Body], run_dir: Path,
              backend: str = "thread") -> dict[str, Any]:
-    args = ["--mode", mode, "--log-level", "WARNING", "--workers-backend", backend, *config.server_args]
+    args = ["--mode", mode, *coding_server_args(config.coding), "--log-level", "WARNING", "--workers-backend",
+            backend, *config.server_args]
     logger.info("mode %s (%s workers)", mode, backend)
     log_name = f"{mode}.server.log" if backend == "thread" else f"{mode}-{backend}.server.log"
     try:
@@ -381,7 +387,7 @@ def run_peer(config: ThroughputConfig, m: Manifest, bodies: list[Body], run_dir:
     logger.info("triton peer (PyTriton, uncoded f + primary head)")
     try:
         with PeerProcess(config.bundle, m.model_name, config.peer_python, env, run_dir / "triton-peer.log",
-                         options, ready_timeout_s=config.peer_ready_timeout_s) as peer:
+                         options, ready_timeout_s=config.peer_ready_timeout_s, coding=config.coding) as peer:
             assert peer.proc is not None
             url = infer_url(peer.url, m.model_name)
             points = measure_points(url, peer.proc.pid, bodies, config, run_dir / "bodies", PEER)
@@ -536,7 +542,7 @@ def run(config: ThroughputConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     info = machine_info()
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     n, k = m.coding.n, m.coding.k
     logger.info("throughput bench: %s", json.dumps(asdict(config)))
     logger.info("machine: %s; expected wall time about %.0f s", machine_label(info), estimate_s(config, m))
@@ -563,7 +569,7 @@ def run(config: ThroughputConfig) -> dict[str, Any]:
     raw = merge_raw(raw_before, raw_throughput(config, m, x))
     record: dict[str, Any] = {
         "benchmark": "throughput", "layout": 2, "config": asdict(config), "machine": info,
-        "model_name": m.model_name, "n": n, "k": k, "images": source, "raw": raw,
+        "model_name": m.model_name, "code": m.code.label, "n": n, "k": k, "images": source, "raw": raw,
         "ceilings": ceilings(raw, config.batches, n, k), "servers": servers, "peer": peer, "run_dir": str(run_dir),
         "servers_by_backend": by_backend}
     record["ratios"] = ratio_rows(record)
@@ -621,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-args", default="", help="extra server flags, space separated, passed through")
     p.add_argument("--backends", default="thread", help="--workers-backend values, comma separated, each "
                    "served side by side (ray: inside a private network namespace, see bench/netns_cluster.py)")
-    add_dataclass_flags(p, ThroughputConfig, skip=_LIST_FLAGS)
+    add_dataclass_flags(p, ThroughputConfig, skip=_LIST_FLAGS, helps={"coding": CODING_HELP})
     return p
 
 

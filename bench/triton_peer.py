@@ -11,7 +11,8 @@ The model takes the server's input (name and shape from the manifest, UINT8 [B, 
 normalised with the manifest's preprocessing by runtime/model_io.py `preprocess`), so the
 same wrk body works against both; it answers `<task>_logits` and `<task>_class` of the
 primary head. Only KServe v2 HTTP is served, on 127.0.0.1: gRPC, metrics, SageMaker and
-Vertex AI endpoints are off.
+Vertex AI endpoints are off. `--coding N,K` loads the manifest with that code selected, as
+the coded server it is compared with (f and the heads are the same for every code).
 
 It runs in its own Python 3.12 venv (`.venv-triton`, made by bench/setup_peers.sh; the
 Python backend stub needs that interpreter's `lib` on LD_LIBRARY_PATH, which the bench
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.codes import CODING_HELP, check_coding, coding_server_args, load_code
 from runtime.manifest import F_IO, HEAD_IO, MANIFEST_NAME, Manifest, class_output, logits_output
 from runtime.model_io import preprocess
 
@@ -54,6 +56,7 @@ class PeerConfigError(ValueError):
 class PeerConfig:
     bundle: str
     port: int
+    coding: str | None = None  # the bundle's code, "N,K" (f and the head are the same for every code)
     instances: int = 2  # model instances (one ONNX Runtime session pair each)
     threads: int = 1  # intra-op threads per session
     max_batch_size: int = 64  # Triton's largest batch (requests of up to this many images)
@@ -63,6 +66,7 @@ class PeerConfig:
     def __post_init__(self) -> None:
         if not (Path(self.bundle) / MANIFEST_NAME).is_file():
             raise PeerConfigError(f"{self.bundle}: not a bundle (no {MANIFEST_NAME})")
+        check_coding(self.coding, [self.bundle], PeerConfigError)  # frozen: load_code parses it again
         if not 1 <= self.port <= 65535:
             raise PeerConfigError(f"--port must be 1..65535, got {self.port}")
         for name in ("instances", "threads", "max_batch_size"):
@@ -114,7 +118,7 @@ def serve(config: PeerConfig) -> None:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    m = Manifest.load(config.bundle)
+    m = load_code(config.bundle, config.coding)
     head = m.primary_head
 
     def instance() -> Callable[..., dict[str, np.ndarray]]:
@@ -153,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle")
     p.add_argument("--port", type=int, required=True, help="HTTP port on 127.0.0.1")
+    p.add_argument("--coding", help=CODING_HELP)
     defaults = PeerConfig.__dataclass_fields__
     for name in ("instances", "threads", "max_batch_size", "max_queue_delay_us", "log_verbose"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=defaults[name].default)
@@ -202,20 +207,21 @@ def peer_environment(python: str | Path) -> tuple[dict[str, str] | None, str | N
 class PeerProcess:
     """`with PeerProcess(bundle, python, log_path, ...) as peer: peer.url ...`
 
-    Starts `python -m bench.triton_peer BUNDLE --port P` in its own session (so tritonserver
+    Starts `python -m bench.triton_peer BUNDLE --port P [--coding N,K]` in its own session (so tritonserver
     and its backend stubs share one process group that can be killed if anything is left),
     waits until the model is ready, and on exit sends SIGTERM, then SIGKILL to the group."""
 
     def __init__(self, bundle: str | Path, model_name: str, python: str | Path, env: dict[str, str],
                  log_path: Path, options: dict[str, int] | None = None, ready_timeout_s: float = 180.0,
-                 stop_timeout_s: float = 30.0) -> None:
+                 stop_timeout_s: float = 30.0, coding: str | None = None) -> None:
         from bench.serverproc import free_port
 
         self.model_name = model_name
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in (options or {}).items()]
-        self.command = [str(python), "-m", "bench.triton_peer", str(bundle), "--port", str(self.port), *flags]
+        self.command = [str(python), "-m", "bench.triton_peer", str(bundle), "--port", str(self.port),
+                        *coding_server_args(coding), *flags]
         self.env, self.log_path = env, log_path
         self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
         self.proc: subprocess.Popen | None = None
