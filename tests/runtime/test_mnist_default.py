@@ -67,11 +67,17 @@ def test_tritonclient_gets_correct_mnist_labels() -> None:
     assert accuracy >= MIN_ACCURACY, f"accuracy {accuracy:.3f} on {IMAGES} MNIST test images"
 
 
+def _bundle_codes() -> list[str]:
+    return Manifest.load(BUNDLE).code_labels() if (BUNDLE / "manifest.json").is_file() else ["5,4"]
+
+
 @needs_bundle
-def test_reconstructed_mnist_answers_are_mostly_correct() -> None:
-    # one straggler per coding group: its query is answered from the decoded embedding
+@pytest.mark.parametrize("coding", _bundle_codes())
+def test_reconstructed_mnist_answers_are_mostly_correct(coding: str) -> None:
+    # one straggler per coding group: its query is answered from the decoded embedding, with
+    # each of the bundle's codes
     predicted, labels, flags = _serve_and_classify(
-        {"fault_straggler_per_group": True, "fault_delay_ms": 300.0, "fault_seed": 0,
+        {"coding": coding, "fault_straggler_per_group": True, "fault_delay_ms": 300.0, "fault_seed": 0,
          "max_queue_delay_ms": 20.0})
     assert flags.sum() >= IMAGES // 20
     accuracy = float((predicted[flags] == labels[flags]).mean())
