@@ -55,10 +55,11 @@ def load_code(bundle: str | Path, coding: str | None) -> Manifest:
         n, k = parse_code_label(coding)
     except ManifestError as exc:
         raise CodingError(f"{CODING_FLAG}: {exc}") from exc
-    if (n, k) not in [(c.n, c.k) for c in manifest.codes]:
+    try:
+        return manifest.select_code(n, k)
+    except ManifestError as exc:  # no such code: say so in the tool's terms
         raise CodingError(f"{CODING_FLAG} {code_label(n, k)}: {bundle} has no such code; its codes (n,k): "
-                          f"{', '.join(manifest.code_labels())}")
-    return manifest.select_code(n, k)
+                          f"{', '.join(manifest.code_labels())}") from exc
 
 
 def coding_server_args(coding: str | None) -> list[str]:

@@ -484,7 +484,6 @@ class Manifest:
         paths.extend(self.torch.values())
         return list(dict.fromkeys(paths))
 
-
     def served_files(self) -> dict[str, str]:
         """`files` less those only the other codes use: what serving the selected code reads
         (start-up cost then does not grow with the number of codes in the bundle)."""

@@ -4,6 +4,7 @@ server then answers, and describes itself, with that code only."""
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from runtime_harness import TASKS, ServerThread, TinyModel, build_tiny_bundle, r
 from runtime.config import ServerConfig
 from runtime.engine import Engine
 from runtime.errors import ConfigError
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, ManifestError, verify_checksums
 from runtime.serve import config_from_args, main
 
 LOGIT_ATOL = 1e-3  # float32 ONNX vs the float64 reference, plus the decode's rounding
@@ -135,10 +136,6 @@ def test_only_the_served_codes_files_are_read(two_codes: TinyModel, tmp_path: Pa
     """A code not served costs nothing at start: its files are neither read nor checked (so a
     bundle missing one still serves the others), while `--coding` of that code, and the
     whole-bundle check `export verify` relies on, name the missing file."""
-    import shutil
-
-    from runtime.manifest import ManifestError, verify_checksums
-
     bundle = tmp_path / "bundle"
     shutil.copytree(two_codes.bundle, bundle)
     (bundle / "codes/n4k3/enc_0.onnx").unlink()
