@@ -1,4 +1,4 @@
-"""The models the frontend runs itself: the encoders (before dispatch) and the heads (after).
+"""The models the frontend runs itself: the encoders (beside the systematic calls) and the heads (after).
 
 A call runs on the event loop when warm-up predicts it cheaper than `inline_below_s` (a
 thread hop, waking a thread and handing back the GIL, costs more than a ~0.1 ms head on a

@@ -145,9 +145,10 @@ class Arrivals:
     of a slot counts. Every landing is told to the dispatch's `watch`."""
 
     def __init__(self, tasks: dict[asyncio.Task[Any], int], metrics: Metrics,
-                 watch: StragglerWatch | None = None, cancel_late_after_s: float | None = None
-                 ) -> None:
+                 watch: StragglerWatch | None = None, cancel_late_after_s: float | None = None,
+                 group: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self.group = group  # the pool's tag of these calls (runtime.worker.GroupTag)
         self._now = self._loop.time
         self.cancel_late_after_s = cancel_late_after_s
         self.tasks = dict(tasks)  # task -> slot
@@ -319,7 +320,8 @@ class Mode:
         """Submit one coding group's calls; `systematic`: its exact-answer workers."""
         group = self.pool.new_group(systematic)
         tasks = {self.pool.submit(i, model, x, group): i for i, model, x in calls}
-        return Arrivals(tasks, self.metrics, self.watch(batch), self.options.cancel_late_after_s)
+        return Arrivals(tasks, self.metrics, self.watch(batch), self.options.cancel_late_after_s,
+                        group)
 
     def shadow_parity(self, arrivals: Arrivals, first_parity: int,
                       submit: Callable[[int, Any], None]) -> None:

@@ -67,12 +67,9 @@ class CodedMode(Mode):
         calls = [(i, WORKER_F, slot(groups, i)) for i in range(k)]
         if self.options.encoders_on_workers:
             calls += [(k + r, encoder_then_f(r), groups) for r in range(n - k)]
-        else:
-            t0 = time.perf_counter()
-            parities = await self.frontend.encode(groups)  # n-k x [G, C, H, W]
-            self.metrics.encode_seconds.observe(time.perf_counter() - t0)
-            calls += [(k + r, WORKER_F, parities[r]) for r in range(n - k)]
         arrivals = self.launch(calls, systematic=range(k), batch=batch)
+        if not self.options.encoders_on_workers:
+            self._launch_parities(arrivals, groups)
 
         # One decoder for all G groups: a worker's batch lands at once, so they share the
         # erasure pattern and decode as one (G, *embedding_shape) result per worker.
@@ -115,6 +112,37 @@ class CodedMode(Mode):
                 self._shadow(shadow, arrivals, exact, logits, m)
             except Exception:  # noqa: BLE001
                 logger.exception("queuing a shadow decode failed")
+
+    def _launch_parities(self, arrivals: Arrivals, groups: np.ndarray) -> None:
+        """The backup calls of a frontend-encoded group, as calls of `arrivals` that first
+        wait for the encoders: the systematic calls are already out, so exact answers never
+        wait for the encoders, and a group whose systematic results all land answers
+        without them. An encoder that fails makes its parity slots erasures (logged), not
+        the dispatch a failure; once every parity call is cancelled (--cancel-late-calls)
+        an encoding not yet started is skipped."""
+        k, n = self.k, self.n
+        encoded = asyncio.ensure_future(self._encode(groups))  # n-k x [G, C, H, W]
+        encoded.add_done_callback(_log_encoder_failure)
+
+        async def parity(r: int) -> np.ndarray:
+            parities = await asyncio.shield(encoded)  # one encoding feeds every parity
+            return await self.pool.submit(k + r, WORKER_F, parities[r], arrivals.group)
+
+        calls = [asyncio.ensure_future(parity(r)) for r in range(n - k)]
+
+        def cancelled(_: asyncio.Future[Any]) -> None:
+            if all(c.cancelled() for c in calls):
+                encoded.cancel()  # a no-op once it has ended
+
+        for r, call in enumerate(calls):
+            call.add_done_callback(cancelled)
+            arrivals.add(call, k + r)
+
+    async def _encode(self, groups: np.ndarray) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        parities = await self.frontend.encode(groups)
+        self.metrics.encode_seconds.observe(time.perf_counter() - t0)
+        return parities
 
     def _shadow(self, shadow: ShadowMonitor, arrivals: Arrivals, exact: np.ndarray,
                 logits: dict[str, np.ndarray], m: int) -> None:
@@ -208,3 +236,9 @@ class CodedMode(Mode):
             self.decoders.release(decoder)
             raise
         return decoder
+
+
+def _log_encoder_failure(encoded: asyncio.Future[Any]) -> None:
+    if not encoded.cancelled() and encoded.exception() is not None:
+        logger.error("the encoders failed; this dispatch's parity slots are erasures",
+                     exc_info=encoded.exception())

@@ -12,6 +12,7 @@ from modes_rig import Rig, Run, decodable_prefix, flags, make_run, worker_result
 from runtime_harness import settle, until
 
 from kernels.coding import CodingScheme
+from runtime.batcher import Batch, Piece
 from runtime.deadlines import DecodeWait
 from runtime.decoders import HostDecoders
 from runtime.errors import InjectedFailure, ServiceUnavailable, WorkerDead, WorkerError, WorkerOverdue
@@ -322,3 +323,111 @@ async def test_coded_gives_back_every_decoder_it_leases(tiny_rig: Rig) -> None:
         with pytest.raises(ServiceUnavailable):
             query.future.result()
     assert len(decoders.out) == 1 and decoders.returned == decoders.out
+
+
+# -- the encoders run beside the systematic calls ------------------------------------------------
+class GatedEncoders:
+    """Replaces a run's frontend.encode: it waits for `gate` (then encodes, or raises
+    `error`), recording that it began and whether it ended."""
+
+    def __init__(self, run: Run, error: BaseException | None = None) -> None:
+        self.gate = asyncio.Event()
+        self.began = self.ended = False
+        self._encode, self._error = run.frontend.encode, error
+        run.frontend.encode = self  # type: ignore[method-assign]
+
+    async def __call__(self, groups: np.ndarray) -> list[np.ndarray]:
+        self.began = True
+        await self.gate.wait()
+        self.ended = True
+        if self._error is not None:
+            raise self._error
+        return await self._encode(groups)
+
+
+def _start(run: Run) -> None:
+    run.task = asyncio.create_task(run.mode.execute(
+        Batch([Piece(b, 0, 1, q) for q, b in enumerate(run.queries)])))
+
+
+@pytest.mark.asyncio
+async def test_coded_systematic_calls_do_not_wait_for_the_encoders(rig: Rig) -> None:
+    k, n = rig.k, rig.n
+    run = make_run(rig, "coded", 2 * k)  # two groups: every worker runs a batch of 2
+    encoders = GatedEncoders(run)
+    _start(run)
+    await until(lambda: encoders.began, "the encoders began")
+    await settle()
+    assert [(c.worker, c.model) for c in run.pool.calls] == [(i, WORKER_F) for i in range(k)]
+    await run.land(range(k))  # every exact result lands while the encoders still run
+    await run.done()
+    run.check([False] * (2 * k))
+    assert not encoders.ended and len(run.pool.calls) == k
+    encoders.gate.set()  # the encoding ends after the answer: its parities are late results
+    await until(lambda: len(run.pool.calls) == n, "the parity calls")
+    await run.land(range(k, n))
+    for worker in range(k, n):
+        assert run.count("coded_late_results_dropped_total", worker=str(worker)) == 1
+        assert run.count("coded_erasures_total", worker=str(worker)) == 1
+    run.check([False] * (2 * k))
+
+
+@pytest.mark.asyncio
+async def test_coded_a_straggler_waits_for_the_encoded_parity(rig: Rig) -> None:
+    k = rig.k
+    run = make_run(rig, "coded", k)
+    encoders = GatedEncoders(run)
+    _start(run)
+    await until(lambda: encoders.began, "the encoders began")
+    await run.land(range(1, k))  # slot 0 straggles: the group needs a parity
+    await settle()
+    assert not run.task.done()
+    encoders.gate.set()
+    await until(lambda: len(run.pool.calls) == rig.n, "the parity calls")
+    await run.land([k])
+    await run.done()
+    run.check(flags(k, k, {0}))
+
+
+@pytest.mark.asyncio
+async def test_coded_failed_encoders_are_erasures_not_a_failed_dispatch(rig: Rig) -> None:
+    k, n = rig.k, rig.n
+    run = make_run(rig, "coded", k)
+    encoders = GatedEncoders(run, RuntimeError("encoder session broke"))
+    encoders.gate.set()
+    _start(run)
+    await until(lambda: encoders.ended, "the encoders failed")
+    await run.land(range(k))
+    await run.done()
+    run.check([False] * k)
+    assert len(run.pool.calls) == k  # no parity was computed
+    for worker in range(k, n):
+        assert run.count("coded_erasures_total", worker=str(worker)) == 1
+
+    run = make_run(rig, "coded", k)  # ... and with a systematic erasure too: undecodable
+    encoders = GatedEncoders(run, RuntimeError("encoder session broke"))
+    encoders.gate.set()
+    _start(run)
+    await until(lambda: encoders.ended, "the encoders failed")
+    await run.land(range(k), failed={0})
+    await run.done()
+    for query in run.queries:
+        with pytest.raises(ServiceUnavailable, match=f"decoding needs any {k}"):
+            query.future.result()
+
+
+@pytest.mark.asyncio
+async def test_coded_cancelled_parities_skip_an_encoding_not_yet_done(rig: Rig) -> None:
+    k = rig.k
+    run = make_run(rig, "coded", k, options=ModeOptions(cancel_late_after_s=0.0))
+    encoders = GatedEncoders(run)
+    _start(run)
+    await until(lambda: encoders.began, "the encoders began")
+    await run.land(range(k))
+    await run.done()
+    run.check([False] * k)
+    await until(lambda: run.count("coded_cancelled_calls_total") == rig.n - k,
+                "the unused parity calls cancelled")
+    encoders.gate.set()
+    await settle()
+    assert not encoders.ended and len(run.pool.calls) == k  # the encoding itself was cancelled
