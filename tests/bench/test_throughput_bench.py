@@ -354,3 +354,47 @@ def test_real_pytriton_peer(bundle: Path, manifest: Manifest, tmp_path: Path) ->
     peer = tp.run_peer(cfg, manifest, bodies, tmp_path)
     assert "skipped" not in peer, peer.get("skipped")
     assert len(peer["points"]) == 1 and peer["points"][0]["requests"] > 0
+
+
+def test_queries_per_dispatch_from_two_statistics_readings() -> None:
+    assert tp.queries_per_dispatch((100, 10), (1108, 18)) == pytest.approx(126.0)
+    assert tp.queries_per_dispatch(None, (1, 1)) is None
+    assert tp.queries_per_dispatch((5, 3), (5, 3)) is None  # nothing executed in between
+
+
+def test_dispatch_counts_reads_the_statistics_endpoint() -> None:
+    import http.server
+    import json
+    import threading
+
+    class Stats(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path != "/v2/models/m/stats":
+                self.send_error(404)
+                return
+            body = json.dumps({"model_stats": [{"inference_count": 512, "execution_count": 4}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Stats)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        assert tp.dispatch_counts(f"{base}/v2/models/m/infer") == (512, 4)
+        assert tp.dispatch_counts(f"{base}/v2/models/other/infer") is None  # 404: unknown, not an error
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_ceiling_limit_names_the_measured_dispatch_size() -> None:
+    rec = _record({"points": []})
+    rec["servers"]["coded"]["points"][1]["queries_per_dispatch"] = 126.0
+    ceiling = {(x["name"], x["batch"]): x for x in tp.targets(rec)}[("coded >= 0.85 x compute ceiling", 32)]
+    assert "dispatches carried 126.0 queries: each worker call ran 32 images" in ceiling["limit"]
