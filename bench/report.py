@@ -125,18 +125,20 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def _throughput_points(name: str, sec: dict[str, Any]) -> list[str]:
     """Table rows of one server (a mode or the peer): measured, failed or skipped."""
     if "skipped" in sec:
-        return [f"| {name} | skipped: {sec['skipped'][:160]} ||||||||"]
+        return [f"| {name} | skipped: {sec['skipped'][:160]} |||||||||"]
     if "error" in sec:
-        return [f"| {name} | error: {sec['error'][:160]} ||||||||"]
+        return [f"| {name} | error: {sec['error'][:160]} |||||||||"]
     rows = []
     for p in sec["points"]:
         if "error" in p:
-            rows.append(f"| {name} | {p['batch']} | {p['body']} | error: {p['error'][:120]} ||||||")
+            rows.append(f"| {name} | {p['batch']} | {p['body']} | error: {p['error'][:120]} |||||||")
             continue
         c = p["cpu"]
+        per_dispatch = p.get("queries_per_dispatch")  # older records and unreadable endpoints: none
         rows.append(f"| {name} | {p['batch']} | {p['body']} | {p['images_per_s']:.0f} | {p['requests_per_s']:.1f} | "
                     f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {c['server_cores']:.2f} + {c['client_cores']:.2f} + "
-                    f"{c.get('other_cores', 0.0):.2f} | {c['busiest_thread_cores']:.2f} |")
+                    f"{c.get('other_cores', 0.0):.2f} | {c['busiest_thread_cores']:.2f} | "
+                    f"{'–' if per_dispatch is None else f'{per_dispatch:.1f}'} |")
     return rows
 
 
@@ -160,14 +162,16 @@ def throughput_section(path: Path, png: str) -> list[str]:
             f"{v['session_per_cpu_per_s']:.0f} | {v['best_per_s_before']:.0f} | {v['best_per_s_after']:.0f} | "
             f"{v.get('other_cores', 0.0):.2f} |" for name, b, v in rows]
     out += ["", "Ceilings, images/s: coded = k / (n / f(b) + Σ_r 1 / Enc_r(G)), G = ceil(b / k) groups per request; "
-            "the second with f at G, the batch each worker call runs.", "",
+            "the second with f at G, what each worker call runs when every request is its own dispatch "
+            "(the points' queries / dispatch say what the batcher really merged).", "",
             "| batch | G | raw f | raw f x k/n | coded ceiling | coded ceiling, f at G |", "|---|---|---|---|---|---|"]
     out += [f"| {b} | {c['groups_per_request']} | {c['raw_f']:.0f} | {c['raw_f_x_k_over_n']:.0f} | {c['coded']:.0f} | "
             f"{c['coded_f_at_worker_batch']:.0f} |" for b, c in rec["ceilings"].items()]
     out += ["", "Cores busy during each point: the server's process tree, wrk, and other jobs on the machine; "
-            "the busiest single thread of the server's tree beside them.", "",
+            "the busiest single thread of the server's tree beside them; queries per dispatch from the "
+            "server's statistics endpoint (– where it was not recorded or not readable).", "",
             "| server | batch | body | images/s | requests/s | p50 ms | p99 ms | cores: server + wrk + other | "
-            "busiest thread |", "|---|---|---|---|---|---|---|---|---|"]
+            "busiest thread | queries / dispatch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, sec in rec["servers"].items():
         out += _throughput_points(mode, sec)
     out += _throughput_points("PyTriton peer (uncoded)", rec["peer"])

@@ -333,6 +333,8 @@ def test_short_wrk_run_against_the_real_server(bundle: Path, tmp_path: Path) -> 
         assert p["images_per_s"] == pytest.approx(2 * p["requests_per_s"])
         assert p["p50_ms"] <= p["p99_ms"] <= p["max_ms"]
         assert p["cpu"]["server_cpu_s"] > 0
+        # each request (2 images, k=2) fills one group; the batcher may merge requests
+        assert p["queries_per_dispatch"] is not None and 2 <= p["queries_per_dispatch"] <= 4 * 2
     assert record["peer"] == {"skipped": "disabled (--no-peer)"}
     assert set(record["ceilings"]) == {"2"} and record["raw"]["f"].keys() == {"1", "2"}
     assert tp.failed_points(record) == []
