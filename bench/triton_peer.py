@@ -116,7 +116,7 @@ def serve(config: PeerConfig) -> None:
     """Bind the model into PyTriton's tritonserver and block until SIGTERM / SIGINT."""
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import DEFAULT_PROTECTED_ENDPOINTS, Triton, TritonConfig, TritonSecurityConfig
 
     m = load_code(config.bundle, config.coding)
     head = m.primary_head
@@ -132,7 +132,11 @@ def serve(config: PeerConfig) -> None:
 
     model_config = ModelConfig(max_batch_size=config.max_batch_size,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=config.max_queue_delay_us))
-    with Triton(config=TritonConfig(**triton_config_kwargs(config))) as triton:
+    # the statistics endpoint open (loopback only): the bench reads the peer's batch sizes
+    # there as it does the server's; PyTriton protects it with a token by default
+    security = TritonSecurityConfig(restricted_endpoints=[
+        e for e in DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"])
+    with Triton(config=TritonConfig(**triton_config_kwargs(config)), security_config=security) as triton:
         triton.bind(model_name=m.model_name, infer_func=[instance() for _ in range(config.instances)],
                     inputs=[Tensor(name=m.input.name, dtype=np.uint8, shape=tuple(m.input.shape))],
                     outputs=[Tensor(name=logits_output(head.task), dtype=np.float32, shape=(len(head.classes),)),

@@ -356,6 +356,7 @@ def test_real_pytriton_peer(bundle: Path, manifest: Manifest, tmp_path: Path) ->
     peer = tp.run_peer(cfg, manifest, bodies, tmp_path)
     assert "skipped" not in peer, peer.get("skipped")
     assert len(peer["points"]) == 1 and peer["points"][0]["requests"] > 0
+    assert peer["points"][0]["queries_per_dispatch"] >= 1  # its statistics endpoint is open
 
 
 def test_queries_per_dispatch_from_two_statistics_readings() -> None:
