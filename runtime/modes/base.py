@@ -33,6 +33,7 @@ from runtime.metrics import Metrics
 from runtime.models import WORKER_F
 from runtime.pool import WorkerPool
 from runtime.shadow import ShadowMonitor
+from runtime.worker import GroupTag
 
 Call = tuple[int, str, np.ndarray]  # (worker, model, batch)
 
@@ -146,9 +147,9 @@ class Arrivals:
 
     def __init__(self, tasks: dict[asyncio.Task[Any], int], metrics: Metrics,
                  watch: StragglerWatch | None = None, cancel_late_after_s: float | None = None,
-                 group: Any = None) -> None:
+                 group: GroupTag | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        self.group = group  # the pool's tag of these calls (runtime.worker.GroupTag)
+        self.group = group  # the pool's tag of these calls
         self._now = self._loop.time
         self.cancel_late_after_s = cancel_late_after_s
         self.tasks = dict(tasks)  # task -> slot

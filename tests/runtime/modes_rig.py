@@ -170,7 +170,8 @@ class Run:
     task: asyncio.Task[None] | None = None
     stalls: int = 0  # times the mode told the scheduler its dispatch only waits on stragglers
 
-    async def start(self) -> Run:
+    def begin(self) -> Run:
+        """`mode.execute` as a task, without waiting for its worker calls (see `start`)."""
         batch = Batch([Piece(b, 0, 1, q) for q, b in enumerate(self.queries)])
 
         def stalled() -> None:
@@ -178,6 +179,11 @@ class Run:
 
         batch.on_stall = stalled
         self.task = asyncio.create_task(self.mode.execute(batch))
+        return self
+
+    async def start(self) -> Run:
+        """`begin`, then wait until every worker call the mode makes at once is out."""
+        self.begin()
         expected = self.mode.pool_size(self.rig.manifest)
         if self.mode.name in ("uncoded", "replication"):  # only the slots in use are called
             expected = min(len(self.queries), self.rig.k) * type(self.mode).replicas

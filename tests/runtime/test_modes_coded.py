@@ -12,7 +12,6 @@ from modes_rig import Rig, Run, decodable_prefix, flags, make_run, worker_result
 from runtime_harness import settle, until
 
 from kernels.coding import CodingScheme
-from runtime.batcher import Batch, Piece
 from runtime.deadlines import DecodeWait
 from runtime.decoders import HostDecoders
 from runtime.errors import InjectedFailure, ServiceUnavailable, WorkerDead, WorkerError, WorkerOverdue
@@ -345,17 +344,13 @@ class GatedEncoders:
         return await self._encode(groups)
 
 
-def _start(run: Run) -> None:
-    run.task = asyncio.create_task(run.mode.execute(
-        Batch([Piece(b, 0, 1, q) for q, b in enumerate(run.queries)])))
-
 
 @pytest.mark.asyncio
 async def test_coded_systematic_calls_do_not_wait_for_the_encoders(rig: Rig) -> None:
     k, n = rig.k, rig.n
     run = make_run(rig, "coded", 2 * k)  # two groups: every worker runs a batch of 2
     encoders = GatedEncoders(run)
-    _start(run)
+    run.begin()
     await until(lambda: encoders.began, "the encoders began")
     await settle()
     assert [(c.worker, c.model) for c in run.pool.calls] == [(i, WORKER_F) for i in range(k)]
@@ -377,7 +372,7 @@ async def test_coded_a_straggler_waits_for_the_encoded_parity(rig: Rig) -> None:
     k = rig.k
     run = make_run(rig, "coded", k)
     encoders = GatedEncoders(run)
-    _start(run)
+    run.begin()
     await until(lambda: encoders.began, "the encoders began")
     await run.land(range(1, k))  # slot 0 straggles: the group needs a parity
     await settle()
@@ -395,7 +390,7 @@ async def test_coded_failed_encoders_are_erasures_not_a_failed_dispatch(rig: Rig
     run = make_run(rig, "coded", k)
     encoders = GatedEncoders(run, RuntimeError("encoder session broke"))
     encoders.gate.set()
-    _start(run)
+    run.begin()
     await until(lambda: encoders.ended, "the encoders failed")
     await run.land(range(k))
     await run.done()
@@ -407,7 +402,7 @@ async def test_coded_failed_encoders_are_erasures_not_a_failed_dispatch(rig: Rig
     run = make_run(rig, "coded", k)  # ... and with a systematic erasure too: undecodable
     encoders = GatedEncoders(run, RuntimeError("encoder session broke"))
     encoders.gate.set()
-    _start(run)
+    run.begin()
     await until(lambda: encoders.ended, "the encoders failed")
     await run.land(range(k), failed={0})
     await run.done()
@@ -421,7 +416,7 @@ async def test_coded_cancelled_parities_skip_an_encoding_not_yet_done(rig: Rig) 
     k = rig.k
     run = make_run(rig, "coded", k, options=ModeOptions(cancel_late_after_s=0.0))
     encoders = GatedEncoders(run)
-    _start(run)
+    run.begin()
     await until(lambda: encoders.began, "the encoders began")
     await run.land(range(k))
     await run.done()
