@@ -87,8 +87,9 @@ class ServerConfig:
     straggler_min_ms: float = 2.0  # ... and at least this long after the launch
     redispatch: bool = True  # coded: a group undecodable when its missing calls became
     # stragglers re-sends its missing systematic slots to workers that answered
-    cancel_late_calls: bool = True  # a group's calls still running decode_wait_cap_ms after
-    # it is answered are cancelled: a worker skips them if not yet started (Ray: ray.cancel)
+    cancel_late_calls: bool = True  # a group's calls still running once it is answered are
+    # cancelled (at once when unread, else after decode_wait_cap_ms): a worker skips them if
+    # not yet started (Ray: ray.cancel)
     shadow_decode_fraction: float = 0.05  # coded, parm: of the groups with every exact
     # answer and a parity, rebuild one known answer off the request path and compare
     shadow_alert_below: float = 0.85  # warn (and set coded_shadow_alert) below this agreement

@@ -141,6 +141,8 @@ class Engine:
             if config.systematic_grace_ms is None else None,
             straggler_scale=config.straggler_scale or None,
             straggler_min_s=config.straggler_min_ms / 1000.0,
+            # thread workers share the engine's compute threads; other backends' do not
+            compute_slots=self.threads if config.workers_backend == "thread" else None,
             redispatch=config.redispatch, shadow=self.shadow,
             cancel_late_after_s=config.decode_wait_cap_ms / 1000.0 if config.cancel_late_calls
             else None,

@@ -58,13 +58,15 @@ HELP = {
     "straggler_scale": "a worker call still missing this many times later than its "
                        "dispatch's first result is a straggler: the dispatch frees its "
                        "in-flight slot for the next one, and coded mode re-sends what it "
-                       "cannot decode (0 = never)",
+                       "cannot decode (0 = never); thread workers' dispatches needing w "
+                       "rounds of the compute threads get w - 1 first-result times more",
     "straggler_min_ms": "a call is never a straggler sooner than this after its launch",
     "redispatch": "coded mode: a group that has more stragglers than parities re-sends its "
                   "missing systematic slots to workers that already answered it",
-    "cancel_late_calls": "a coding group's worker calls still running --decode-wait-cap-ms "
-                         "after it is answered are cancelled: a worker that has not started "
-                         "one skips it (ray backend: ray.cancel stops it in the actor)",
+    "cancel_late_calls": "a coding group's worker calls still running once it is answered "
+                         "are cancelled (a worker that has not started one skips it; ray "
+                         "backend: ray.cancel stops it in the actor): at once when nothing "
+                         "reads them, else after --decode-wait-cap-ms",
     "shadow_decode_fraction": "coded and parm modes: for this fraction of the coding groups in "
                               "which every exact answer and a parity came, rebuild one known "
                               "answer from the parity after answering, at low priority, and "

@@ -58,7 +58,7 @@ class ApproxIFERMode(Mode):
                 f"ApproxIFER waits for {needed} of {n} results, got workers {sorted(results)}; "
                 "retry shortly"))
             return
-        arrivals.finish()
+        arrivals.finish(keep=())  # nothing reads a late result here
         indices = sorted(results)
         t0 = time.perf_counter()
         decoded = self.code.decode(indices, np.stack([results[i] for i in indices]))  # [k, G, L]

@@ -18,7 +18,7 @@ Uncoded and replication send only the real queries.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,9 @@ class ModeOptions:
     # server's --straggler-scale 0), 0.0 = as soon as the first result is in (tests)
     straggler_scale: float | None = None
     straggler_min_s: float = 0.002
+    # calls the workers can run at once when they share compute threads (the thread
+    # backend: its pool's threads); None = each worker computes on its own (Ray actors)
+    compute_slots: int | None = None
     redispatch: bool = False  # coded: re-send a straggling group's missing systematic slots
     # a group's calls still running this long after it is answered are cancelled (their
     # worker skips them if not yet started); None = never, they run and are dropped
@@ -84,7 +87,12 @@ class StragglerWatch:
     """One dispatch's clock. A call still missing `scale` times later than the dispatch's
     first result (and at least `min_s` after the launch) is a straggler: late for its own
     reasons, not because the CPUs are busy, which makes every result of the dispatch late
-    alike. Relative to the dispatch on purpose: a fixed or learned absolute deadline calls
+    alike. When the dispatch's calls need `waves` > 1 rounds of the shared compute threads
+    (5 calls on 2 threads: 3), its last call is due `waves - 1` first-result times after
+    the first even when nothing straggles, so the bound is (scale + waves - 1) first-result
+    times: without that, healthy calls still queued for a thread were called stragglers
+    (on 2 cores, batch-1 load and no faults: 130-230 slots re-sent in 8 s, about 700
+    dispatches). Relative to the dispatch on purpose: a fixed or learned absolute deadline calls
     every call late under overload, and acting on that (re-sending work, letting more
     dispatches run) would feed the overload.
 
@@ -92,11 +100,12 @@ class StragglerWatch:
     stragglers, so its in-flight slot can go to the next dispatch."""
 
     def __init__(self, scale: float | None, min_s: float, on_stall: Callable[[], None] | None,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, waves: int = 1) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.launched_s = loop.time()
         self.scale, self.min_s = scale, min_s
+        self.waves = waves
         self.first_s: float | None = None  # the dispatch's first result, since the launch
         self.expired: asyncio.Future[None] = loop.create_future()  # set at the deadline
         self._on_stall = on_stall
@@ -128,7 +137,7 @@ class StragglerWatch:
         (no result yet) or never (no scale)."""
         if self.scale is None or self.first_s is None:
             return None
-        return self.launched_s + max(self.scale * self.first_s, self.min_s)
+        return self.launched_s + max((self.scale + self.waves - 1) * self.first_s, self.min_s)
 
     def stalled(self) -> None:
         if not self.fired:
@@ -234,10 +243,15 @@ class Arrivals:
                 out[slot] = task.result()
         return out
 
-    def finish(self, count_erasures: bool = True) -> None:
+    def finish(self, count_erasures: bool = True, keep: Collection[int] | None = None) -> None:
         """The group is answered: results still in flight are dropped (and counted when
-        they land) or, after `cancel_late_after_s`, cancelled (and counted), and every
-        launched slot whose result was not used is an erasure."""
+        they land) or cancelled (and counted), and every launched slot whose result was not
+        used is an erasure. With `cancel_late_after_s` set, the late calls of the slots in
+        `keep` (None: every slot) are cancelled that long after the answer, because
+        something still reads their results (the decode wait learns from how late the
+        missing systematic results come; the shadow monitor checks a parity); every other
+        late call is cancelled at once, so that a call still queued for a compute thread is
+        never run: a parity nobody needed costs only the CPU that was free when it ran."""
         late = [task for task in self.pending if not task.done()]
         metrics = self._metrics
         for task in late:
@@ -249,9 +263,11 @@ class Arrivals:
 
             task.add_done_callback(count)
         if late and self.cancel_late_after_s is not None:
-            # not at once: the decode wait learns from how late these results come
-            # (runtime.deadlines), so they get as long as the longest wait
-            self._loop.call_later(self.cancel_late_after_s, _cancel, late)
+            read = late if keep is None else [t for t in late if self.tasks[t] in keep]
+            if len(read) < len(late):
+                _cancel([t for t in late if t not in read])
+            if read:
+                self._loop.call_later(self.cancel_late_after_s, _cancel, read)
         if count_erasures:
             for slot in sorted(set(self.tasks.values()) - self.received):
                 self._metrics.erasures.labels(worker=str(slot)).inc()
@@ -311,17 +327,22 @@ class Mode:
             self.metrics.partial_groups.labels(**self.metrics.labels).inc()
             self.metrics.padded_queries.labels(**self.metrics.labels).inc(padded)
 
-    def watch(self, batch: Batch) -> StragglerWatch:
-        """The straggler clock of one dispatch."""
+    def watch(self, batch: Batch, calls: int) -> StragglerWatch:
+        """The straggler clock of one dispatch of `calls` worker calls."""
         options = self.options
+        slots = options.compute_slots
+        waves = 1 if slots is None else -(-calls // slots)
         return StragglerWatch(options.straggler_scale, options.straggler_min_s, batch.on_stall,
-                              self.metrics)
+                              self.metrics, waves)
 
-    def launch(self, calls: Sequence[Call], systematic: Sequence[int], batch: Batch) -> Arrivals:
-        """Submit one coding group's calls; `systematic`: its exact-answer workers."""
+    def launch(self, calls: Sequence[Call], systematic: Sequence[int], batch: Batch,
+               later: int = 0) -> Arrivals:
+        """Submit one coding group's calls; `systematic`: its exact-answer workers; `later`:
+        how many more calls join it once ready (the coded parities, once encoded)."""
         group = self.pool.new_group(systematic)
         tasks = {self.pool.submit(i, model, x, group): i for i, model, x in calls}
-        return Arrivals(tasks, self.metrics, self.watch(batch), self.options.cancel_late_after_s,
+        watch = self.watch(batch, len(calls) + later)
+        return Arrivals(tasks, self.metrics, watch, self.options.cancel_late_after_s,
                         group)
 
     def shadow_parity(self, arrivals: Arrivals, first_parity: int,

@@ -67,7 +67,8 @@ class CodedMode(Mode):
         calls = [(i, WORKER_F, slot(groups, i)) for i in range(k)]
         if self.options.encoders_on_workers:
             calls += [(k + r, encoder_then_f(r), groups) for r in range(n - k)]
-        arrivals = self.launch(calls, systematic=range(k), batch=batch)
+        arrivals = self.launch(calls, systematic=range(k), batch=batch,
+                               later=0 if self.options.encoders_on_workers else n - k)
         if not self.options.encoders_on_workers:
             self._launch_parities(arrivals, groups)
 
@@ -91,16 +92,19 @@ class CodedMode(Mode):
                 decoders.release(decoder)
                 decoder = refolded
             missing = set(decoder.missing)
-            # a group the wait made whole lost nothing: its parities were never needed
-            arrivals.finish(count_erasures=not (waited and not missing))
+            shadow = self.options.shadow
+            shadowing = not missing and shadow is not None and shadow.wants()
+            # a group the wait made whole lost nothing: its parities were never needed. Late
+            # systematic results still teach the decode wait; a parity is read only to shadow
+            arrivals.finish(count_erasures=not (waited and not missing),
+                            keep=range(n) if shadowing else range(k))
             # every systematic result in: the decoder holds exact copies, nothing is solved
             t0 = time.perf_counter()
             zs = await decoders.finalize(decoder)  # [k, G, *embedding_shape], host
             if missing:
                 self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-            shadow = self.options.shadow
             # the decoder's answer is only valid until release: keep a copy to shadow it
-            exact = np.array(zs) if not missing and shadow is not None and shadow.wants() else None
+            exact = np.array(zs) if shadowing else None
             zs = zs.swapaxes(0, 1).reshape(-1, *zs.shape[2:])[:m]  # [m, *emb] (may be a view)
             logits = await self.frontend.classify(zs)  # padded slots are never classified
         finally:

@@ -59,7 +59,11 @@ class ParMMode(Mode):
                 f"ParM needs k={k} of the {k + 1} results, got workers {sorted(results)}; "
                 "retry shortly"))
             return
-        arrivals.finish()
+        shadow = self.options.shadow
+        # drawn now: a shadowed group's parity is read after the answer, any other late
+        # call is cancelled at once (runtime.modes.base.Arrivals.finish)
+        shadowing = shadow is not None and shadow.wants()
+        arrivals.finish(keep=range(k + 1) if shadowing else ())
         received = sorted(i for i in results if i < k)
         zs = np.concatenate([results[i] for i in received])  # [r*G, *emb], worker-major
         flat = await self.frontend.classify(zs)
@@ -75,9 +79,8 @@ class ParMMode(Mode):
         lost = j == missing  # [m]; all False when nothing is missing
         if not lost.any():
             self.answer(batch, out, np.zeros(m, np.bool_))
-            shadow = self.options.shadow
             # every primary in (not only those of real queries): the parity sums all k
-            if missing is None and shadow is not None and shadow.wants():
+            if missing is None and shadowing and shadow is not None:
                 try:  # after the answer; a monitor bug must not fail the dispatch
                     self._shadow(shadow, arrivals, logits[primary], m)
                 except Exception:  # noqa: BLE001

@@ -41,7 +41,7 @@ class UncodedMode(Mode):
         slots = [(s, rows) for s, rows in slots if len(rows)]
         # one group tag for the dispatch: its systematic workers are the ones it uses
         group = self.pool.new_group(sorted(s for s, _ in slots))
-        watch = self.watch(batch)  # one straggler clock for the dispatch's slots
+        watch = self.watch(batch, len(slots) * self.replicas)  # one clock for all its slots
         await asyncio.gather(*(self._one(batch, rows, s, group, watch) for s, rows in slots))
 
     async def _one(self, batch: Batch, rows: np.ndarray, slot: int, group: Any,
@@ -61,7 +61,7 @@ class UncodedMode(Mode):
                 f"worker(s) {replicas} failed and --mode {self.name} has no other copy of "
                 "these queries; retry shortly"), rows)
             return
-        arrivals.finish()
+        arrivals.finish(keep=())  # nothing reads a late result here
         logits = await self.frontend.classify(results[0])
         self.answer(batch, logits, np.zeros(len(rows), np.bool_), rows=rows)
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 from modes_rig import PRIMARY, TOLERANCE, Rig, Run, flags, make_run, one
-from runtime_harness import CHW, TASKS, until
+from runtime_harness import CHW, TASKS, settle, until
 
 from kernels.berrut import BerrutCode
 from runtime.errors import ServiceUnavailable
@@ -318,3 +318,38 @@ async def test_straggler_watch_is_relative_to_the_first_result() -> None:
     watch.stalled()
     assert fired == [1]  # once per dispatch
     assert StragglerWatch(None, 0.0, None, Metrics("tiny")).deadline_s() is None
+
+
+@pytest.mark.asyncio
+async def test_straggler_watch_waits_for_the_dispatchs_own_compute_waves(tiny_rig: Rig) -> None:
+    from runtime.batcher import Batch, Piece
+
+    # 5 calls on 2 shared compute threads run in 3 waves: the last is due 2 first-result
+    # times after the first, so the bound moves from scale to scale + 2 first-result times
+    run = make_run(tiny_rig, "coded", tiny_rig.k, options=ModeOptions(
+        straggler_scale=2.0, straggler_min_s=0.0, compute_slots=2))
+    batch = Batch([Piece(run.queries[0], 0, 1, 0)])
+    watch = run.mode.watch(batch, 5)
+    assert watch.waves == 3
+    watch.launched_s -= 0.010
+    watch.landed()
+    assert watch.deadline_s() == pytest.approx(watch.launched_s + 4 * watch.first_s)
+    assert run.mode.watch(batch, 2).waves == 1  # every call has a thread
+    # workers with their own compute (Ray actors): one wave, whatever the number of calls
+    own = make_run(tiny_rig, "coded", tiny_rig.k, options=ModeOptions(straggler_scale=2.0))
+    assert own.mode.watch(batch, 5).waves == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["replication", "parm", "approxifer"])
+async def test_late_calls_nobody_reads_are_cancelled_at_once(tiny_rig: Rig, mode: str) -> None:
+    rig, k = tiny_rig, tiny_rig.k
+    options = ModeOptions(cancel_late_after_s=3600.0)  # the delay for calls still read
+    run = await make_run(rig, mode, k, options=options).start()
+    answering = range(k)  # enough for each: the first copies, the primaries, any k of n
+    await run.land(answering)
+    await run.done()
+    await settle()
+    late = [c for c in run.pool.calls if c.worker not in answering]
+    assert late and all(c.future.cancelled() for c in late)
+    assert run.count("coded_cancelled_calls_total") == len(late)

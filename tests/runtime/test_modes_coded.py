@@ -426,3 +426,51 @@ async def test_coded_cancelled_parities_skip_an_encoding_not_yet_done(rig: Rig) 
     encoders.gate.set()
     await settle()
     assert not encoders.ended and len(run.pool.calls) == k  # the encoding itself was cancelled
+
+
+# -- late calls nobody reads are cancelled at once, not after the decode-wait cap ---------------
+LONG_S = 3600.0  # the cancel delay of calls still read: never reached inside a test
+
+
+@pytest.mark.asyncio
+async def test_coded_unneeded_parities_are_cancelled_at_once(rig: Rig) -> None:
+    k, n = rig.k, rig.n
+    run = await make_run(rig, "coded", k, options=ModeOptions(cancel_late_after_s=LONG_S)).start()
+    await run.land(range(k))  # every systematic result: exact answers, no parity read
+    await run.done()
+    run.check([False] * k)
+    await settle()
+    assert all(run.pool.call(w).future.cancelled() for w in range(k, n))
+    assert run.count("coded_cancelled_calls_total") == n - k
+
+
+@pytest.mark.asyncio
+async def test_coded_a_missing_systematic_call_is_kept_for_the_decode_wait(wide_rig: Rig) -> None:
+    rig = wide_rig  # two parities: one decodes, the other is never read
+    k = rig.k
+    options = ModeOptions(cancel_late_after_s=LONG_S, systematic_grace_s=0.0)
+    run = await make_run(rig, "coded", k, options=options).start()
+    await run.land([*range(1, k), k])  # slot 0 missing: decoded from the first parity
+    await run.done()
+    run.check(flags(k, k, {0}))
+    await settle()
+    assert run.pool.call(k + 1).future.cancelled()  # the second parity: nobody reads it
+    assert not run.pool.call(0).future.done()  # still read: its lateness is learned
+    assert run.count("coded_cancelled_calls_total") == 1
+
+
+@pytest.mark.asyncio
+async def test_coded_a_shadowed_groups_parity_is_kept(tiny_rig: Rig) -> None:
+    from runtime.metrics import Metrics
+    from runtime.shadow import ShadowConfig, ShadowMonitor
+
+    rig = tiny_rig
+    monitor = ShadowMonitor(ShadowConfig(fraction=1.0, seed=0), [h.task for h in rig.manifest.heads],
+                            Metrics("tiny"), busy=lambda: False)
+    options = ModeOptions(cancel_late_after_s=LONG_S, shadow=monitor)
+    run = await make_run(rig, "coded", rig.k, options=options).start()
+    await run.land(range(rig.k))
+    await run.done()
+    await settle()
+    assert not run.pool.call(rig.k).future.done()  # the shadow decode waits for it
+    assert run.count("coded_cancelled_calls_total") == 0
