@@ -12,13 +12,16 @@ Partial groups (fewer than k queries at the batcher's deadline): coded, ParM and
 ApproxIFER pad the group to k with repeats of its last query, so every worker and the
 encoders see in-distribution inputs (zeros would be far from the training data for the
 learned encoders); padded slots' answers are never computed by the heads or returned.
-Uncoded and replication send only the real queries.
+Uncoded and replication send only the real queries. In a dispatch of one partial group the
+padded slots and the last real one are *twins* (`padding_twins`): they compute the same
+thing, so the first of their results is all of theirs, the others run as replicas of that
+query only while nobody has answered it, and the group answers once its real slots are in.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +72,14 @@ def pad(xs: np.ndarray, k: int) -> np.ndarray:
     if len(xs) == total:
         return xs
     return np.concatenate([xs, np.repeat(xs[-1:], total - len(xs), axis=0)])
+
+
+def padding_twins(m: int, k: int) -> range:
+    """The slots of a dispatch of m queries that hold the same query because of padding:
+    the last real slot and the padding that repeats it, when the dispatch is one partial
+    group (m < k); none otherwise (with several groups only the last one is padded, and a
+    worker's result covers its slot of every group)."""
+    return range(m - 1, k) if 0 < m < k else range(0)
 
 
 def as_groups(x: np.ndarray, k: int) -> np.ndarray:
@@ -152,18 +163,23 @@ class Arrivals:
 
     Calls are known by their *slot*: the worker they were launched on, or, for a call
     re-dispatched to another worker (`add`), the slot it stands in for; the first result
-    of a slot counts. Every landing is told to the dispatch's `watch`."""
+    of a slot counts. `twins`: slots that compute the same thing (`padding_twins`); the
+    first result of any of them is the result of each. Every landing is told to the
+    dispatch's `watch`."""
 
     def __init__(self, tasks: dict[asyncio.Task[Any], int], metrics: Metrics,
                  watch: StragglerWatch | None = None, cancel_late_after_s: float | None = None,
-                 group: GroupTag | None = None) -> None:
+                 group: GroupTag | None = None, twins: Collection[int] = ()) -> None:
         self._loop = asyncio.get_running_loop()
         self.group = group  # the pool's tag of these calls
         self._now = self._loop.time
         self.cancel_late_after_s = cancel_late_after_s
         self.tasks = dict(tasks)  # task -> slot
         self.pending: set[asyncio.Task[Any]] = set(tasks)
-        self.received: set[int] = set()  # slots
+        self.received: set[int] = set()  # slots with a result
+        self.filled: set[int] = set()  # received slots whose result is a twin's
+        self.twins = frozenset(twins) if len(twins) > 1 else frozenset()
+        self._results: dict[int, Any] = {}  # slot -> its first result
         self._metrics = metrics
         self.watch = watch
 
@@ -172,17 +188,30 @@ class Arrivals:
         self.tasks[task] = slot
         self.pending.add(task)
 
-    def _landed(self, task: asyncio.Task[Any]) -> bool:
-        """Whether `task` is a slot's first successful result."""
+    def missing(self, slots: Iterable[int]) -> list[int]:
+        """Those of `slots` without a result, twins once (their first slot): one result
+        of a twin is all of theirs."""
+        out = [s for s in slots if s not in self.received]
+        first_twin = min(self.twins, default=None)
+        return [s for s in out if s not in self.twins or s == first_twin]
+
+    def _landed(self, task: asyncio.Task[Any]) -> list[int]:
+        """The slots whose first successful result `task` is (its twins' too): none when
+        it failed or they had one (both a re-dispatch and the original landed)."""
         if task.cancelled() or task.exception() is not None:
-            return False
+            return []
         slot = self.tasks[task]
         if slot in self.received:
-            return False  # both a re-dispatch and the original landed
-        self.received.add(slot)
+            return []
+        slots = sorted(self.twins) if slot in self.twins else [slot]  # twins land together
+        result = task.result()
+        for s in slots:
+            self._results[s] = result
+        self.received.update(slots)
+        self.filled.update(s for s in slots if s != slot)
         if self.watch is not None:
             self.watch.landed()
-        return True
+        return slots
 
     async def until(self, add: Callable[[int, Any], bool],
                     on_straggler: Callable[[int], bool] | None = None,
@@ -212,8 +241,8 @@ class Arrivals:
             self.pending -= done
             decodable = False
             for task in sorted(done, key=self.tasks.__getitem__):
-                if self._landed(task):
-                    decodable = add(self.tasks[task], task.result()) or decodable
+                for s in self._landed(task):
+                    decodable = add(s, self._results[s]) or decodable
             if decodable:
                 return True
         return False
@@ -231,17 +260,12 @@ class Arrivals:
             if not done:
                 break
             self.pending -= done
-            arrived |= {self.tasks[t] for t in done if self._landed(t)}
+            arrived.update(s for t in done for s in self._landed(t))
         return arrived
 
     def results(self) -> dict[int, Any]:
         """slot -> result, for every received slot (its first successful result)."""
-        out: dict[int, Any] = {}
-        for task, slot in self.tasks.items():
-            if slot in self.received and slot not in out and task.done() and not (
-                    task.cancelled() or task.exception() is not None):
-                out[slot] = task.result()
-        return out
+        return dict(self._results)
 
     def finish(self, count_erasures: bool = True, keep: Collection[int] | None = None) -> None:
         """The group is answered: results still in flight are dropped (and counted when
@@ -336,14 +360,15 @@ class Mode:
                               self.metrics, waves)
 
     def launch(self, calls: Sequence[Call], systematic: Sequence[int], batch: Batch,
-               later: int = 0) -> Arrivals:
+               later: int = 0, twins: Collection[int] = ()) -> Arrivals:
         """Submit one coding group's calls; `systematic`: its exact-answer workers; `later`:
-        how many more calls join it once ready (the coded parities, once encoded)."""
+        how many more calls join it once ready (the coded parities, once encoded);
+        `twins`: slots computing the same thing (`padding_twins`)."""
         group = self.pool.new_group(systematic)
         tasks = {self.pool.submit(i, model, x, group): i for i, model, x in calls}
         watch = self.watch(batch, len(calls) + later)
         return Arrivals(tasks, self.metrics, watch, self.options.cancel_late_after_s,
-                        group)
+                        group, twins)
 
     def shadow_parity(self, arrivals: Arrivals, first_parity: int,
                       submit: Callable[[int, Any], None]) -> None:

@@ -17,7 +17,7 @@ from runtime.errors import ConfigError, ServiceUnavailable
 from runtime.gpu_decode import to_host
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F, encoder_then_f
-from runtime.modes.base import Arrivals, Mode, as_groups, slot
+from runtime.modes.base import Arrivals, Mode, as_groups, padding_twins, slot
 from runtime.shadow import ShadowMonitor, ShadowOutcome, rebuild_slot
 
 REDISPATCH_ROUNDS = 3  # re-sent calls may straggle too; each round costs only then
@@ -68,7 +68,8 @@ class CodedMode(Mode):
         if self.options.encoders_on_workers:
             calls += [(k + r, encoder_then_f(r), groups) for r in range(n - k)]
         arrivals = self.launch(calls, systematic=range(k), batch=batch,
-                               later=0 if self.options.encoders_on_workers else n - k)
+                               later=0 if self.options.encoders_on_workers else n - k,
+                               twins=padding_twins(m, k))
         if not self.options.encoders_on_workers:
             self._launch_parities(arrivals, groups)
 
@@ -95,9 +96,11 @@ class CodedMode(Mode):
             shadow = self.options.shadow
             shadowing = not missing and shadow is not None and shadow.wants()
             # a group the wait made whole lost nothing: its parities were never needed. Late
-            # systematic results still teach the decode wait; a parity is read only to shadow
+            # systematic results still teach the decode wait; a parity is read only to
+            # shadow; a twin's result came in already
+            read = range(n) if shadowing else range(k)
             arrivals.finish(count_erasures=not (waited and not missing),
-                            keep=range(n) if shadowing else range(k))
+                            keep=[s for s in read if s not in arrivals.filled])
             # every systematic result in: the decoder holds exact copies, nothing is solved
             t0 = time.perf_counter()
             zs = await decoders.finalize(decoder)  # [k, G, *embedding_shape], host
@@ -215,9 +218,9 @@ class CodedMode(Mode):
         than parities): re-send each missing systematic slot to a worker that has already
         answered this group (a second line of defence, paid only when needed); a later
         round picks other workers. True when anything was sent."""
-        free = [w for w in sorted(arrivals.received)
+        free = [w for w in sorted(arrivals.received - arrivals.filled)
                 if w < self.k or not self.options.encoders_on_workers]  # workers that run f
-        missing = [s for s in range(self.k) if s not in arrivals.received]
+        missing = arrivals.missing(range(self.k))
         if not free or not missing:
             return False
         free = free[round_ % len(free):] + free[:round_ % len(free)]

@@ -14,7 +14,7 @@ from runtime.batcher import Batch
 from runtime.errors import ConfigError, ServiceUnavailable
 from runtime.manifest import Manifest
 from runtime.models import WORKER_F, WORKER_PARM
-from runtime.modes.base import Arrivals, Mode, as_groups, slot
+from runtime.modes.base import Arrivals, Mode, as_groups, padding_twins, slot
 from runtime.shadow import ShadowMonitor, ShadowOutcome
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class ParMMode(Mode):
         self.count_partial(m)
         groups = as_groups(batch.x, k)  # [G, k, C, H, W]
         calls = [(i, WORKER_F, slot(groups, i)) for i in range(k)] + [(k, WORKER_PARM, groups)]
-        arrivals = self.launch(calls, systematic=range(k), batch=batch)
+        arrivals = self.launch(calls, systematic=range(k), batch=batch,
+                               twins=padding_twins(m, k))
         results: dict[int, np.ndarray] = {}  # primary: [G, *emb]; parity: [G, classes]
 
         def add(worker: int, result: np.ndarray) -> bool:

@@ -474,3 +474,51 @@ async def test_coded_a_shadowed_groups_parity_is_kept(tiny_rig: Rig) -> None:
     await settle()
     assert not run.pool.call(rig.k).future.done()  # the shadow decode waits for it
     assert run.count("coded_cancelled_calls_total") == 0
+
+
+# -- a lone partial group: its padding repeats its last query -----------------------------------
+@pytest.mark.asyncio
+async def test_coded_a_lone_partial_group_answers_once_its_real_slots_are_in(rig: Rig) -> None:
+    k, n = rig.k, rig.n
+    for m in range(1, k):
+        run = await make_run(rig, "coded", m, options=ModeOptions(cancel_late_after_s=LONG_S)).start()
+        # the real slots before the last, then the LAST padded slot: it holds the last query
+        await run.land([*range(m - 1), k - 1])
+        await run.done()
+        run.check([False] * m, f"m={m}")  # exact: nothing decoded, no parity waited for
+        await settle()
+        idle = [*range(m - 1, k - 1), *range(k, n)]  # the last query's own slot, the parities
+        assert all(run.pool.call(w).future.cancelled() for w in idle), f"m={m}"
+        assert run.count("coded_cancelled_calls_total") == len(idle), f"m={m}"
+
+
+@pytest.mark.asyncio
+async def test_coded_a_lone_partial_group_decodes_the_queries_its_padding_cannot_cover(
+        wide_rig: Rig) -> None:
+    rig = wide_rig  # k = 3: queries 0 and 1, slot 2 repeats query 1
+    k = rig.k
+    run = await make_run(rig, "coded", 2, options=ModeOptions(systematic_grace_s=0.0)).start()
+    await run.land([2, k], failed={0, 1})  # the padding and a parity: query 0 is decoded
+    await run.done()
+    run.check([True, False])
+
+
+@pytest.mark.asyncio
+async def test_coded_redispatches_a_lone_querys_slot_once_not_once_per_padded_slot(
+        wide_rig: Rig) -> None:
+    rig = wide_rig  # k = 3, n = 5, one query: slots 0, 1 and 2 all hold it
+    k, n = rig.k, rig.n
+    options = ModeOptions(straggler_scale=0.0, straggler_min_s=0.0, redispatch=True)
+    run = await make_run(rig, "coded", 1, options=options).start()
+    for w in range(k, n):  # only the two parities, on one loop turn: 2 of 3 needed, and
+        run.pool.land(w)  # every slot straggles with two workers free to re-send it to
+    await until(lambda: len(run.pool.calls) == n + REDISPATCH_ROUNDS, "the re-dispatched calls")
+    await settle()
+    again = run.pool.calls[n:]
+    assert len(again) == REDISPATCH_ROUNDS  # one call per round, not one per padded slot
+    for call in again:  # on a parity's worker, which runs f too
+        assert call.worker in range(k, n) and call.model == WORKER_F
+        np.testing.assert_array_equal(call.batch, run.pool.call(0).batch)
+    again[0].future.set_result(worker_result(rig, again[0].model, again[0].batch))
+    await run.done()
+    run.check([False])
