@@ -95,7 +95,10 @@ class WorkerPool:
                 f"worker {index} has been running one call for {busy_s * 1000:.0f} ms, past "
                 f"its {self._deadline_s * 1000:.0f} ms deadline"))
         try:
-            return await asyncio.wait_for(worker.run(model, batch, group), self._deadline_s)
+            # in this task, not a new one (wait_for's): the call reaches its worker (a thread
+            # worker's executor) on this loop turn, before a dispatch's encoders run inline
+            async with asyncio.timeout(self._deadline_s):
+                return await worker.run(model, batch, group)
         except TimeoutError:
             error: WorkerError = WorkerOverdue(
                 f"worker {index} missed its {self._deadline_s * 1000:.0f} ms deadline")

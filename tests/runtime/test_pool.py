@@ -147,6 +147,19 @@ async def test_start_warms_every_worker_and_submit_returns_its_result() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_submitted_call_reaches_its_worker_on_the_next_loop_turn() -> None:
+    # what runs on the loop right after a submit (the coded encoders, inline) must not
+    # delay the call: the worker is entered in the pool's own task, not one more task later
+    pool, factory, _ = await _pool()
+    task = pool.submit(0, "f", X)
+    await asyncio.sleep(0)  # one loop turn: the submitted task's first step
+    assert len(factory.made[0, 0].calls) == 1
+    factory.made[0, 0].calls[0].future.set_result(X)
+    await task
+    await pool.stop()
+
+
+@pytest.mark.asyncio
 async def test_deadline_expiry_is_overdue_and_restarts_the_worker() -> None:
     pool, factory, metrics = await _pool(deadline_s=0.01)
     task = pool.submit(0, "f", X)  # worker 0 never answers this call
