@@ -87,6 +87,12 @@ class CodedMode(Mode):
                     f"{sorted(decoder.received)}); decoding needs any {k}. Retry shortly: failed "
                     "workers are being restarted"))
                 return
+            if set(decoder.missing) & arrivals.received:
+                # twins landed with the result that made the group decodable, after it: the
+                # decoder ignored them, but they are exact results, not slots to decode
+                refolded = self._refold(arrivals, shape)
+                decoders.release(decoder)
+                decoder = refolded
             waited = await self._wait_for_systematic(arrivals, set(decoder.missing))
             if waited:  # use what came in time, decode the rest
                 refolded = self._refold(arrivals, shape)
@@ -199,9 +205,23 @@ class CodedMode(Mode):
                 else:
                     lateness.observe(NEVER)
 
-            for task in arrivals.pending:
-                if arrivals.tasks[task] in waiting:
+            watched = [t for t in arrivals.pending if arrivals.tasks[t] in waiting]
+            twins = [t for t in watched if arrivals.tasks[t] in arrivals.twins]
+            for task in watched:
+                if task not in twins:
                     task.add_done_callback(observe)
+            if twins:  # one result for all of them: one sample, from the first to come
+                left = [len(twins)]
+
+                def observe_twin(task: asyncio.Task[Any]) -> None:
+                    left[0] -= 1
+                    failed = not task.cancelled() and task.exception() is not None
+                    if left[0] >= 0 and (not failed or left[0] == 0):
+                        left[0] = -1  # observed
+                        observe(task)
+
+                for task in twins:
+                    task.add_done_callback(observe_twin)
             wait_s = lateness.wait_s()
         else:
             wait_s = self.options.systematic_grace_s

@@ -221,7 +221,6 @@ async def test_partial_group_is_padded_and_padding_never_answered(rig: Rig, mode
         # but for a lone query: the padding repeats it, so a padded slot's result is its own
         failed = {0} if mode in ("coded", "parm") else set()
         lost = failed - set(padding_twins(m, k))
-        assert lost == (failed if m > 1 else set())
         await run.land(workers, failed=failed)
         await run.done()
         assert len(run.answers()) == m

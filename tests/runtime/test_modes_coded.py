@@ -498,7 +498,7 @@ async def test_coded_a_lone_partial_group_decodes_the_queries_its_padding_cannot
     rig = wide_rig  # k = 3: queries 0 and 1, slot 2 repeats query 1
     k = rig.k
     run = await make_run(rig, "coded", 2, options=ModeOptions(systematic_grace_s=0.0)).start()
-    await run.land([2, k], failed={0, 1})  # the padding and a parity: query 0 is decoded
+    await run.land([0, 1, 2, k], failed={0, 1})  # the padding and a parity: query 0 decoded
     await run.done()
     run.check([True, False])
 
@@ -522,3 +522,35 @@ async def test_coded_redispatches_a_lone_querys_slot_once_not_once_per_padded_sl
     again[0].future.set_result(worker_result(rig, again[0].model, again[0].batch))
     await run.done()
     run.check([False])
+
+
+@pytest.mark.asyncio
+async def test_coded_twins_landing_after_decodability_are_exact_results_not_a_wait(
+        wide_rig: Rig) -> None:
+    rig = wide_rig  # k = 3, queries 0 and 1: slots 1 and 2 are twins
+    k = rig.k
+    options = ModeOptions(systematic_grace_s=LONG_S)  # a wait would outlast the test
+    run = await make_run(rig, "coded", 2, options=options).start()
+    await run.land([k, 0, 1])  # slot 1's result makes it decodable, and fills slot 2 too
+    await run.done()
+    run.check([False, False])  # exact: nothing decoded, nothing waited for
+    assert run.count("coded_decode_duration_seconds_count") == 0
+    assert run.count("coded_decode_waits_total", outcome="decoded") == 0
+
+
+@pytest.mark.asyncio
+async def test_coded_learns_one_lateness_per_set_of_twins(wide_rig: Rig) -> None:
+    rig = wide_rig  # k = 3, queries 0 and 1: slots 1 and 2 are twins
+    k = rig.k
+    options = ModeOptions(decode_wait=DecodeWait(cap_s=120.0), cancel_late_after_s=LONG_S)
+    run = make_run(rig, "coded", 2, options=options)
+    _teach(run, 60.0)
+    await run.start()
+    await run.land([0, k, k + 1])  # decodable; the twins 1 and 2 both missing: it waits
+    assert not run.task.done()
+    await run.land([2])  # one result for both
+    await run.done()
+    run.check([False, False])
+    await settle()
+    assert run.pool.call(1).future.cancelled()  # its twin answered for it
+    assert run.mode.lateness.samples == 33  # one sample for the pair, not one per call
