@@ -78,6 +78,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
+ALIVE_MARK = "alive-ray-nodes:"
+
+
+def alive_count(stdout: str) -> int:
+    """The node count the probe printed after `ALIVE_MARK`; 0 when it printed none. Ray's
+    driver can echo a node's log (a crashed raylet's stack trace) to stdout around it."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(ALIVE_MARK):
+            return int(line.removeprefix(ALIVE_MARK))
+    return 0
+
+
 class NetnsCluster:
     def __init__(self, workers: int = 3, cpus_per_node: float = 1.0, subnet: str = SUBNET,
                  tag: str | None = None) -> None:
@@ -164,12 +176,10 @@ class NetnsCluster:
     def alive_nodes(self) -> int:
         """Ray nodes the head counts alive, asked from inside the head's namespace."""
         probe = ("import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                 "print(sum(n['Alive'] for n in ray.nodes()))")
+                 f"print({ALIVE_MARK!r}, sum(n['Alive'] for n in ray.nodes()))")
         run = subprocess.run(self.wrap(0, [sys.executable, "-c", probe, self.ray_address]),
                              capture_output=True, text=True, timeout=60, env=self.env)
-        if run.returncode:
-            return 0
-        return int(run.stdout.strip().splitlines()[-1])
+        return 0 if run.returncode else alive_count(run.stdout)
 
     def wait_for_nodes(self, count: int, timeout_s: float = NODE_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
