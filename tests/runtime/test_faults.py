@@ -67,8 +67,11 @@ def test_killed_worker_every_request_answered_once_and_flagged(tiny: TinyModel) 
 
 def test_straggler_per_group_is_decoded_not_waited_for(tiny: TinyModel) -> None:
     delay_ms = 1500.0
+    # no re-dispatch: on a slow machine the straggler deadline can pass before the parity
+    # (which waits for the encoder) lands, and a re-sent slot then answers exactly; that path
+    # has its own tests (test_modes_coded), this one is about decoding
     config = server_config(tiny.bundle, fault_straggler_per_group=True, fault_delay_ms=delay_ms,
-                           fault_seed=3, max_queue_delay_ms=50.0)
+                           fault_seed=3, max_queue_delay_ms=50.0, redispatch=False)
     with ServerThread(config) as srv:
         client = triton.InferenceServerClient(srv.url)
         for i in range(4):

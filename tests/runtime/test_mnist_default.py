@@ -77,10 +77,12 @@ def test_reconstructed_mnist_answers_are_mostly_correct(coding: str) -> None:
     # one straggler per coding group: its query is answered from the decoded embedding, with
     # each of the bundle's codes. The straggler is 3 s late, so that no pause of a loaded
     # machine lets it land before the decode (at 300 ms a full-suite run once saw 2 of 400
-    # answers reconstructed); a late call is cancelled, so the test does not wait it out.
+    # answers reconstructed); a late call is cancelled, so the test does not wait it out. No
+    # re-dispatch: a straggler deadline passing before the encoded parity lands would re-send
+    # the slot and answer it exactly (a likelier cause of that run; tested in test_modes_coded).
     predicted, labels, flags = _serve_and_classify(
         {"coding": coding, "fault_straggler_per_group": True, "fault_delay_ms": 3000.0, "fault_seed": 0,
-         "max_queue_delay_ms": 20.0})
+         "max_queue_delay_ms": 20.0, "redispatch": False})
     assert flags.sum() >= IMAGES // 20, f"only {int(flags.sum())} of {IMAGES} answers were reconstructed"
     accuracy = float((predicted[flags] == labels[flags]).mean())
     assert accuracy >= MIN_RECONSTRUCTED_ACCURACY, (
