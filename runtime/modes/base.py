@@ -21,7 +21,7 @@ query only while nobody has answered it, and the group answers once its real slo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, KeysView, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +176,6 @@ class Arrivals:
         self.cancel_late_after_s = cancel_late_after_s
         self.tasks = dict(tasks)  # task -> slot
         self.pending: set[asyncio.Task[Any]] = set(tasks)
-        self.received: set[int] = set()  # slots with a result
         self.filled: set[int] = set()  # received slots whose result is a twin's
         self.twins = frozenset(twins) if len(twins) > 1 else frozenset()
         self._results: dict[int, Any] = {}  # slot -> its first result
@@ -187,6 +186,11 @@ class Arrivals:
         """A further call for `slot` (a re-dispatch to another worker)."""
         self.tasks[task] = slot
         self.pending.add(task)
+
+    @property
+    def received(self) -> KeysView[int]:
+        """The slots with a result."""
+        return self._results.keys()
 
     def missing(self, slots: Iterable[int]) -> list[int]:
         """Those of `slots` without a result, twins once (their first slot): one result
@@ -207,7 +211,6 @@ class Arrivals:
         result = task.result()
         for s in slots:
             self._results[s] = result
-        self.received.update(slots)
         self.filled.update(s for s in slots if s != slot)
         if self.watch is not None:
             self.watch.landed()
@@ -274,8 +277,9 @@ class Arrivals:
         `keep` (None: every slot) are cancelled that long after the answer, because
         something still reads their results (the decode wait learns from how late the
         missing systematic results come; the shadow monitor checks a parity); every other
-        late call is cancelled at once, so that a call still queued for a compute thread is
-        never run: a parity nobody needed costs only the CPU that was free when it ran."""
+        late call, and that of a slot a twin filled, is cancelled at once, so that a call
+        still queued for a compute thread is never run: a parity nobody needed costs only
+        the CPU that was free when it ran."""
         late = [task for task in self.pending if not task.done()]
         metrics = self._metrics
         for task in late:
@@ -287,7 +291,8 @@ class Arrivals:
 
             task.add_done_callback(count)
         if late and self.cancel_late_after_s is not None:
-            read = late if keep is None else [t for t in late if self.tasks[t] in keep]
+            read = [t for t in late if self.tasks[t] not in self.filled
+                    and (keep is None or self.tasks[t] in keep)]
             if len(read) < len(late):
                 _cancel([t for t in late if t not in read])
             if read:

@@ -90,23 +90,17 @@ class CodedMode(Mode):
             if set(decoder.missing) & arrivals.received:
                 # twins landed with the result that made the group decodable, after it: the
                 # decoder ignored them, but they are exact results, not slots to decode
-                refolded = self._refold(arrivals, shape)
-                decoders.release(decoder)
-                decoder = refolded
+                decoder = self._refold(arrivals, shape, decoder)
             waited = await self._wait_for_systematic(arrivals, set(decoder.missing))
             if waited:  # use what came in time, decode the rest
-                refolded = self._refold(arrivals, shape)
-                decoders.release(decoder)
-                decoder = refolded
+                decoder = self._refold(arrivals, shape, decoder)
             missing = set(decoder.missing)
             shadow = self.options.shadow
             shadowing = not missing and shadow is not None and shadow.wants()
             # a group the wait made whole lost nothing: its parities were never needed. Late
-            # systematic results still teach the decode wait; a parity is read only to
-            # shadow; a twin's result came in already
-            read = range(n) if shadowing else range(k)
+            # systematic results still teach the decode wait; a parity is read only to shadow
             arrivals.finish(count_erasures=not (waited and not missing),
-                            keep=[s for s in read if s not in arrivals.filled])
+                            keep=range(n) if shadowing else range(k))
             # every systematic result in: the decoder holds exact copies, nothing is solved
             t0 = time.perf_counter()
             zs = await decoders.finalize(decoder)  # [k, G, *embedding_shape], host
@@ -251,9 +245,10 @@ class CodedMode(Mode):
             self.metrics.redispatched.inc()
         return True
 
-    def _refold(self, arrivals: Arrivals, shape: tuple[int, ...]) -> Decoder:
+    def _refold(self, arrivals: Arrivals, shape: tuple[int, ...], old: Decoder) -> Decoder:
         """A decoder fed every received result, systematic ones first, so that the fewest
-        slots are decoded (the caller releases it)."""
+        slots are decoded, in place of `old` (released once it is; the caller releases the
+        new one, or still `old` if this raises)."""
         decoder = self.decoders.acquire(shape)
         try:
             for worker, result in sorted(arrivals.results().items()):
@@ -262,6 +257,7 @@ class CodedMode(Mode):
         except BaseException:
             self.decoders.release(decoder)
             raise
+        self.decoders.release(old)
         return decoder
 
 

@@ -64,9 +64,7 @@ class ParMMode(Mode):
         # drawn now: a shadowed group's parity is read after the answer, any other late
         # call is cancelled at once (runtime.modes.base.Arrivals.finish)
         shadowing = shadow is not None and shadow.wants()
-        # (a twin's own call is never read: its slot has a result)
-        arrivals.finish(keep=[s for s in range(k + 1) if s not in arrivals.filled]
-                        if shadowing else ())
+        arrivals.finish(keep=range(k + 1) if shadowing else ())
         received = sorted(i for i in results if i < k)
         zs = np.concatenate([results[i] for i in received])  # [r*G, *emb], worker-major
         flat = await self.frontend.classify(zs)
