@@ -121,7 +121,7 @@ class AdmissionControl:
             waiter.set_result(self._reserve())
 
     def _refuse(self, why: str) -> None:
-        self._metrics.rejected.labels(**self._metrics.labels).inc()
+        self._metrics.request_rejected()
         raise ServiceUnavailable(
             f"server overloaded: {self._queued()} queries queued, {self._admitting} requests "
             f"being read, {len(self._waiters)} waiting; limit {self.max_queue_size} queries "

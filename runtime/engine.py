@@ -275,7 +275,7 @@ class Engine:
             if self._inflight == 0:
                 self._idle.set()
             raise
-        gauge = self.metrics.inflight_requests.labels(**self.metrics.labels)
+        gauge = self.metrics.inflight
         gauge.inc()
         try:
             yield admission
@@ -308,7 +308,9 @@ class Engine:
         finally:
             admission.release(len(raw))  # queued (or refused): the queue counts them now
         try:
-            answers = await asyncio.wait_for(block.future, timeout_s)
+            # cancelling this task on timeout cancels the awaited future too (abandoned)
+            async with asyncio.timeout(timeout_s):
+                answers = await block.future
         except TimeoutError:
             raise RequestTimeout(f"request not answered within its {timeout_s * 1000:.0f} ms "
                                  "timeout (parameter timeout_ms)") from None
@@ -317,7 +319,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a mode bug is this request's 503, not a 500
             raise ServiceUnavailable(f"inference failed: {exc}") from exc
         finally:
-            # anything unanswered is abandoned (wait_for cancelled the future), never computed
+            # anything unanswered is abandoned (its future is cancelled), never computed
             # twice; abandoned queries free room
             self.admission.room_changed()  # type: ignore[union-attr]
         return build_result(self.manifest, answers)

@@ -285,7 +285,8 @@ class HttpFrontend:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds the "
                                   f"{self.config.max_body_bytes}-byte limit (--max-body-bytes)")
         try:
-            body = await asyncio.wait_for(request.read(), self.config.read_timeout_s)
+            async with asyncio.timeout(self.config.read_timeout_s):  # no task, unlike wait_for
+                body = await request.read()
         except TimeoutError:
             raise BodyTimeout(f"request body not received within {self.config.read_timeout_s:g} s "
                               "(--read-timeout-s); check Content-Length") from None

@@ -10,6 +10,7 @@ The runtime's own metrics are ordinary Counters/Histograms named `coded_*`.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -131,30 +132,77 @@ class Metrics:
             "coded_shadow_alert", "1 while some head's windowed shadow agreement is below "
             "--shadow-alert-below", registry=r)
         self.last_inference_s = 0.0  # wall clock (epoch seconds) of the last execution
+        # The series every request, dispatch or worker call updates, bound to their labels
+        # once: prometheus-client's labels() takes a lock and builds a key on every call
+        # (seven calls per request were ~4 % of the event loop's time).
+        bind = {name: family.labels(**self.labels) for name, family in (
+            ("success", self._success), ("request_us", self._request_us),
+            ("latency", self.request_latency), ("exec_count", self._exec_count),
+            ("count", self._count), ("queue_us", self._queue_us),
+            ("compute_us", self._compute_us), ("pending", self._pending),
+            ("inflight", self.inflight_requests), ("rejected", self.rejected),
+            ("reconstructed", self.reconstructed), ("partial", self.partial_groups),
+            ("padded", self.padded_queries), ("cancelled_queries", self.cancelled_queries))}
+        self._bound = bind
+        self.inflight = bind["inflight"]  # Gauge child: inc() / dec()
+        self._by_worker: dict[tuple[str, int], Any] = {}
 
     # Triton-style helpers (always labelled with this model) --------------------------------
     def request_success(self, duration_s: float) -> None:
-        self._success.labels(**self.labels).inc()
-        self._request_us.labels(**self.labels).inc(duration_s * 1e6)
-        self.request_latency.labels(**self.labels).observe(duration_s)
+        b = self._bound
+        b["success"].inc()
+        b["request_us"].inc(duration_s * 1e6)
+        b["latency"].observe(duration_s)
 
     def request_failure(self, reason: str, duration_s: float) -> None:
         self._failure.labels(**self.labels, reason=reason).inc()
-        self._request_us.labels(**self.labels).inc(duration_s * 1e6)
+        self._bound["request_us"].inc(duration_s * 1e6)
+
+    def request_rejected(self) -> None:
+        """Refused (503) at admission, before its body was read."""
+        self._bound["rejected"].inc()
 
     def group_executed(self, queries: int, queue_s: float, compute_s: float) -> None:
         self.last_inference_s = time.time()
-        self._exec_count.labels(**self.labels).inc()
-        self._count.labels(**self.labels).inc(queries)
-        self._queue_us.labels(**self.labels).inc(queue_s * 1e6)
-        self._compute_us.labels(**self.labels).inc(compute_s * 1e6)
+        b = self._bound
+        b["exec_count"].inc()
+        b["count"].inc(queries)
+        b["queue_us"].inc(queue_s * 1e6)
+        b["compute_us"].inc(compute_s * 1e6)
+
+    def partial_group(self, padded: int) -> None:
+        """A group went out with `padded` padding slots."""
+        self._bound["partial"].inc()
+        self._bound["padded"].inc(padded)
+
+    def answers_reconstructed(self, count: int) -> None:
+        self._bound["reconstructed"].inc(count)
 
     def queries_cancelled(self, queries: int) -> None:
         """`queries` queued queries were dropped before dispatch (their request gave up)."""
-        self.cancelled_queries.labels(**self.labels).inc(queries)
+        self._bound["cancelled_queries"].inc(queries)
 
     def set_pending(self, queries: int) -> None:
-        self._pending.labels(**self.labels).set(queries)
+        self._bound["pending"].set(queries)
+
+    def call_cancelled(self, worker: int) -> None:
+        """A call of `worker` was cancelled: its group was answered without it."""
+        self._worker_series("cancelled", worker).inc()
+
+    def late_result_dropped(self, worker: int) -> None:
+        self._worker_series("late", worker).inc()
+
+    def erasure(self, worker: int) -> None:
+        """`worker`'s result was missing when its group was answered."""
+        self._worker_series("erasures", worker).inc()
+
+    def _worker_series(self, which: str, worker: int) -> Any:
+        series = self._by_worker.get((which, worker))
+        if series is None:
+            family = {"cancelled": self.cancelled_calls, "late": self.late_dropped,
+                      "erasures": self.erasures}[which]
+            series = self._by_worker[(which, worker)] = family.labels(worker=str(worker))
+        return series
 
     def snapshot(self) -> dict[str, float]:
         """The engine's counters as plain numbers (for statistics endpoints and tests)."""

@@ -9,6 +9,7 @@ and any later protocol only encode these.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from runtime.manifest import (
     RECONSTRUCTED_OUTPUT,
     InputSpec,
     Manifest,
+    Preprocessing,
     class_output,
     logits_output,
 )
@@ -41,9 +43,10 @@ class InferenceResult:
 
     def parameters(self, mode: str) -> dict[str, Any]:
         """The response parameters every protocol returns."""
+        rebuilt = np.flatnonzero(self.reconstructed).tolist()
         params: dict[str, Any] = {
-            "reconstructed": bool(self.reconstructed.any()),
-            "reconstructed_queries": ",".join(str(i) for i in np.flatnonzero(self.reconstructed)),
+            "reconstructed": bool(rebuilt),
+            "reconstructed_queries": ",".join(map(str, rebuilt)),
             "mode": mode,
         }
         if self.unavailable_heads:
@@ -53,10 +56,20 @@ class InferenceResult:
 
 def preprocess(raw: np.ndarray, spec: InputSpec) -> np.ndarray:
     """raw [B, C, H, W] uint8 (0..255) or float32 (0..1) -> normalised float32."""
-    x01 = raw.astype(np.float32) / 255.0 if raw.dtype == np.uint8 else raw.astype(np.float32)
-    mean = np.asarray(spec.preprocessing.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(spec.preprocessing.std, np.float32).reshape(1, -1, 1, 1)
-    return np.ascontiguousarray((x01 - mean) / std, dtype=np.float32)
+    x = np.array(raw, np.float32, order="C")  # a copy, normalised in place (no temporaries)
+    if raw.dtype == np.uint8:
+        x /= 255.0
+    mean, std = _moments(spec.preprocessing)
+    x -= mean
+    x /= std
+    return x
+
+
+@functools.cache
+def _moments(p: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std as [1, C, 1, 1] float32, made once per manifest."""
+    return (np.asarray(p.mean, np.float32).reshape(1, -1, 1, 1),
+            np.asarray(p.std, np.float32).reshape(1, -1, 1, 1))
 
 
 def output_specs(manifest: Manifest) -> list[TensorSpec]:

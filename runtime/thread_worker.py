@@ -94,15 +94,30 @@ class ThreadWorker:
         except BaseException:
             self._lock.release()
             raise
-        def release(_: object) -> None:
-            try:
-                loop.call_soon_threadsafe(self._lock.release)
-            except RuntimeError:  # the loop is closed (shutdown): nobody waits for the lock
+        answer: asyncio.Future[np.ndarray] = loop.create_future()
+
+        def settle(_: object = None) -> None:  # on the loop: the worker is free, the call answered
+            self._lock.release()
+            if answer.done():  # the call was cancelled meanwhile
+                return
+            if job.cancelled():
+                answer.cancel()
+            elif (error := job.exception()) is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(job.result())
+
+        def landed(_: object) -> None:  # where the job ended: its compute thread, or here
+            try:  # one hop back to the loop per call (not wrap_future's plus the lock's)
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop is closed (shutdown): nobody waits any more
                 pass
 
-        job.add_done_callback(release)
+        job.add_done_callback(landed)
+        # cancelling the call cancels a job not yet started (its compute thread never runs it)
+        answer.add_done_callback(lambda a: job.cancel() if a.cancelled() else None)
         self._running = job
-        return await asyncio.wrap_future(job)  # cancelling this cancels a job not yet started
+        return await answer
 
     async def lost(self) -> str:
         await asyncio.get_running_loop().create_future()  # a thread dies only in a call

@@ -285,9 +285,9 @@ class Arrivals:
         for task in late:
             def count(t: asyncio.Task[Any], slot: int = self.tasks[task]) -> None:
                 if t.cancelled():
-                    metrics.cancelled_calls.labels(worker=str(slot)).inc()
+                    metrics.call_cancelled(slot)
                 elif t.exception() is None:
-                    metrics.late_dropped.labels(worker=str(slot)).inc()
+                    metrics.late_result_dropped(slot)
 
             task.add_done_callback(count)
         if late and self.cancel_late_after_s is not None:
@@ -299,7 +299,7 @@ class Arrivals:
                 self._loop.call_later(self.cancel_late_after_s, _cancel, read)
         if count_erasures:
             for slot in sorted(set(self.tasks.values()) - self.received):
-                self._metrics.erasures.labels(worker=str(slot)).inc()
+                self._metrics.erasure(slot)
 
 
 def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
@@ -353,8 +353,7 @@ class Mode:
     def count_partial(self, m: int) -> None:
         padded = -m % self.k
         if padded:
-            self.metrics.partial_groups.labels(**self.metrics.labels).inc()
-            self.metrics.padded_queries.labels(**self.metrics.labels).inc(padded)
+            self.metrics.partial_group(padded)
 
     def watch(self, batch: Batch, calls: int) -> StragglerWatch:
         """The straggler clock of one dispatch of `calls` worker calls."""
@@ -408,4 +407,4 @@ class Mode:
         """Answer batch rows `rows` (None = all) once; reconstructed answers are counted."""
         count = batch.answer(logits, reconstructed, unavailable, rows)
         if count:
-            self.metrics.reconstructed.labels(**self.metrics.labels).inc(count)
+            self.metrics.answers_reconstructed(count)

@@ -163,6 +163,22 @@ def test_a_block_split_across_dispatches_is_answered_once_every_row_is_in() -> N
     asyncio.run(run())
 
 
+def test_a_block_answered_whole_takes_its_dispatchs_arrays_without_a_copy() -> None:
+    async def run() -> None:
+        batcher = Batcher(group_size=4, max_queue_delay_s=0.0, max_queue_size=20)
+        a, b = batcher.submit(_xs(2)), batcher.submit(_xs(2))
+        batch = await batcher.next_group()
+        logits = {"t": np.arange(8, dtype=np.float32).reshape(4, 2)}
+        assert batch.answer(logits, np.array([False, True, False, False])) == 1
+        got = a.future.result().logits["t"]
+        np.testing.assert_array_equal(got, [[0, 1], [2, 3]])
+        assert np.shares_memory(got, logits["t"])  # a view of the dispatch's answer
+        np.testing.assert_array_equal(b.future.result().logits["t"], [[4, 5], [6, 7]])
+        np.testing.assert_array_equal(a.future.result().reconstructed, [False, True])
+
+    asyncio.run(run())
+
+
 def test_rows_of_a_batch_answer_and_fail_only_their_own_requests() -> None:
     async def run() -> None:
         batcher = Batcher(group_size=4, max_queue_delay_s=0.0, max_queue_size=20)
