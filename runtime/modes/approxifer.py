@@ -23,7 +23,6 @@ class ApproxIFERMode(Mode):
         super().__init__(*args, **kwargs)
         self.n = self.manifest.coding.n
         self.code = BerrutCode(n=self.n, k=self.k)
-        self.splits = np.cumsum([len(h.classes) for h in self.manifest.heads])[:-1]
 
     @classmethod
     def pool_size(cls, manifest: Manifest) -> int:
@@ -63,7 +62,7 @@ class ApproxIFERMode(Mode):
         t0 = time.perf_counter()
         decoded = self.code.decode(indices, np.stack([results[i] for i in indices]))  # [k, G, L]
         self.metrics.decode_seconds.observe(time.perf_counter() - t0)
-        per_head = np.split(decoded.astype(np.float32), self.splits, axis=2)  # [k, G, cls]
+        per_head = self.split_heads(decoded.astype(np.float32))  # task -> [k, G, cls]
         logits = {t: v.swapaxes(0, 1).reshape(-1, v.shape[2])[:m]  # query q = (q // k, q % k)
-                  for t, v in zip(self.tasks, per_head, strict=True)}
+                  for t, v in per_head.items()}
         self.answer(batch, logits, np.ones(m, np.bool_))

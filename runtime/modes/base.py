@@ -322,6 +322,11 @@ class Mode:
         self.options = options or ModeOptions()
         self.k = manifest.coding.k
         self.tasks = [h.task for h in manifest.heads]
+        self._head_ends = np.cumsum([len(h.classes) for h in manifest.heads])[:-1]
+
+    def split_heads(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        """A WORKER_F_HEADS result [..., sum(classes)] -> task -> [..., classes] (views)."""
+        return dict(zip(self.tasks, np.split(logits, self._head_ends, axis=-1), strict=True))
 
     # What the engine needs to know before the pool exists -----------------------------------
     @classmethod

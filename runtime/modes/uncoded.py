@@ -10,12 +10,14 @@ import numpy as np
 from runtime.batcher import Batch
 from runtime.errors import ServiceUnavailable
 from runtime.manifest import Manifest
-from runtime.models import WORKER_F
+from runtime.models import WORKER_F_HEADS
 from runtime.modes.base import Arrivals, Mode, StragglerWatch
 
 
 class UncodedMode(Mode):
-    """k workers, no redundancy: each query waits for its own worker."""
+    """k workers, no redundancy: each query waits for its own worker. A worker runs f and
+    the heads in one call (nothing here needs the embedding), so the heads run on its
+    compute thread, warm from f, not on the event loop."""
 
     name = "uncoded"
     replicas = 1
@@ -27,6 +29,10 @@ class UncodedMode(Mode):
     @classmethod
     def pool_size(cls, manifest: Manifest) -> int:
         return manifest.coding.k * cls.replicas
+
+    @classmethod
+    def worker_models(cls, manifest: Manifest, index: int, encoders_on_workers: bool) -> list[str]:
+        return [WORKER_F_HEADS]
 
     @classmethod
     def can_answer(cls, manifest: Manifest, up: set[int]) -> bool:
@@ -48,7 +54,7 @@ class UncodedMode(Mode):
                    watch: StragglerWatch) -> None:
         xs = batch.x[rows]  # [b, C, H, W]
         replicas = [slot + r * self.k for r in range(self.replicas)]
-        arrivals = Arrivals({self.pool.submit(w, WORKER_F, xs, group): w for w in replicas},
+        arrivals = Arrivals({self.pool.submit(w, WORKER_F_HEADS, xs, group): w for w in replicas},
                             self.metrics, watch, self.options.cancel_late_after_s)
         results: list[np.ndarray] = []
 
@@ -62,8 +68,7 @@ class UncodedMode(Mode):
                 "these queries; retry shortly"), rows)
             return
         arrivals.finish(keep=())  # nothing reads a late result here
-        logits = await self.frontend.classify(results[0])
-        self.answer(batch, logits, np.zeros(len(rows), np.bool_), rows=rows)
+        self.answer(batch, self.split_heads(results[0]), np.zeros(len(rows), np.bool_), rows=rows)
 
 
 class ReplicationMode(UncodedMode):

@@ -13,7 +13,7 @@ from runtime_harness import CHW, TASKS, settle, until
 
 from kernels.berrut import BerrutCode
 from runtime.errors import ServiceUnavailable
-from runtime.models import WORKER_F, WORKER_PARM
+from runtime.models import WORKER_F, WORKER_F_HEADS, WORKER_PARM
 from runtime.modes import ModeOptions
 from runtime.modes.base import padding_twins
 
@@ -144,6 +144,9 @@ async def test_uncoded_answers_each_query_from_its_own_worker(rig: Rig, mode: st
     run.check([False] * (2 * k + 1))
     # replication: the second copy of each slot lands late and is dropped
     assert run.count("coded_late_results_dropped_total") == k * (replicas - 1)
+    # each worker runs f and the heads in one call: the event loop classifies nothing
+    assert {c.model for c in run.pool.calls} == {WORKER_F_HEADS}
+    assert run.frontend.classified == []
 
 
 @pytest.mark.asyncio
