@@ -341,7 +341,7 @@ class OnlineDecoder:
     def reset(self) -> None:
         """Forget every result so the buffers can serve the next coding group."""
         self._received: list[int] = []
-        self._seen = np.zeros(self.scheme.n, dtype=bool)
+        self._seen = [False] * self.scheme.n  # a list: read per arrival, cheaper than numpy
         self._accumulator.fill(0.0)
         self._result: np.ndarray | None = None
         self.duplicates = 0
@@ -359,7 +359,7 @@ class OnlineDecoder:
     @property
     def missing(self) -> tuple[int, ...]:
         """Systematic slots (0..k-1) not received (yet)."""
-        return tuple(int(j) for j in np.flatnonzero(~self._seen[: self.scheme.k]))
+        return tuple(j for j in range(self.scheme.k) if not self._seen[j])
 
     def add(self, index: int, value: np.ndarray) -> bool:
         """Accept worker `index`'s result; True when this arrival makes the group ready."""
@@ -388,7 +388,7 @@ class OnlineDecoder:
             self._accumulator += self.scheme.coefficients[:, index, None] * self._systematic[index]
         else:
             self._parities[index - k] = flat
-        self._seen[index] = True
+        self._seen[int(index)] = True
         self._received.append(int(index))
         return self.ready
 
