@@ -25,7 +25,6 @@ import json
 import logging
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +110,7 @@ async def _bare(ray: Any, n: int, k: int, x: np.ndarray, config: RayOverheadConf
 
 async def _pool(backend_name: str, config: RayOverheadConfig, xs: dict[int, np.ndarray]
                 ) -> dict[int, list[float]]:
+    from runtime.compute_threads import ComputeThreads
     from runtime.config import ServerConfig
     from runtime.context import EngineContext
     from runtime.metrics import Metrics
@@ -122,7 +122,7 @@ async def _pool(backend_name: str, config: RayOverheadConfig, xs: dict[int, np.n
     manifest = load_code(config.bundle, config.coding)
     n, k = manifest.coding.n, manifest.coding.k
     metrics = Metrics(manifest.model_name)
-    executor = ThreadPoolExecutor(min(n, 2), thread_name_prefix="bench-worker")
+    executor = ComputeThreads(min(n, 2), name="bench-worker")
     context = EngineContext(server, manifest, Path(config.bundle), metrics, executor,
                             ModelFactory(Path(config.bundle), manifest, server))
     backend = make_backend(backend_name, context, n, lambda i: [WORKER_F])

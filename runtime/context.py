@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.compute_threads import ComputeThreads
 from runtime.config import ServerConfig
 from runtime.manifest import Manifest
 from runtime.metrics import Metrics
@@ -18,5 +18,5 @@ class EngineContext:
     manifest: Manifest
     bundle_dir: Path
     metrics: Metrics
-    executor: Executor  # the compute threads shared by the frontend and thread workers
+    threads: ComputeThreads  # the compute threads shared by the frontend and thread workers
     models: ModelFactory

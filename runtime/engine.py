@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 from kernels.coding import CodingScheme
 from runtime.admission import Admission, AdmissionControl
 from runtime.batcher import Batcher
+from runtime.compute_threads import ComputeThreads
 from runtime.config import ServerConfig
 from runtime.context import EngineContext
 from runtime.deadlines import DecodeWait
@@ -66,7 +66,7 @@ class Engine:
         self.frontend: Frontend | None = None
         self.models: ModelFactory | None = None
         self._device_decoders: DeviceDecoders | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._threads: ComputeThreads | None = None
         self._started = False
         self._frontend_s = 0.0  # measured frontend time per group, at warm-up
         self._draining = False
@@ -113,8 +113,8 @@ class Engine:
         models = self.models
         assert models is not None  # set by load_bundle()
         device_decoders = self._device_decoders
-        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="coded-worker")
-        context = EngineContext(config, manifest, self.bundle_dir, self.metrics, self._executor,
+        self._threads = ComputeThreads(self.threads, name="coded-worker")
+        context = EngineContext(config, manifest, self.bundle_dir, self.metrics, self._threads,
                                 models)
         self.frontend = await self._load_frontend(models)
         backend = make_backend(config.workers_backend, context, self.pool_size,
@@ -188,12 +188,12 @@ class Engine:
         config, manifest = self.config, self.manifest
         loop = asyncio.get_running_loop()
         wants_encoders = self.mode_cls.frontend_encoders(manifest, config.encoders_on_workers)
-        heads, encoders = await loop.run_in_executor(self._executor, lambda: (
+        heads, encoders = await loop.run_in_executor(self._threads, lambda: (
             models.heads(), models.encoders() if wants_encoders else {}))
-        frontend = Frontend(heads, encoders, self._executor,  # type: ignore[arg-type]
+        frontend = Frontend(heads, encoders, self._threads,  # type: ignore[arg-type]
                             inline_below_s=config.frontend_inline_ms / 1000.0)
         k, chw = manifest.coding.k, tuple(manifest.input.shape)
-        self._frontend_s = await loop.run_in_executor(self._executor, lambda: frontend.warm_up(
+        self._frontend_s = await loop.run_in_executor(self._threads, lambda: frontend.warm_up(
             np.zeros((1, k, *chw), np.float32),
             np.zeros((k, *manifest.embedding_shape), np.float32)))
         return frontend
@@ -232,8 +232,8 @@ class Engine:
         if self.pool is not None:
             await self.pool.stop()
             await self.backend.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
         if self._device_decoders is not None:
             self._device_decoders.close()
 

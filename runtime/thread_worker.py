@@ -6,10 +6,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor, Future
 
 import numpy as np
 
+from runtime.compute_threads import ComputeThreads, Job, JobState
 from runtime.context import EngineContext
 from runtime.engines import ModelRunner, close_runners
 from runtime.errors import WorkerDead, WorkerError
@@ -26,7 +26,7 @@ class ThreadWorker:
         index: int,
         load: Callable[[], Mapping[str, ModelRunner]],
         warmup: Mapping[str, np.ndarray],
-        executor: Executor,
+        threads: ComputeThreads,
         *,
         incarnation: int = 0,
     ) -> None:
@@ -35,11 +35,10 @@ class ThreadWorker:
         self.state = WorkerState.NEW
         self._load = load
         self._warmup = dict(warmup)
-        self._executor = executor
+        self._threads = threads
         self._models: Mapping[str, ModelRunner] = {}
         self._lock = asyncio.Lock()  # one call at a time, as on a real device
-        self._running: Future[np.ndarray] | None = None
-        self._running_since = 0.0
+        self._running: Job | None = None
 
     def __repr__(self) -> str:
         return f"ThreadWorker({self.index}, incarnation={self.incarnation}, {self.state.value})"
@@ -50,9 +49,9 @@ class ThreadWorker:
         self.state = WorkerState.STARTING
         loop = asyncio.get_running_loop()
         try:
-            self._models = await loop.run_in_executor(self._executor, self._load)
+            self._models = await loop.run_in_executor(self._threads, self._load)
             for name, batch in self._warmup.items():
-                await loop.run_in_executor(self._executor, self._models[name].run, batch)
+                await loop.run_in_executor(self._threads, self._models[name].run, batch)
         except BaseException:
             self.state = WorkerState.DEAD
             raise
@@ -83,37 +82,30 @@ class ThreadWorker:
             self._lock.release()
             raise WorkerDead(f"worker {self.index} is {self.state.value}")
         loop = asyncio.get_running_loop()
-        def run() -> np.ndarray:
-            self._running_since = time.monotonic()  # when its thread picks it up
-            return runner.run(batch)
-
-        self._running_since = time.monotonic()  # never older than this call, whatever runs
-
-        try:
-            job = self._executor.submit(run)
-        except BaseException:
-            self._lock.release()
-            raise
         answer: asyncio.Future[np.ndarray] = loop.create_future()
 
-        def settle(_: object = None) -> None:  # on the loop: the worker is free, the call answered
+        def settle(job: Job) -> None:  # on the loop: the worker is free, the call answered
             self._lock.release()
             if answer.done():  # the call was cancelled meanwhile
                 return
-            if job.cancelled():
+            if job.state is JobState.CANCELLED:
                 answer.cancel()
-            elif (error := job.exception()) is not None:
-                answer.set_exception(error)
+            elif job.error is not None:
+                answer.set_exception(job.error)
             else:
-                answer.set_result(job.result())
+                answer.set_result(job.value)
 
-        def landed(_: object) -> None:  # where the job ended: its compute thread, or here
-            try:  # one hop back to the loop per call (not wrap_future's plus the lock's)
-                loop.call_soon_threadsafe(settle)
+        def landed(job: Job) -> None:  # where the job ended: its compute thread, or here
+            try:  # one hop back to the loop per call, the answer and the release together
+                loop.call_soon_threadsafe(settle, job)
             except RuntimeError:  # the loop is closed (shutdown): nobody waits any more
                 pass
 
-        job.add_done_callback(landed)
+        try:
+            job = self._threads.post(lambda: runner.run(batch), landed)
+        except BaseException:
+            self._lock.release()
+            raise
         # cancelling the call cancels a job not yet started (its compute thread never runs it)
         answer.add_done_callback(lambda a: job.cancel() if a.cancelled() else None)
         self._running = job
@@ -125,9 +117,9 @@ class ThreadWorker:
 
     def busy_s(self) -> float:
         job = self._running
-        if job is None or job.done() or not job.running():
+        if job is None or not job.running():
             return 0.0
-        return time.monotonic() - self._running_since
+        return time.monotonic() - job.started_s
 
     async def stop(self) -> None:
         """Stopped at once; its models' buffers are freed on a compute thread once no call
@@ -140,7 +132,7 @@ class ThreadWorker:
 
         def free(_: object = None) -> None:
             try:
-                self._executor.submit(_close_logged, self.index, models)
+                self._threads.post(lambda: _close_logged(self.index, models), _ignore)
             except RuntimeError:  # the pool is shut down (server exit): the process frees them
                 pass
 
@@ -148,6 +140,10 @@ class ThreadWorker:
             running.add_done_callback(free)
         else:
             free()
+
+
+def _ignore(_: Job) -> None:
+    pass
 
 
 def _close_logged(index: int, models: list[ModelRunner]) -> None:
@@ -169,8 +165,8 @@ class ThreadBackend:
         names = self._worker_models(index)
         models = self._context.models
         return ThreadWorker(index, lambda: models.worker_models(index, names),
-                            models.warmup_inputs(names), self._context.executor,
+                            models.warmup_inputs(names), self._context.threads,
                             incarnation=incarnation)
 
     async def close(self) -> None:
-        """Nothing to release: the engine owns the thread pool."""
+        """Nothing to release: the engine owns the compute threads."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from runtime_harness import until
 
+from runtime.compute_threads import ComputeThreads
 from runtime.errors import InjectedFailure, WorkerDead
 from runtime.thread_worker import ThreadWorker
 from runtime.worker import CallFault, WorkerState
@@ -34,8 +34,8 @@ class HeldRunner:
         return x * 2
 
 
-async def _worker(runner: HeldRunner, threads: int = 2) -> tuple[ThreadWorker, ThreadPoolExecutor]:
-    executor = ThreadPoolExecutor(threads)
+async def _worker(runner: HeldRunner, threads: int = 2) -> tuple[ThreadWorker, ComputeThreads]:
+    executor = ComputeThreads(threads)
     worker = ThreadWorker(0, lambda: {"f": runner}, {}, executor)
     await worker.start()
     return worker, executor
