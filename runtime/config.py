@@ -87,6 +87,8 @@ class ServerConfig:
     straggler_min_ms: float = 2.0  # ... and at least this long after the launch
     redispatch: bool = True  # coded: a group undecodable when its missing calls became
     # stragglers re-sends its missing systematic slots to workers that answered
+    redispatch_copies: int = 2  # ... each to this many of them (one re-sent call straggles
+    # as often as any call; two rarely both do)
     cancel_late_calls: bool = True  # a group's calls still running once it is answered are
     # cancelled (at once when unread, else after decode_wait_cap_ms): a worker skips them if
     # not yet started (Ray: ray.cancel)
@@ -101,7 +103,7 @@ class ServerConfig:
     admission_wait_ms: float = 5000.0  # a request finding the queue full waits this long for
     # room, its body unread, before 503 + Retry-After (0 = refuse at once)
     max_waiting_requests: int = 1024  # requests waiting for room at once; more get 503
-    max_inflight_groups: int = 0  # dispatches executing at once; 0 = one per compute thread
+    max_inflight_groups: int = 0  # dispatches executing at once; 0 = two per compute thread
     max_batch_size: int = 64  # queries in one request
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
     worker_deadline_ms: float = 2000.0  # a worker call overdue by this is an erasure
@@ -172,6 +174,8 @@ class ServerConfig:
             value = getattr(self, name)
             _check(0.0 <= value <= 1.0, f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
         _check(self.shadow_window >= 1, f"--shadow-window must be >= 1, got {self.shadow_window}")
+        _check(self.redispatch_copies >= 1,
+               f"--redispatch-copies must be >= 1, got {self.redispatch_copies}")
         _check(0.0 < self.decode_wait_quantile <= 1.0,
                f"--decode-wait-quantile must be in (0, 1], got {self.decode_wait_quantile}")
         for name in ("max_queue_delay_ms", "decode_wait_cap_ms", "straggler_scale",

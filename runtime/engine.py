@@ -143,7 +143,8 @@ class Engine:
             straggler_min_s=config.straggler_min_ms / 1000.0,
             # thread workers share the engine's compute threads; other backends' do not
             compute_slots=self.threads if config.workers_backend == "thread" else None,
-            redispatch=config.redispatch, shadow=self.shadow,
+            redispatch=config.redispatch, redispatch_copies=config.redispatch_copies,
+            shadow=self.shadow,
             cancel_late_after_s=config.decode_wait_cap_ms / 1000.0 if config.cancel_late_calls
             else None,
             decoders=device_decoders))
@@ -153,9 +154,11 @@ class Engine:
             lambda: len(batcher), config.max_queue_size, live=batcher.live_count,
             wait_s=config.admission_wait_ms / 1000.0, max_waiting=config.max_waiting_requests,
             metrics=self.metrics)
-        # One dispatch per compute thread (measured best on 2 cores: bigger batches and no
-        # oversubscription; bench/results/serving/profile.md); more only when asked.
-        inflight = config.max_inflight_groups or self.threads
+        # Two dispatches per compute thread: one computing while the other waits on results
+        # (a straggler deadline, the decode wait) that need no CPU; one per thread left the
+        # threads idle behind such waits (delay-prob p99 at 412 q/s 37-46 -> 26-28 ms, equal
+        # b=32 throughput; bench/results/serving/serving-notes.md, session 18).
+        inflight = config.max_inflight_groups or 2 * self.threads
         self.scheduler = Scheduler(mode, batcher, inflight, self.metrics,
                                    config.max_groups_per_call,
                                    on_dequeue=self.admission.room_changed)

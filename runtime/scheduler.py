@@ -32,6 +32,7 @@ class Scheduler:
         self.mode = mode
         self.batcher = batcher
         self.metrics = metrics
+        self.max_inflight_groups = max_inflight_groups
         self._slots = asyncio.Semaphore(max_inflight_groups)
         self._inflight: dict[asyncio.Task[None], Batch] = {}
         self._loop_task: asyncio.Task[None] | None = None

@@ -63,6 +63,8 @@ HELP = {
     "straggler_min_ms": "a call is never a straggler sooner than this after its launch",
     "redispatch": "coded mode: a group that has more stragglers than parities re-sends its "
                   "missing systematic slots to workers that already answered it",
+    "redispatch_copies": "coded mode: each re-sent slot goes to this many of those workers "
+                         "(its first result counts; a re-sent call can straggle too)",
     "cancel_late_calls": "a coding group's worker calls still running once it is answered "
                          "are cancelled (a worker that has not started one skips it; ray "
                          "backend: ray.cancel stops it in the actor): at once when nothing "
@@ -89,7 +91,8 @@ HELP = {
                          "unread, before 503 + Retry-After (0 = refuse at once)",
     "max_waiting_requests": "requests waiting for room at once; more get 503 at once",
     "max_inflight_groups": "dispatches (each up to --max-groups-per-call groups) executing at "
-                           "once; 0 = one per compute thread (--workers)",
+                           "once; 0 = two per compute thread (--workers): one computing while the "
+                           "other waits on results",
     "max_batch_size": "largest batch B in one request",
     "max_body_bytes": "request bodies above this get 413",
     "worker_deadline_ms": "a worker call overdue by this is an erasure; the worker is restarted",

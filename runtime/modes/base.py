@@ -21,6 +21,7 @@ query only while nobody has answered it, and the group answers once its real slo
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Collection, Iterable, KeysView, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ class ModeOptions:
     # backend: its pool's threads); None = each worker computes on its own (Ray actors)
     compute_slots: int | None = None
     redispatch: bool = False  # coded: re-send a straggling group's missing systematic slots
+    redispatch_copies: int = 1  # ... each to this many workers that answered (first one counts)
     # a group's calls still running this long after it is answered are cancelled (their
     # worker skips them if not yet started); None = never, they run and are dropped
     cancel_late_after_s: float | None = None
@@ -108,13 +110,17 @@ class StragglerWatch:
     dispatches run) would feed the overload.
 
     `stalled()` (once per dispatch) tells the scheduler the dispatch only waits on
-    stragglers, so its in-flight slot can go to the next dispatch."""
+    stragglers, so its in-flight slot can go to the next dispatch.
+
+    Times are `time.perf_counter()`, not the loop clock: uvloop's clock counts whole
+    milliseconds, and a first result read as 1 or 2 ms (true 1.1) moved the deadline, four
+    first-result times on 2 threads, by 4 ms."""
 
     def __init__(self, scale: float | None, min_s: float, on_stall: Callable[[], None] | None,
                  metrics: Metrics, waves: int = 1) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self.launched_s = loop.time()
+        self.launched_s = time.perf_counter()
         self.scale, self.min_s = scale, min_s
         self.waves = waves
         self.first_s: float | None = None  # the dispatch's first result, since the launch
@@ -125,10 +131,10 @@ class StragglerWatch:
 
     def landed(self) -> None:
         if self.first_s is None:
-            self.first_s = self._loop.time() - self.launched_s
+            self.first_s = time.perf_counter() - self.launched_s
             deadline = self.deadline_s()
             if deadline is not None:  # wakes every Arrivals of the dispatch that still waits
-                self._loop.call_at(deadline, self._expire)
+                self._loop.call_later(deadline - time.perf_counter(), self._expire)
 
     def _expire(self) -> None:
         if not self.expired.done():
@@ -140,11 +146,11 @@ class StragglerWatch:
         deadline = self.deadline_s()
         assert deadline is not None  # rearmed only after the first deadline passed
         self.expired = self._loop.create_future()
-        self._loop.call_at(self._loop.time() + deadline - self.launched_s, self._expire)
+        self._loop.call_later(deadline - self.launched_s, self._expire)
         return self.expired
 
     def deadline_s(self) -> float | None:
-        """When the calls still missing become stragglers (loop clock); None: not yet known
+        """When the calls still missing become stragglers (perf_counter); None: not yet known
         (no result yet) or never (no scale)."""
         if self.scale is None or self.first_s is None:
             return None

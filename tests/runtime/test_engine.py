@@ -49,6 +49,23 @@ def test_engine_answers_without_a_server(tiny: TinyModel) -> None:
     assert stats["inference_count"] == 4 and stats["reconstructed"] == 2
 
 
+def test_engine_runs_two_dispatches_per_compute_thread_unless_told(tiny: TinyModel) -> None:
+    # one computing while the other waits on results that need no CPU (a straggler
+    # deadline, the decode wait): one per thread left the threads idle behind such waits
+    async def run(**overrides: int) -> tuple[int, int]:
+        engine = Engine(server_config(tiny.bundle, **overrides))
+        await engine.start()
+        try:
+            assert engine.scheduler is not None
+            return engine.scheduler.max_inflight_groups, engine.threads
+        finally:
+            await engine.stop()
+
+    inflight, threads = asyncio.run(run())
+    assert inflight == 2 * threads
+    assert asyncio.run(run(max_inflight_groups=3))[0] == 3
+
+
 def test_infer_needs_a_live_admission(tiny: TinyModel) -> None:
     async def run() -> None:
         engine = Engine(server_config(tiny.bundle))

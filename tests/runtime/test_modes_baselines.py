@@ -327,6 +327,25 @@ async def test_straggler_watch_is_relative_to_the_first_result() -> None:
 
 
 @pytest.mark.asyncio
+async def test_straggler_watch_reads_a_sub_millisecond_clock(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    import time
+
+    from runtime.metrics import Metrics
+    from runtime.modes.base import StragglerWatch
+
+    # uvloop's loop clock counts whole milliseconds: a first result after 1.3 ms read as 1
+    # (or 2), and four first-result times moved the deadline by up to 4 ms
+    now = [500.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    watch = StragglerWatch(4.0, 0.0, None, Metrics("tiny"))
+    now[0] += 0.0013
+    watch.landed()
+    assert watch.first_s == pytest.approx(0.0013, abs=1e-9)
+    assert watch.deadline_s() == pytest.approx(500.0 + 4 * 0.0013, abs=1e-9)
+
+
+@pytest.mark.asyncio
 async def test_straggler_watch_waits_for_the_dispatchs_own_compute_waves(tiny_rig: Rig) -> None:
     from runtime.batcher import Batch, Piece
 

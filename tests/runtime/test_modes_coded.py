@@ -212,6 +212,27 @@ async def test_coded_learned_wait_waits_when_late_results_usually_come_soon(tiny
 
 
 @pytest.mark.asyncio
+async def test_coded_learned_wait_measures_lateness_below_a_millisecond(
+        tiny_rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    # the wait's cap is 5 ms and most latenesses are under one: the loop clock's whole
+    # milliseconds would read them as 0 or 1 ms
+    run = make_run(tiny_rig, "coded", 2, options=ModeOptions(decode_wait=DecodeWait(cap_s=120.0)))
+    _teach(run, 60.0)
+    await run.start()
+    now = [1000.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    await run.land([2, 0])  # decodable at 1000.0, slot 1 missing: the mode waits for it
+    now[0] += 0.0004
+    await run.land([1])
+    await run.done()
+    lateness = run.mode.lateness
+    assert lateness.samples == 33
+    assert lateness._values[32] == pytest.approx(0.0004, abs=1e-9)
+
+
+@pytest.mark.asyncio
 async def test_coded_learned_wait_decodes_at_once_when_waiting_does_not_pay(tiny_rig: Rig) -> None:
     # missing results recently never came within the cap (a worker that always straggles)
     run = make_run(tiny_rig, "coded", 2, options=ModeOptions(decode_wait=DecodeWait(cap_s=120.0)))
@@ -522,6 +543,38 @@ async def test_coded_redispatches_a_lone_querys_slot_once_not_once_per_padded_sl
     again[0].future.set_result(worker_result(rig, again[0].model, again[0].batch))
     await run.done()
     run.check([False])
+
+
+@pytest.mark.asyncio
+async def test_coded_redispatch_copies_go_to_distinct_workers_and_the_first_counts(
+        wide_rig: Rig) -> None:
+    rig = wide_rig  # k = 3, n = 5, one query: slots 0, 1 and 2 all hold it
+    k, n = rig.k, rig.n
+    options = ModeOptions(straggler_scale=0.0, straggler_min_s=0.0, redispatch=True,
+                          redispatch_copies=2)
+    run = await make_run(rig, "coded", 1, options=options).start()
+    for w in range(k, n):  # the two parities only: the slot straggles, two workers free
+        run.pool.land(w)
+    await until(lambda: len(run.pool.calls) == n + 2 * REDISPATCH_ROUNDS,
+                "the re-dispatched calls")
+    again = run.pool.calls[n:]
+    for r in range(REDISPATCH_ROUNDS):  # each round: the slot on both free workers
+        assert sorted(c.worker for c in again[2 * r:2 * r + 2]) == [k, k + 1]
+    for call in again:
+        assert call.model == WORKER_F
+        np.testing.assert_array_equal(call.batch, run.pool.call(0).batch)
+    again[1].future.set_result(worker_result(rig, again[1].model, again[1].batch))
+    await run.done()
+    run.check([False])  # the second copy's result, exact
+    assert run.count("coded_redispatched_calls_total") == 2 * REDISPATCH_ROUNDS
+
+
+def test_redispatch_copies_must_be_at_least_one() -> None:
+    from runtime.config import ServerConfig
+    from runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--redispatch-copies must be >= 1, got 0"):
+        ServerConfig(bundle="b", redispatch_copies=0)
 
 
 @pytest.mark.asyncio
