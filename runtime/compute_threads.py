@@ -70,8 +70,9 @@ class Job:
         with self._lock:
             if self.state is not JobState.QUEUED:  # cancelled while queued
                 return
+            # before the state: a RUNNING job's started_s is always its own (busy_s)
+            self.started_s = time.monotonic()
             self.state = JobState.RUNNING
-        self.started_s = time.monotonic()
         try:
             self.value = self._fn()
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the job

@@ -283,9 +283,10 @@ class Arrivals:
         `keep` (None: every slot) are cancelled that long after the answer, because
         something still reads their results (the decode wait learns from how late the
         missing systematic results come; the shadow monitor checks a parity); every other
-        late call, and that of a slot a twin filled, is cancelled at once, so that a call
-        still queued for a compute thread is never run: a parity nobody needed costs only
-        the CPU that was free when it ran."""
+        late call, and that of a slot with a result (a twin's, or another copy's of a
+        re-sent slot), is cancelled at once, so that a call still queued for a compute
+        thread is never run: a parity nobody needed costs only the CPU that was free when
+        it ran."""
         late = [task for task in self.pending if not task.done()]
         metrics = self._metrics
         for task in late:
@@ -297,7 +298,8 @@ class Arrivals:
 
             task.add_done_callback(count)
         if late and self.cancel_late_after_s is not None:
-            read = [t for t in late if self.tasks[t] not in self.filled
+            received = self.received
+            read = [t for t in late if self.tasks[t] not in received
                     and (keep is None or self.tasks[t] in keep)]
             if len(read) < len(late):
                 _cancel([t for t in late if t not in read])

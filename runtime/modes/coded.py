@@ -194,31 +194,29 @@ class CodedMode(Mode):
             decodable_s = time.perf_counter()
             lateness = self.lateness
 
-            def observe(task: asyncio.Task[Any]) -> None:  # during the wait or long after it
-                # a cancelled call (--cancel-late-calls) was still missing past the longest
-                # wait: its lateness is at least the time it was cancelled at
-                if task.cancelled() or task.exception() is None:
-                    lateness.observe(time.perf_counter() - decodable_s)
-                else:
-                    lateness.observe(NEVER)
+            # One sample per missing result, however many calls may bring it (twins, a slot's
+            # re-sent copies): from the first to land, or NEVER once every one has failed.
+            # A cancelled call (--cancel-late-calls) was still missing past the longest
+            # wait: its lateness is at least the time it was cancelled at.
+            carriers: dict[Any, list[asyncio.Task[Any]]] = {}
+            for task in arrivals.pending:
+                slot_index = arrivals.tasks[task]
+                if slot_index in waiting:
+                    key = "twins" if slot_index in arrivals.twins else slot_index
+                    carriers.setdefault(key, []).append(task)
+            for tasks in carriers.values():
+                left = [len(tasks)]
 
-            watched = [t for t in arrivals.pending if arrivals.tasks[t] in waiting]
-            twins = [t for t in watched if arrivals.tasks[t] in arrivals.twins]
-            for task in watched:
-                if task not in twins:
-                    task.add_done_callback(observe)
-            if twins:  # one result for all of them: one sample, from the first to come
-                left = [len(twins)]
-
-                def observe_twin(task: asyncio.Task[Any]) -> None:
-                    left[0] -= 1
+                def observe(task: asyncio.Task[Any], left: list[int] = left) -> None:
+                    left[0] -= 1  # during the wait or long after it
                     failed = not task.cancelled() and task.exception() is not None
                     if left[0] >= 0 and (not failed or left[0] == 0):
                         left[0] = -1  # observed
-                        observe(task)
+                        lateness.observe(NEVER if failed
+                                         else time.perf_counter() - decodable_s)
 
-                for task in twins:
-                    task.add_done_callback(observe_twin)
+                for task in tasks:
+                    task.add_done_callback(observe)
             wait_s = lateness.wait_s()
         else:
             wait_s = self.options.systematic_grace_s
@@ -244,10 +242,11 @@ class CodedMode(Mode):
         missing = arrivals.missing(range(self.k))
         if not free or not missing:
             return False
-        free = free[round_ % len(free):] + free[:round_ % len(free)]
+        copies = min(self.options.redispatch_copies, len(free))
+        start = round_ * copies % len(free)  # a later round starts past this one's workers
+        free = free[start:] + free[:start]
         group = self.pool.new_group(())  # no systematic: fault injection's straggler is per group
         # copy j of the i-th missing slot on free[i + j]: a slot's copies on distinct workers
-        copies = min(self.options.redispatch_copies, len(free))
         pairs = [(s, free[(i + j) % len(free)])
                  for i, s in enumerate(missing) for j in range(copies)]
         for slot_index, worker in pairs:

@@ -551,7 +551,7 @@ async def test_coded_redispatch_copies_go_to_distinct_workers_and_the_first_coun
     rig = wide_rig  # k = 3, n = 5, one query: slots 0, 1 and 2 all hold it
     k, n = rig.k, rig.n
     options = ModeOptions(straggler_scale=0.0, straggler_min_s=0.0, redispatch=True,
-                          redispatch_copies=2)
+                          redispatch_copies=2, cancel_late_after_s=LONG_S)
     run = await make_run(rig, "coded", 1, options=options).start()
     for w in range(k, n):  # the two parities only: the slot straggles, two workers free
         run.pool.land(w)
@@ -567,6 +567,55 @@ async def test_coded_redispatch_copies_go_to_distinct_workers_and_the_first_coun
     await run.done()
     run.check([False])  # the second copy's result, exact
     assert run.count("coded_redispatched_calls_total") == 2 * REDISPATCH_ROUNDS
+    await settle()  # nothing reads the slot's other calls: cancelled at once, not after LONG_S
+    others = [c for c in run.pool.calls[:k] + again if c is not again[1]]
+    assert all(c.future.cancelled() for c in others)
+
+
+@pytest.mark.asyncio
+async def test_coded_learned_wait_takes_one_sample_per_missing_slot_not_per_copy(
+        wide_rig: Rig) -> None:
+    rig = wide_rig  # k = 3, n = 5, three queries
+    options = ModeOptions(straggler_scale=0.0, straggler_min_s=0.0, redispatch=True,
+                          decode_wait=DecodeWait(cap_s=120.0))
+    run = make_run(rig, "coded", 3, options=options)
+    _teach(run, 60.0)  # waits pay: the decodable group will wait for its missing slots
+    await run.start()
+    await run.land([0])  # slots 1 and 2 straggle: re-sent to worker 0, every round at once
+    await until(lambda: len(run.pool.calls) == rig.n + 2 * REDISPATCH_ROUNDS, "the copies")
+    copies = run.pool.calls[rig.n:]
+    of_slot = {s: [c for c in copies if np.array_equal(c.batch, run.pool.call(s).batch)]
+               for s in (1, 2)}
+    await run.land([3, 4])  # decodable with slots 1 and 2 missing: it waits for them
+    assert not run.task.done()
+    for call in of_slot[1][:2]:  # slot 1: a copy, then another, then its original
+        call.future.set_result(worker_result(rig, call.model, call.batch))
+        await settle()
+    run.pool.land(1)
+    await settle()
+    call = of_slot[2][0]
+    call.future.set_result(worker_result(rig, call.model, call.batch))
+    await run.done()
+    run.check([False, False, False])  # both came during the wait: exact
+    assert run.mode.lateness.samples == 32 + 2  # one per missing slot
+
+
+@pytest.mark.asyncio
+async def test_coded_redispatch_resends_every_missing_slot_even_to_one_free_worker(
+        tiny_rig: Rig) -> None:
+    options = ModeOptions(straggler_scale=0.0, straggler_min_s=0.0, redispatch=True,
+                          redispatch_copies=2)
+    run = await make_run(tiny_rig, "coded", 2, options=options).start()
+    await run.land([2])  # only the parity: both systematic slots straggle, one worker free
+    await until(lambda: len(run.pool.calls) >= 5, "the re-dispatched calls")
+    first_round = run.pool.calls[3:5]
+    assert [c.worker for c in first_round] == [2, 2]  # one copy each: one worker to send to
+    for slot_index, call in enumerate(first_round):
+        np.testing.assert_array_equal(call.batch, run.pool.call(slot_index).batch)
+    for call in first_round:
+        call.future.set_result(worker_result(tiny_rig, call.model, call.batch))
+    await run.done()
+    run.check([False, False])
 
 
 def test_redispatch_copies_must_be_at_least_one() -> None:
