@@ -103,7 +103,7 @@ class ServerConfig:
     admission_wait_ms: float = 5000.0  # a request finding the queue full waits this long for
     # room, its body unread, before 503 + Retry-After (0 = refuse at once)
     max_waiting_requests: int = 1024  # requests waiting for room at once; more get 503
-    max_inflight_groups: int = 0  # dispatches executing at once; 0 = two per compute thread
+    max_inflight_groups: int = 0  # dispatches executing at once; 0 = one per compute thread
     max_batch_size: int = 64  # queries in one request
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
     worker_deadline_ms: float = 2000.0  # a worker call overdue by this is an erasure

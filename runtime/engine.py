@@ -154,11 +154,12 @@ class Engine:
             lambda: len(batcher), config.max_queue_size, live=batcher.live_count,
             wait_s=config.admission_wait_ms / 1000.0, max_waiting=config.max_waiting_requests,
             metrics=self.metrics)
-        # Two dispatches per compute thread: one computing while the other waits on results
-        # (a straggler deadline, the decode wait) that need no CPU; one per thread left the
-        # threads idle behind such waits (delay-prob p99 at 412 q/s 37-46 -> 26-28 ms, equal
-        # b=32 throughput; bench/results/serving/serving-notes.md, session 18).
-        inflight = config.max_inflight_groups or 2 * self.threads
+        # One dispatch per compute thread: bigger batches and no oversubscription. Two per
+        # thread let a dispatch compute while another waits on results that need no CPU (a
+        # straggler deadline, the decode wait), which shortened the delay-prob tail at
+        # 412 q/s (p99 37-46 -> 26-28 ms) but cost coded 17 % of its closed-loop capacity
+        # (3 interleaved pairs; bench/results/serving/serving-notes.md, session 18).
+        inflight = config.max_inflight_groups or self.threads
         self.scheduler = Scheduler(mode, batcher, inflight, self.metrics,
                                    config.max_groups_per_call,
                                    on_dequeue=self.admission.room_changed)

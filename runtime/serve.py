@@ -91,8 +91,7 @@ HELP = {
                          "unread, before 503 + Retry-After (0 = refuse at once)",
     "max_waiting_requests": "requests waiting for room at once; more get 503 at once",
     "max_inflight_groups": "dispatches (each up to --max-groups-per-call groups) executing at "
-                           "once; 0 = two per compute thread (--workers): one computing while the "
-                           "other waits on results",
+                           "once; 0 = one per compute thread (--workers)",
     "max_batch_size": "largest batch B in one request",
     "max_body_bytes": "request bodies above this get 413",
     "worker_deadline_ms": "a worker call overdue by this is an erasure; the worker is restarted",
