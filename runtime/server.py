@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -124,10 +125,14 @@ class Server:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     # -- running -----------------------------------------------------------------------------
-    async def run_until(self, stop: asyncio.Event) -> None:
-        """startup(); wait for `stop`; shutdown() (always, even if start-up fails midway)."""
+    async def run_until(self, stop: asyncio.Event,
+                        on_ready: Callable[[], object] | None = None) -> None:
+        """startup(); `on_ready()`; wait for `stop`; shutdown() (always, even if start-up
+        fails midway)."""
         try:
             await self.startup()
+            if on_ready is not None:
+                on_ready()
             await stop.wait()
         finally:
             await self.shutdown()

@@ -163,3 +163,37 @@ def test_ready_only_after_every_worker_warmed_up(tiny: TinyModel) -> None:
             await server.shutdown()
 
     asyncio.run(run())
+
+
+def test_run_until_calls_on_ready_once_the_workers_are_warm(tiny: TinyModel) -> None:
+    """`runtime serve` freezes the start-up heap there (runtime.serve.freeze_heap)."""
+    import asyncio
+
+    from runtime.server import Server
+
+    async def run() -> list[bool]:
+        server = Server(server_config(tiny.bundle, metrics_port=-1, grpc_port=-1))
+        stop = asyncio.Event()
+        seen: list[bool] = []
+
+        def on_ready() -> None:
+            seen.append(server.engine.health().ready)
+            stop.set()
+
+        await asyncio.wait_for(server.run_until(stop, on_ready=on_ready), 60)
+        return seen
+
+    assert asyncio.run(run()) == [True]
+
+
+def test_freeze_heap_moves_the_live_heap_out_of_the_collector() -> None:
+    import gc
+
+    from runtime.serve import freeze_heap
+
+    assert gc.get_freeze_count() == 0
+    try:
+        # modules, functions, this test's objects (some may be freed by refcount meanwhile)
+        assert freeze_heap() > 1000 and gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()  # the test process goes on collecting as before
