@@ -117,7 +117,7 @@ class ServerConfig:
     gpu_decode: bool = True  # coded + torch + cuda: decode on the device (kernels.cuda_decoder)
     verify_checksums: bool = True
     gc_freeze: bool = True  # `runtime serve`: once ready, the start-up heap leaves the cyclic
-    # collector's scans (gc.freeze): a full collection under load paused serving 13-27 ms
+    # collector's scans (gc.freeze): a full collection under load paused serving 13-33 ms
     log_level: str = "INFO"
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
 

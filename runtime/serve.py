@@ -163,7 +163,7 @@ async def serve(config: ServerConfig) -> None:
 def freeze_heap() -> int:
     """Collect once, then freeze what is left: the start-up heap (models, modules, the
     server's own objects) is never garbage, yet every full collection walked it (tens of
-    thousands of objects, 13-27 ms on 2 cores, paused serving; frozen: 1-3 ms). Only for
+    thousands of objects, 13-33 ms on 2 cores, paused serving; frozen: 1-4 ms). Only for
     the serving process: objects frozen here are never collected again. Returns how many
     objects were frozen."""
     gc.collect()
